@@ -1,0 +1,1 @@
+"""Batch jobs, YAML configs and the ``recdistill`` command line."""

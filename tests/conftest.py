@@ -1,0 +1,19 @@
+"""Shared fixtures: the real embedded MovieLens-100K, prepared once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def prepared():
+    """The embedded ML-100K, encoded and split with the default config (random, seed 0)."""
+    from features.batches import prepare
+
+    return prepare()

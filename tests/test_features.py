@@ -1,0 +1,94 @@
+"""Vocabularies, splits and batches on the real embedded ML-100K."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from features import DataConfig, load_movielens
+from features.batches import SINGLE
+from features.splits import split_rows
+from features.vocab import FEATURES, FeatureVocabs
+
+
+def test_random_split_is_deterministic_disjoint_and_complete(prepared):
+    ratings = prepared.movielens.ratings
+    first = split_rows(ratings, DataConfig(seed=3))
+    again = split_rows(ratings, DataConfig(seed=3))
+    other = split_rows(ratings, DataConfig(seed=4))
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert not np.array_equal(first["test"], other["test"])
+    assert [len(first[k]) for k in ("train", "valid", "test")] == [80_000, 10_000, 10_000]
+    everything = np.concatenate(list(first.values()))
+    assert len(everything) == len(np.unique(everything)) == ratings.height
+
+
+def test_temporal_split_puts_each_users_latest_ratings_last(prepared):
+    ratings = prepared.movielens.ratings
+    rows = split_rows(ratings, DataConfig(split="temporal"))
+    everything = np.concatenate(list(rows.values()))
+    assert len(np.unique(everything)) == ratings.height == len(everything)
+    tagged = ratings.with_row_index("row").with_columns(
+        pl.when(pl.col("row").is_in(rows["train"])).then(0)
+        .when(pl.col("row").is_in(rows["valid"])).then(1).otherwise(2).alias("split")
+    )  # fmt: skip
+    per_user = tagged.group_by("user_id", "split").agg(
+        pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last")
+    )
+    train = per_user.filter(pl.col("split") == 0)
+    test = per_user.filter(pl.col("split") == 2)
+    joined = train.join(test, on="user_id", suffix="_test")
+    assert joined.height == 943
+    assert (joined["last"] <= joined["first_test"]).all()
+
+
+def test_vocabulary_survives_save_and_load(prepared, tmp_path):
+    path = prepared.vocabs.save(tmp_path / "vocab.json")
+    loaded = FeatureVocabs.load(path)
+    assert loaded.sizes == prepared.vocabs.sizes
+    joined = prepared.movielens.joined().head(500)
+    assert prepared.vocabs.encode(joined).equals(loaded.encode(joined))
+
+
+def test_unknown_values_map_to_zero(prepared):
+    frame = pl.DataFrame(
+        {
+            "user_id": [99_999], "item_id": [424_242], "age": [None], "gender": ["X"],
+            "occupation": ["astronaut"], "zip_code": ["ZZZZZ"], "year": [1066],
+            "genres": [["Space Opera"]],
+        },
+        schema_overrides={"age": pl.Int32, "year": pl.Int32},
+    )  # fmt: skip
+    encoded = prepared.vocabs.encode(frame).row(0, named=True)
+    assert all(encoded[name] == 0 for name in FEATURES if name != "genres")
+    assert encoded["genres"] == [0]
+
+
+def test_known_values_get_nonzero_indices(prepared):
+    encoded = prepared.vocabs.encode(prepared.movielens.joined())
+    for name in FEATURES:
+        if name == "genres":
+            continue
+        assert (encoded[name] > 0).mean() > 0.99, name
+
+
+def test_batch_shapes_and_lengths_match_the_data(prepared):
+    data = prepared.data
+    rows = data.splits["train"][:64]
+    batch = data.batch(rows)
+    assert len(batch) == 64 and batch.labels.dtype == torch.float32
+    assert batch.sparse.keys() == list(FEATURES)
+    lengths = batch.sparse.to_dict()
+    for name in SINGLE:
+        assert lengths[name].lengths().tolist() == [1] * 64
+    items = prepared.movielens.items
+    joined = prepared.movielens.ratings[rows.numpy()].join(items, on="item_id", how="left", maintain_order="left")
+    assert lengths["genres"].lengths().tolist() == joined["genres"].list.len().to_list()
+    expected = torch.tensor(prepared.movielens.ratings["rating"].to_numpy()[rows.numpy()])
+    assert torch.equal(batch.labels, expected)
+
+
+def test_batches_cover_the_split_once(prepared):
+    seen = torch.cat([b.rows for b in prepared.data.batches("valid", 1000, shuffle=True, seed=1)])
+    assert torch.equal(seen.sort().values, prepared.data.splits["valid"])
