@@ -1,0 +1,6 @@
+"""Students and teachers, each a :class:`recdistill.stages.StagedModule`, registered by name."""
+
+from recdistill.models import recommender  # noqa: F401  (registers mlp_s, mlp_m, mlp_l)
+from recdistill.models.registry import MODELS, build_model, count_parameters, model_config
+
+__all__ = ["MODELS", "build_model", "count_parameters", "model_config"]

@@ -1,0 +1,173 @@
+"""Embedding-table recommenders: the student MLP-S and the teachers MLP-M and MLP-L.
+
+Composed of parts with one job each, like TorchRec's DLRM:
+
+- :class:`SparseArch`: a TorchRec ``EmbeddingBagCollection``, one table per categorical feature
+  (the multi-hot genres are sum-pooled), returning the pooled embeddings concatenated in the
+  fixed feature order ``features.vocab.FEATURES`` (read from ``to_dict()``: a sharded EBC
+  returns its keys in another order).
+- :class:`DenseTower`: the MLP.
+- a ``Linear`` rating head.
+
+Stages: ``early`` = SparseArch (``[B, F*D]``), ``middle`` = DenseTower (``[B, hidden[-1]]``),
+``head`` = Linear (``[B]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from features.batches import Batch, Prepared
+from features.vocab import FEATURES
+from recdistill.models.registry import register_model
+from recdistill.stages import StagedModule
+
+ID_FEATURES = ("user_id", "item_id")
+
+
+@dataclass
+class RecommenderConfig:
+    """Sizes of an embedding-table recommender.
+
+    Args:
+        id_embedding_dim: width of the user and item id tables.
+        side_embedding_dim: width of the attribute tables (age, gender, ..., genres).
+        hidden: widths of the MLP tower; the last is the hidden width ``z``.
+        dropout: dropout after each hidden layer while training.
+    """
+
+    id_embedding_dim: int = 640
+    side_embedding_dim: int = 16
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.id_embedding_dim < 1 or self.side_embedding_dim < 1:
+            raise ValueError("id_embedding_dim and side_embedding_dim must be positive")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive widths, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class SparseArch(nn.Module):
+    """One embedding table per feature; pooled embeddings concatenated in ``FEATURES`` order.
+
+    Args:
+        sizes: rows per feature (vocabulary size including the unknown slot 0).
+        dims: embedding width per feature.
+
+    Example::
+
+        arch = SparseArch({"user_id": 944, ...}, {"user_id": 64, ...})
+        h = arch(kjt)  # [B, sum(dims)]
+    """
+
+    def __init__(self, sizes: dict[str, int], dims: dict[str, int]):
+        super().__init__()
+        missing = [f for f in FEATURES if f not in sizes]
+        if missing:
+            raise ValueError(f"sizes lacks feature(s): {', '.join(missing)}")
+        self.features = list(FEATURES)
+        self.dims = [dims[f] for f in self.features]
+        self.ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=f"t_{name}",
+                    num_embeddings=sizes[name],
+                    embedding_dim=dims[name],
+                    feature_names=[name],
+                    pooling=PoolingType.SUM,
+                )
+                for name in self.features
+            ],
+            device=torch.device("cpu"),
+        )
+
+    @property
+    def out_dim(self) -> int:
+        return sum(self.dims)
+
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.ebc(sparse).to_dict()
+        return torch.cat([pooled[f] for f in self.features], dim=1)
+
+
+class DenseTower(nn.Module):
+    """``Linear -> ReLU (-> Dropout)`` for each width in ``hidden``: ``[B, in] -> [B, hidden[-1]]``."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_dim = width
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layers(h)
+
+
+class MLPRecommender(StagedModule):
+    """EBC + MLP tower + linear rating head, in three stages.
+
+    Args:
+        sizes: embedding rows per feature (``Prepared.vocabs.sizes``).
+        config: table widths and tower.
+        rating_offset: initial bias of the head (the training mean), so training starts at the
+            global-mean predictor rather than at 0.
+
+    Example::
+
+        model = MLPRecommender(prepared.vocabs.sizes, RecommenderConfig(hidden=[128, 64]))
+        y = model(batch)  # [B] predicted ratings
+    """
+
+    def __init__(self, sizes: dict[str, int], config: RecommenderConfig, rating_offset: float = 0.0):
+        super().__init__()
+        self.config = config
+        dims = {
+            f: config.id_embedding_dim if f in ID_FEATURES else config.side_embedding_dim
+            for f in FEATURES
+        }
+        self.sparse_arch = SparseArch(sizes, dims)
+        self.tower = DenseTower(self.sparse_arch.out_dim, config.hidden, config.dropout)
+        self.rating_head = nn.Linear(config.hidden[-1], 1)
+        nn.init.constant_(self.rating_head.bias, rating_offset)
+        self.early_dim = self.sparse_arch.out_dim
+        self.hidden_dim = config.hidden[-1]
+
+    def early(self, batch: Batch) -> torch.Tensor:
+        return self.sparse_arch(batch.sparse)  # [B, F*D]
+
+    def middle(self, h: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return self.tower(h)  # [B, hidden[-1]]
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.rating_head(z).squeeze(-1)  # [B]
+
+
+def _train_mean(prepared: Prepared) -> float:
+    return float(prepared.data.labels[prepared.data.splits["train"]].mean())
+
+
+def _build(config: RecommenderConfig, prepared: Prepared) -> MLPRecommender:
+    return MLPRecommender(prepared.vocabs.sizes, config, rating_offset=_train_mean(prepared))
+
+
+# Sizes aim at the paper's ~2M / ~3M / ~4M parameters on ML-100K; teachers get wider
+# attribute tables and towers than the student.
+register_model("mlp_s", RecommenderConfig, id_embedding_dim=640, side_embedding_dim=16,
+               hidden=[128, 64])(_build)  # fmt: skip
+register_model("mlp_m", RecommenderConfig, id_embedding_dim=640, side_embedding_dim=64,
+               hidden=[512, 256])(_build)  # fmt: skip
+register_model("mlp_l", RecommenderConfig, id_embedding_dim=640, side_embedding_dim=64,
+               hidden=[1024, 512])(_build)  # fmt: skip

@@ -1,0 +1,73 @@
+"""Models are registered by name with their config dataclass and built from YAML.
+
+Example::
+
+    @register_model("mlp_s", RecommenderConfig)
+    def build_mlp_s(config: RecommenderConfig, prepared: Prepared) -> StagedModule: ...
+
+    model = build_model("mlp_s", prepared)                  # preset defaults
+    model = build_model("mlp_s", prepared, {"dropout": 0})  # overrides, as from YAML
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from features.batches import Prepared
+from recdistill.stages import StagedModule
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config_cls: type
+    builder: Callable[[Any, Prepared], StagedModule]
+    defaults: dict
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, config_cls: type, **defaults: Any):
+    """Register ``builder(config, prepared)`` under ``name``; ``defaults`` preset the config."""
+
+    def wrap(builder: Callable[[Any, Prepared], StagedModule]):
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        MODELS[name] = ModelEntry(name, config_cls, builder, defaults)
+        return builder
+
+    return wrap
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def model_config(name: str, overrides: dict | Any | None = None) -> Any:
+    """The config dataclass of model ``name``: its preset, updated by ``overrides``."""
+    entry = model_entry(name)
+    if dataclasses.is_dataclass(overrides):
+        return overrides
+    values = {**entry.defaults, **(overrides or {})}
+    fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(
+            f"model {name!r}: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(fields))}"
+        )
+    return entry.config_cls(**values)
+
+
+def build_model(name: str, prepared: Prepared, config: dict | Any | None = None) -> StagedModule:
+    """Build the registered model ``name`` for the data in ``prepared``."""
+    return model_entry(name).builder(model_config(name, config), prepared)
+
+
+def count_parameters(model) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
