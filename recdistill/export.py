@@ -1,0 +1,522 @@
+"""TorchScript export of the student for serving: raw MovieLens values in, ratings out.
+
+The served model is the student alone (the distillation module and the teachers are dropped)
+rebuilt from plain torch parts, so the file loads with ``torch.jit.load`` and nothing else — no
+torchrec, no fbgemm, no recdistill:
+
+- :class:`RawFeatureEncoder`: raw ids and attributes -> vocabulary indices, with the same
+  derivations as ``features.vocab`` (age buckets, zip prefix, release-year bucket; unknown -> 0).
+- :class:`ServingSparseArch`: one ``nn.EmbeddingBag`` per feature, weights copied from the
+  student's TorchRec ``EmbeddingBagCollection``; pooled embeddings concatenated in ``FEATURES``
+  order (``[B, F*D]``, the student's ``early``).
+- the student's MLP tower and rating head, copied (``middle`` and ``head``).
+
+:func:`export_torchscript` scripts :class:`ServingStudent`, saves it, loads it back and checks
+it against the eager student on real rows (max abs difference within ``tolerance``).
+
+Example::
+
+    report = export_torchscript(student, prepared.vocabs, "runs/student.pt",
+                                ParityRows.sample(prepared, 2048))
+    served = torch.jit.load("runs/student.pt")
+    inputs = serving_inputs(prepared.movielens.joined().head(4))
+    served(*inputs)  # [4] ratings
+"""
+
+# No `from __future__ import annotations` here: TorchScript reads these annotations at runtime.
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Tuple
+
+import polars as pl
+import torch
+from torch import nn
+
+from features.batches import Batch, Prepared
+from features.vocab import AGE_BUCKETS, FEATURES, MULTI_HOT, OLDEST_BUCKET, FeatureVocabs
+
+#: What a missing integer attribute (age, release year) is passed as; it encodes to unknown (0).
+MISSING_INT = -1
+
+
+@dataclass
+class ExportConfig:
+    """The ``export:`` section: how the served student is written and checked.
+
+    Args:
+        file_name: name of the TorchScript file in the job's output folder.
+        tolerance: largest allowed ``|served - eager|`` rating on the parity rows.
+        parity_rows: how many real rating rows the parity check scores with both models.
+        parity_split: the split the parity rows are drawn from.
+        freeze: ``torch.jit.freeze`` the scripted module (constants folded; see
+            docs/results/serving.md for what it changes in latency).
+    """
+
+    file_name: str = "student.pt"
+    tolerance: float = 1e-5
+    parity_rows: int = 2048
+    parity_split: str = "test"
+    freeze: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.file_name or "/" in self.file_name:
+            raise ValueError(f"file_name must be a plain file name, got {self.file_name!r}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+        if self.parity_rows < 1:
+            raise ValueError(f"parity_rows must be at least 1, got {self.parity_rows}")
+
+
+class ExportParityError(ValueError):
+    """The served student disagrees with the eager student beyond the tolerance."""
+
+    def __init__(self, message: str, report: "ExportReport"):
+        super().__init__(message)
+        self.report = report
+
+
+class ServingInputs(NamedTuple):
+    """Raw inputs of the served student, one entry per rating row (``B`` rows).
+
+    Attributes:
+        user_id: ``[B]`` int64 MovieLens user ids.
+        item_id: ``[B]`` int64 MovieLens item ids.
+        age: ``[B]`` int64 ages in years (or ML-1M age codes); ``MISSING_INT`` when unknown.
+        gender: ``B`` strings (``"M"``, ``"F"``).
+        occupation: ``B`` strings.
+        zip_code: ``B`` strings (the model keeps the configured prefix).
+        year: ``[B]`` int64 release years; ``MISSING_INT`` when unknown.
+        genres: the genre names of all rows, concatenated (``G`` strings); flat rather than a
+            list per row because TorchScript converts a flat list of strings about twice as fast.
+        genre_lengths: ``[B]`` int64 number of genres of each row (0 allowed), as the
+            ``lengths`` of a jagged tensor: row ``i`` owns the next ``genre_lengths[i]`` names.
+    """
+
+    user_id: torch.Tensor
+    item_id: torch.Tensor
+    age: torch.Tensor
+    gender: List[str]
+    occupation: List[str]
+    zip_code: List[str]
+    year: torch.Tensor
+    genres: List[str]
+    genre_lengths: torch.Tensor
+
+    def __len__(self) -> int:  # type: ignore[override]  (a batch, not a tuple of 8)
+        return int(self.user_id.shape[0])
+
+    @property
+    def args(self) -> tuple:
+        """The positional arguments of ``ServingStudent.forward``."""
+        return tuple(self)
+
+
+def serving_inputs(joined: pl.DataFrame) -> ServingInputs:
+    """Raw serving inputs from rows of ``MovieLens.joined()`` (nulls become "unknown").
+
+    Args:
+        joined: a frame with columns user_id, item_id, age, gender, occupation, zip_code, year,
+            genres (as ``prepared.movielens.joined()`` returns).
+
+    Raises:
+        ValueError: a required column is missing (named).
+    """
+    needed = ("user_id", "item_id", "age", "gender", "occupation", "zip_code", "year", "genres")
+    missing = [c for c in needed if c not in joined.columns]
+    if missing:
+        raise ValueError(
+            f"serving_inputs: frame lacks column(s) {', '.join(missing)} "
+            f"(expected rows of MovieLens.joined(): {', '.join(needed)})"
+        )
+
+    def ints(name: str) -> torch.Tensor:
+        col = joined[name].cast(pl.Int64).fill_null(MISSING_INT)
+        return torch.from_numpy(col.to_numpy().copy())
+
+    def strings(name: str) -> list[str]:
+        return joined[name].cast(pl.Utf8).fill_null("").to_list()
+
+    genres = joined["genres"].fill_null([])
+    return ServingInputs(
+        user_id=ints("user_id"),
+        item_id=ints("item_id"),
+        age=ints("age"),
+        gender=strings("gender"),
+        occupation=strings("occupation"),
+        zip_code=strings("zip_code"),
+        year=ints("year"),
+        genres=genres.explode().drop_nulls().to_list(),
+        genre_lengths=torch.from_numpy(genres.list.len().cast(pl.Int64).to_numpy().copy()),
+    )
+
+
+def _sorted_lookup(values: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted integer keys and their vocabulary indices, for a vectorized id lookup."""
+    try:
+        keys = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    except ValueError as err:
+        raise ValueError(f"vocabulary {name!r} has a value that is not an integer: {err}") from err
+    keys, order = torch.sort(keys)
+    return keys, order + 1  # index i+1 belongs to values[i]
+
+
+class RawFeatureEncoder(nn.Module):
+    """Raw MovieLens values -> vocabulary indices (0 = unknown), inside the scripted module.
+
+    Integer features (user and item ids, release-year buckets) are looked up with
+    ``searchsorted`` over the sorted known values, the age with ``bucketize`` over the age
+    groups; string features (gender, occupation, zip prefix, genres) with ``Dict[str, int]``.
+
+    Args:
+        vocabs: the vocabularies (and zip prefix length, year bucket) the student was trained on.
+
+    Example::
+
+        encoder = RawFeatureEncoder(prepared.vocabs)
+        single, genres, offsets = encoder(*serving_inputs(joined).args)
+        # single: [B, 7] indices in FEATURES order without genres; genres: [G]; offsets: [B]
+    """
+
+    gender_index: Dict[str, int]
+    occupation_index: Dict[str, int]
+    zip_index: Dict[str, int]
+    genre_index: Dict[str, int]
+
+    def __init__(self, vocabs: FeatureVocabs):
+        super().__init__()
+        if list(MULTI_HOT) != ["genres"] or FEATURES[-1] != "genres":
+            raise ValueError(f"RawFeatureEncoder expects genres as the last, only multi-hot feature; "
+                             f"got FEATURES={FEATURES}")  # fmt: skip
+        self.zip_prefix_len = int(vocabs.zip_prefix_len)
+        self.year_bucket = int(vocabs.year_bucket)
+        user_keys, user_values = _sorted_lookup(vocabs["user_id"].values, "user_id")
+        item_keys, item_values = _sorted_lookup(vocabs["item_id"].values, "item_id")
+        year_keys, year_values = _sorted_lookup(vocabs["release_year"].values, "release_year")
+        self.register_buffer("user_keys", user_keys)
+        self.register_buffer("user_values", user_values)
+        self.register_buffer("item_keys", item_keys)
+        self.register_buffer("item_values", item_values)
+        self.register_buffer("year_keys", year_keys)
+        self.register_buffer("year_values", year_values)
+        # Age group k covers [bounds[k-1], bounds[k]); its vocabulary index, 0 when unseen.
+        labels = [label for _, label in AGE_BUCKETS] + [OLDEST_BUCKET]
+        age_index = vocabs["age"].index
+        self.register_buffer("age_bounds", torch.tensor([u for u, _ in AGE_BUCKETS], dtype=torch.int64))
+        self.register_buffer(
+            "age_values", torch.tensor([age_index.get(label, 0) for label in labels], dtype=torch.int64)
+        )
+        self.gender_index = dict(vocabs["gender"].index)
+        self.occupation_index = dict(vocabs["occupation"].index)
+        self.zip_index = dict(vocabs["zip_prefix"].index)
+        self.genre_index = dict(vocabs["genres"].index)
+
+    @staticmethod
+    def _lookup(keys: torch.Tensor, values: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        if keys.numel() == 0:
+            return torch.zeros_like(raw)
+        pos = torch.searchsorted(keys, raw).clamp(max=keys.numel() - 1)
+        return torch.where(keys[pos] == raw, values[pos], torch.zeros_like(raw))
+
+    def forward(
+        self,
+        user_id: torch.Tensor,
+        item_id: torch.Tensor,
+        age: torch.Tensor,
+        gender: List[str],
+        occupation: List[str],
+        zip_code: List[str],
+        year: torch.Tensor,
+        genres: List[str],
+        genre_lengths: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices of every feature.
+
+        Returns:
+            ``single`` ``[B, 7]`` indices of the single-valued features in ``FEATURES`` order,
+            ``genre_values`` ``[G]`` all genre indices, ``genre_offsets`` ``[B]`` where each
+            row's genres start (``nn.EmbeddingBag`` offsets).
+        """
+        batch = user_id.size(0)
+        for name, size in [("item_id", item_id.size(0)), ("age", age.size(0)),
+                           ("gender", len(gender)), ("occupation", len(occupation)),
+                           ("zip_code", len(zip_code)), ("year", year.size(0)),
+                           ("genre_lengths", genre_lengths.size(0))]:  # fmt: skip
+            if size != batch:
+                raise ValueError(f"serving input {name} has {size} rows, user_id has {batch}")
+        if batch > 0 and (bool((genre_lengths < 0).any()) or int(genre_lengths.sum()) != len(genres)):
+            raise ValueError(
+                f"genre_lengths must be non-negative and sum to len(genres) = {len(genres)}"
+            )
+        users = self._lookup(self.user_keys, self.user_values, user_id)
+        items = self._lookup(self.item_keys, self.item_values, item_id)
+        # Age groups; a negative age is the "missing" marker and encodes to unknown.
+        ages = self.age_values[torch.bucketize(age, self.age_bounds, right=True)]
+        ages = torch.where(age < 0, torch.zeros_like(ages), ages)
+        # Floor division, as polars' `//` does for the training-time buckets.
+        buckets = torch.div(year, self.year_bucket, rounding_mode="floor") * self.year_bucket
+        years = self._lookup(self.year_keys, self.year_values, buckets)
+        years = torch.where(year < 0, torch.zeros_like(years), years)
+        genders = torch.tensor([self.gender_index.get(g, 0) for g in gender], dtype=torch.int64)
+        occupations = torch.tensor(
+            [self.occupation_index.get(o, 0) for o in occupation], dtype=torch.int64
+        )
+        zips = torch.tensor(
+            [self.zip_index.get(z[: self.zip_prefix_len], 0) for z in zip_code], dtype=torch.int64
+        )
+        genre_values = torch.tensor([self.genre_index.get(g, 0) for g in genres], dtype=torch.int64)
+        genre_offsets = torch.cumsum(genre_lengths, 0) - genre_lengths  # [B] bag starts
+        # FEATURES order: user_id, item_id, age, gender, occupation, zip_prefix, release_year.
+        single = torch.stack([users, items, ages, genders, occupations, zips, years], dim=1)
+        return single, genre_values, genre_offsets
+
+
+class ServingSparseArch(nn.Module):
+    """Sum-pooled embeddings of every feature, concatenated: the student's ``early``, torch only.
+
+    Args:
+        tables: one ``nn.EmbeddingBag`` (mode ``sum``) per feature in ``FEATURES`` order, the
+            multi-hot genres last.
+
+    Example::
+
+        arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc)
+        h = arch(single, genre_values, genre_offsets)  # [B, F*D]
+    """
+
+    def __init__(self, tables: List[nn.EmbeddingBag]):
+        super().__init__()
+        if len(tables) != len(FEATURES):
+            raise ValueError(f"expected {len(FEATURES)} tables ({', '.join(FEATURES)}), got {len(tables)}")
+        self.single = nn.ModuleList(tables[:-1])
+        self.genres = tables[-1]
+        self.out_dim = sum(t.embedding_dim for t in tables)
+
+    @classmethod
+    def from_ebc(cls, ebc: nn.Module) -> "ServingSparseArch":
+        """Copy the tables ``t_<feature>`` of a TorchRec ``EmbeddingBagCollection``."""
+        bags = getattr(ebc, "embedding_bags", None)
+        if bags is None:
+            raise ValueError(f"expected a TorchRec EmbeddingBagCollection, got {type(ebc).__name__}")
+        tables = []
+        for name in FEATURES:
+            key = f"t_{name}"
+            if key not in bags:
+                raise ValueError(f"the student's EmbeddingBagCollection has no table {key!r}")
+            weight = bags[key].weight.detach().to("cpu", torch.float32).clone()
+            tables.append(nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum"))
+        return cls(tables)
+
+    def forward(
+        self, single: torch.Tensor, genre_values: torch.Tensor, genre_offsets: torch.Tensor
+    ) -> torch.Tensor:
+        pooled: List[torch.Tensor] = []
+        for i, table in enumerate(self.single):
+            pooled.append(table(single[:, i : i + 1]))  # a bag of one: [B, D_i]
+        pooled.append(self.genres(genre_values, genre_offsets))  # [B, D_genres]
+        return torch.cat(pooled, dim=1)
+
+
+class ServingStudent(nn.Module):
+    """The served student: raw values -> ratings, scriptable, torch only.
+
+    Args:
+        encoder: raw values -> indices.
+        sparse_arch: indices -> ``h`` ``[B, F*D]``.
+        tower: ``h`` -> ``z`` ``[B, hidden]`` (the student's ``middle``).
+        rating_head: ``z`` -> ``[B, 1]`` (the student's ``head``).
+
+    Example::
+
+        served = ServingStudent.from_student(student, prepared.vocabs)
+        y = served(*serving_inputs(joined).args)  # [B] ratings; B may be 0
+    """
+
+    def __init__(
+        self, encoder: RawFeatureEncoder, sparse_arch: ServingSparseArch, tower: nn.Module,
+        rating_head: nn.Module,
+    ):  # fmt: skip
+        super().__init__()
+        self.encoder = encoder
+        self.sparse_arch = sparse_arch
+        self.tower = tower
+        self.rating_head = rating_head
+
+    @classmethod
+    def from_student(cls, student: nn.Module, vocabs: FeatureVocabs) -> "ServingStudent":
+        """Build from an ``MLPRecommender`` (``sparse_arch.ebc``, ``tower``, ``rating_head``)."""
+        missing = [a for a in ("sparse_arch", "tower", "rating_head") if not hasattr(student, a)]
+        if missing:
+            raise ValueError(
+                f"cannot export {type(student).__name__}: missing {', '.join(missing)} "
+                "(expected an MLPRecommender: sparse_arch.ebc, tower, rating_head)"
+            )
+        sizes = vocabs.sizes
+        sparse_arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc)
+        for name, table in zip(FEATURES, list(sparse_arch.single) + [sparse_arch.genres]):
+            if table.num_embeddings != sizes[name]:
+                raise ValueError(
+                    f"table t_{name} has {table.num_embeddings} rows but the vocabulary has "
+                    f"{sizes[name]}: the vocabularies are not the ones the student was trained on"
+                )
+        served = cls(
+            RawFeatureEncoder(vocabs),
+            sparse_arch,
+            copy.deepcopy(student.tower).cpu().float(),
+            copy.deepcopy(student.rating_head).cpu().float(),
+        )
+        for p in served.parameters():
+            p.requires_grad_(False)
+        return served.eval()
+
+    def forward(
+        self,
+        user_id: torch.Tensor,
+        item_id: torch.Tensor,
+        age: torch.Tensor,
+        gender: List[str],
+        occupation: List[str],
+        zip_code: List[str],
+        year: torch.Tensor,
+        genres: List[str],
+        genre_lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predicted ratings ``[B]`` for ``B`` raw rows (see :class:`ServingInputs`)."""
+        single, genre_values, genre_offsets = self.encoder(
+            user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths
+        )
+        return self.score(single, genre_values, genre_offsets)
+
+    @torch.jit.export
+    def score(
+        self, single: torch.Tensor, genre_values: torch.Tensor, genre_offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """Ratings ``[B]`` from already-encoded indices (the output of the encoder)."""
+        h = self.sparse_arch(single, genre_values, genre_offsets)  # [B, F*D]
+        return self.rating_head(self.tower(h)).squeeze(-1)  # [B]
+
+
+@dataclass
+class ParityRows:
+    """Real rows scored by both models: raw inputs for the served one, a batch for the eager one."""
+
+    inputs: ServingInputs
+    batch: Batch
+
+    @classmethod
+    def sample(cls, prepared: Prepared, count: int, split: str = "test", seed: int = 0) -> "ParityRows":
+        """``count`` rows of ``split`` (all of them when fewer), drawn with ``seed``."""
+        if split not in prepared.data.splits:
+            raise ValueError(
+                f"parity split {split!r} is not one of {', '.join(prepared.data.splits)}"
+            )
+        rows = prepared.data.splits[split]
+        if count < len(rows):
+            gen = torch.Generator().manual_seed(seed)
+            rows = rows[torch.randperm(len(rows), generator=gen)[:count]]
+        return cls.from_rows(prepared, rows)
+
+    @classmethod
+    def from_rows(cls, prepared: Prepared, rows: torch.Tensor) -> "ParityRows":
+        joined = prepared.movielens.joined()[rows.tolist()]
+        return cls(serving_inputs(joined), prepared.data.batch(rows))
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_torchscript` wrote and how well the file matches the eager student."""
+
+    path: Path
+    rows_checked: int
+    max_abs_diff: float
+    tolerance: float
+    passed: bool
+    size_bytes: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "rows_checked": self.rows_checked,
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+            "size_bytes": self.size_bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def script_student(student: nn.Module, vocabs: FeatureVocabs, freeze: bool = True) -> torch.jit.ScriptModule:
+    """The scripted :class:`ServingStudent` of ``student`` (frozen when ``freeze``)."""
+    scripted = torch.jit.script(ServingStudent.from_student(student, vocabs))
+    if freeze:
+        scripted = torch.jit.freeze(scripted, preserved_attrs=["score"])
+    return scripted
+
+
+def export_torchscript(
+    student: nn.Module,
+    vocabs: FeatureVocabs,
+    path: str | Path,
+    check_rows: ParityRows,
+    tolerance: float = 1e-5,
+    freeze: bool = True,
+    raise_on_mismatch: bool = True,
+) -> ExportReport:
+    """Script the student for serving, save it, reload it and check it against the eager model.
+
+    Args:
+        student: the trained ``MLPRecommender`` (eager, TorchRec).
+        vocabs: the vocabularies it was trained with (baked into the file).
+        path: where to write the TorchScript file.
+        check_rows: real rows to score with the reloaded file and the eager student.
+        tolerance: largest allowed ``|served - eager|``.
+        freeze: ``torch.jit.freeze`` before saving.
+        raise_on_mismatch: raise :class:`ExportParityError` when the check fails (otherwise
+            return a report with ``passed=False``, e.g. to record why a version was rejected).
+
+    Raises:
+        ExportParityError: the reloaded file differs from the eager student by more than
+            ``tolerance`` (the error carries the report), or gives non-finite ratings.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(script_student(student, vocabs, freeze), str(path))
+    served = torch.jit.load(str(path))
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        eager = student(check_rows.batch)  # [N]
+        got = served(*check_rows.inputs.args)  # [N]
+    student.train(was_training)
+    if got.shape != eager.shape:
+        diff = float("inf")
+    else:
+        diff = float((got - eager).abs().max()) if len(eager) else 0.0
+    passed = bool(torch.isfinite(got).all()) and diff <= tolerance
+    report = ExportReport(
+        path=path,
+        rows_checked=int(eager.shape[0]),
+        max_abs_diff=diff,
+        tolerance=tolerance,
+        passed=passed,
+        size_bytes=path.stat().st_size,
+        seconds=time.perf_counter() - start,
+    )
+    if not passed and raise_on_mismatch:
+        raise ExportParityError(
+            f"TorchScript export {path} disagrees with the eager student: max |diff| {diff:.3g} "
+            f"> tolerance {tolerance:.3g} on {report.rows_checked} rows",
+            report,
+        )
+    return report
+
+
+__all__ = [
+    "MISSING_INT", "ExportConfig", "ExportParityError", "ExportReport", "ParityRows",
+    "RawFeatureEncoder", "ServingInputs", "ServingSparseArch", "ServingStudent",
+    "export_torchscript", "script_student", "serving_inputs",
+]  # fmt: skip

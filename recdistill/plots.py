@@ -1,0 +1,132 @@
+"""PNG plots of a job: learning curves and the teachers' importance scores (matplotlib, Agg).
+
+Example::
+
+    plot_learning_curves(
+        {"training": {"train_loss": [0.98, 0.91, 0.88]},
+         "validation": {"valid_mse": [0.95, 0.92, 0.91], "valid_mse_ld": [0.94, 0.90, 0.89]}},
+        "runs/learning_curves.png",
+    )
+    plot_importance({"mlp_l": s_mlp_l, "minilm": s_minilm}, threshold=0.6, path="runs/imp.png")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a batch machine
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+
+#: Pixels per inch of the saved PNGs.
+DPI = 120
+
+
+def _points(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and values of a curve: a sequence of values (epochs 1..n) or of (epoch, value)."""
+    seq = list(values)
+    if seq and isinstance(seq[0], (tuple, list)):
+        epochs, ys = zip(*seq)
+        return np.asarray(epochs, dtype=float), np.asarray(ys, dtype=float)
+    return np.arange(1, len(seq) + 1, dtype=float), np.asarray(seq, dtype=float)
+
+
+def plot_learning_curves(
+    panels: Mapping[str, Mapping[str, Sequence[Any]]], path: str | Path, title: str | None = None
+) -> Path:
+    """One panel per group of curves (e.g. training losses, validation MSE), epoch on x.
+
+    Args:
+        panels: panel title -> series name -> values per epoch (``[v1, v2, ...]`` for epochs
+            1..n, or ``[(epoch, value), ...]``).
+        path: the PNG to write (parents are created).
+        title: a title over all panels.
+
+    Raises:
+        ValueError: no panel, or a panel without series.
+    """
+    if not panels:
+        raise ValueError("plot_learning_curves: no curves to plot")
+    empty = [name for name, series in panels.items() if not series]
+    if empty:
+        raise ValueError(f"plot_learning_curves: panel {empty[0]!r} has no series")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for name, values in series.items():
+            epochs, ys = _points(values)
+            ax.plot(epochs, ys, marker="o", markersize=3, label=name)
+        ax.set_title(panel)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def share_above(scores: Mapping[str, Any], threshold: float) -> dict[str, float]:
+    """Per teacher, the share of rows whose importance score exceeds ``threshold``."""
+    out = {}
+    for name, values in scores.items():
+        arr = _array(values)
+        out[name] = float((arr > threshold).mean()) if arr.size else 0.0
+    return out
+
+
+def plot_importance(
+    scores: Mapping[str, Any], threshold: float, path: str | Path, title: str | None = None
+) -> Path:
+    """Histogram of each teacher's importance scores (in [0, 1]) with the gating threshold,
+    and a bar chart of the share of rows above it (the rows that teacher is asked about).
+
+    Args:
+        scores: teacher name -> ``[N]`` importance scores (tensor, array or list).
+        threshold: the gating threshold ``tau``.
+        path: the PNG to write.
+        title: a title over all panels.
+    """
+    if not scores:
+        raise ValueError("plot_importance: no teachers' scores to plot")
+    shares = share_above(scores, threshold)
+    n = len(scores)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.6), squeeze=False)
+    bins = np.linspace(0.0, 1.0, 41)
+    for ax, (name, values) in zip(axes[0], scores.items()):
+        ax.hist(_array(values), bins=bins, color="tab:blue", alpha=0.8)
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"tau = {threshold:g}")
+        ax.set_title(f"{name}: {shares[name]:.0%} above tau")
+        ax.set_xlabel("importance s_k")
+        ax.set_ylabel("rows")
+        ax.legend(fontsize=8)
+    bar = axes[0][n]
+    bar.bar(list(shares), [100 * v for v in shares.values()], color="tab:green")
+    bar.set_ylim(0, 100)
+    bar.set_ylabel("% of rows asked (s_k > tau)")
+    bar.set_title("share above the gate")
+    bar.tick_params(axis="x", labelrotation=30)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _array(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=float).reshape(-1)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["plot_importance", "plot_learning_curves", "share_above"]

@@ -1,0 +1,480 @@
+"""MLflow tracking of a job, and the model registry's champion rule.
+
+A job opens one :class:`TrackedRun` (:func:`start_run`) and logs into it: the flattened config
+as params, every loss of every epoch as a metric (``step = epoch``), final metrics, and artifacts
+(the config YAML, the vocabularies, plots, the results table, the TorchScript student). The
+student is logged as an MLflow ``pytorch`` model holding the *scripted serving module* (see
+``recdistill.export``), so ``mlflow.pytorch.load_model("models:/recdistill-student@champion")``
+returns a module that needs torch alone and gives exactly the exported file's outputs.
+
+Promotion (:func:`promote`): a registered version gets the champion alias only if its
+TorchScript export passed the parity check AND it beats the current champion on the same
+holdout metric (strictly; lower is better unless ``greater_is_better``). Otherwise the champion
+stays where it was and the version is tagged with why it lost.
+
+Example::
+
+    cfg = TrackingConfig()
+    with start_run(cfg, run_name="distill") as run:
+        run.log_params(job_config_dict)
+        run.log_epoch(1, {"train_loss": 0.93, "valid_mse": 0.91})
+        run.log_metrics({"test_mse": 0.90})
+        run.log_student("runs/student.pt", export_report)
+        version = run.register_student()
+    print(promote(cfg, version).message)
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import urlparse
+
+import mlflow
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("recdistill.tracking")
+
+#: Run tags and metrics the promotion rule reads (written by :meth:`TrackedRun.log_student`).
+TAG_PARITY = "export.parity_passed"
+METRIC_PARITY_DIFF = "export.max_abs_diff"
+TAG_HOLDOUT = "holdout"
+#: Model-version tags written by :func:`promote`.
+TAG_PROMOTION = "promotion"
+TAG_REASON = "promotion_reason"
+#: MLflow keeps param values up to this many characters.
+MAX_PARAM_CHARS = 6000
+
+
+@dataclass
+class TrackingConfig:
+    """The ``tracking:`` section: where runs go and how the served student is promoted.
+
+    Args:
+        enabled: log the job to MLflow at all.
+        tracking_uri: an MLflow tracking URI (``http://host:5000``, ``sqlite:///path.db``);
+            ``None`` means a local store under ``local_dir``. ``MLFLOW_TRACKING_URI`` and the
+            ``--tracking-uri`` flag override it (see :func:`resolve_tracking_uri`).
+        local_dir: folder of the default local store (``mlflow.db`` and ``artifacts/``).
+        experiment: the MLflow experiment name.
+        registered_model: the registry name of the served student.
+        champion_alias: the alias that marks the version to serve.
+        holdout_metric: the run metric versions are compared on.
+        greater_is_better: direction of ``holdout_metric`` (MSE: lower is better).
+        model_name: the name of the logged MLflow model inside a run.
+    """
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    local_dir: str = "runs/mlflow"
+    experiment: str = "recdistill"
+    registered_model: str = "recdistill-student"
+    champion_alias: str = "champion"
+    holdout_metric: str = "test_mse"
+    greater_is_better: bool = False
+    model_name: str = "student"
+
+    def __post_init__(self) -> None:
+        for name in ("local_dir", "experiment", "registered_model", "champion_alias",
+                     "holdout_metric", "model_name"):  # fmt: skip
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if self.champion_alias.lower().startswith("v") and self.champion_alias[1:].isdigit():
+            raise ValueError(f"champion_alias {self.champion_alias!r} looks like a version (v<N>)")
+
+
+def resolve_tracking_uri(
+    config: TrackingConfig, override: str | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The tracking URI to use: ``override`` (the CLI flag), else ``MLFLOW_TRACKING_URI``, else
+    ``config.tracking_uri``, else a local sqlite store ``sqlite:///<local_dir>/mlflow.db``."""
+    environ = os.environ if environ is None else environ
+    uri = override or environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(config.local_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+def _local_artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, an artifact folder next to the database (else the server's)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(urlparse(uri).path)
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def connect(config: TrackingConfig, override: str | None = None) -> MlflowClient:
+    """Point MLflow at the resolved tracking URI (creating a local store's folder); a client."""
+    uri = resolve_tracking_uri(config, override)
+    if uri.startswith("sqlite:///"):
+        Path(urlparse(uri).path).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` (dataclasses too), values cut to MLflow's limit."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    out: dict[str, str] = {}
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            out.update(flatten_params(value, f"{prefix}.{key}" if prefix else str(key)))
+    else:
+        out[prefix] = str(data)[:MAX_PARAM_CHARS]
+    return out
+
+
+class TrackedRun:
+    """One MLflow run of a job; what a job logs goes through here.
+
+    Args:
+        config: the tracking config.
+        run_id: the active MLflow run.
+        client: a client on the same tracking URI.
+    """
+
+    def __init__(self, config: TrackingConfig, run_id: str, client: MlflowClient):
+        self.config = config
+        self.run_id = run_id
+        self.client = client
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.model_uri: str | None = None
+
+    # ------------------------------------------------------------------ params and metrics
+    def log_params(self, params: Any) -> dict[str, str]:
+        """Log a (nested) config mapping or dataclass as flattened params; returns them."""
+        flat = flatten_params(params)
+        if flat:
+            mlflow.log_params(flat)
+        return flat
+
+    def log_epoch(self, epoch: int, losses: Mapping[str, float]) -> None:
+        """Log every entry of ``losses`` as a metric at ``step = epoch`` (and keep the history)."""
+        values = {k: float(v) for k, v in losses.items()}
+        mlflow.log_metrics(values, step=epoch)
+        for key, value in values.items():
+            self.history.setdefault(key, []).append((epoch, value))
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Final metrics (e.g. ``test_mse``; the holdout metric that promotion reads)."""
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def set_holdout(self, key: str) -> None:
+        """Name the holdout the metric was measured on (data source, split, seed): promotion
+        compares only versions measured on the same holdout."""
+        mlflow.set_tag(TAG_HOLDOUT, key)
+
+    # ------------------------------------------------------------------ artifacts
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"cannot log artifact {path}: no such file")
+        mlflow.log_artifact(str(path), folder)
+
+    def log_config(self, config: Any, name: str = "config.yaml") -> None:
+        """The job config (a mapping or dataclass) as a YAML artifact."""
+        import dataclasses
+
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            config = dataclasses.asdict(config)
+        mlflow.log_text(yaml.safe_dump(config, sort_keys=False), name)
+
+    def log_vocabs(self, vocabs: Any, name: str = "vocabs.json") -> None:
+        """The vocabularies (``FeatureVocabs``) the student was trained with."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.log_file(vocabs.save(Path(tmp) / name))
+
+    def log_table(self, rows: Sequence[Mapping[str, Any]], name: str = "results") -> None:
+        """A results table as ``<name>.md`` (markdown) and ``<name>.csv``."""
+        if not rows:
+            raise ValueError(f"results table {name!r} has no rows")
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        mlflow.log_text(markdown_table(rows, columns), f"{name}.md")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.csv"
+            with path.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+            self.log_file(path)
+
+    def log_learning_curves(self, name: str = "learning_curves.png") -> Path | None:
+        """Plot every metric logged with :meth:`log_epoch` (validation metrics in their own
+        panel) and log the PNG; ``None`` when nothing was logged per epoch."""
+        from recdistill.plots import plot_learning_curves
+
+        if not self.history:
+            return None
+        panels: dict[str, dict[str, list[float]]] = {}
+        for key, points in self.history.items():
+            panel = "validation" if key.startswith(("valid", "val_")) else "training"
+            panels.setdefault(panel, {})[key] = points
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_learning_curves(panels, Path(tmp) / name)
+            self.log_file(path, "plots")
+        return Path("plots") / name
+
+    def log_importance(
+        self, scores: Mapping[str, Any], threshold: float, name: str = "importance.png"
+    ) -> dict[str, float]:
+        """Plot each teacher's importance scores and log the PNG; returns the share of rows
+        above ``threshold`` per teacher (also logged as metrics ``importance_above.<teacher>``)."""
+        from recdistill.plots import plot_importance, share_above
+
+        shares = share_above(scores, threshold)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.log_file(plot_importance(scores, threshold, Path(tmp) / name), "plots")
+        self.log_metrics({f"importance_above.{k}": v for k, v in shares.items()})
+        return shares
+
+    # ------------------------------------------------------------------ the served student
+    def log_student(self, torchscript_path: str | Path, report: Any) -> str:
+        """Log the exported TorchScript student as this run's MLflow pytorch model.
+
+        The scripted module itself is logged (pickle format; MLflow's default pt2 format cannot
+        hold a ScriptModule, and our inputs include strings), together with the parity result
+        that promotion requires. Returns the logged model's URI.
+
+        Args:
+            torchscript_path: the file written by ``recdistill.export.export_torchscript``.
+            report: its ``ExportReport`` (``passed``, ``max_abs_diff``, ``rows_checked``).
+        """
+        import torch
+
+        path = Path(torchscript_path)
+        if not path.is_file():
+            raise ValueError(f"TorchScript student {path}: no such file")
+        scripted = torch.jit.load(str(path))
+        torch_version = torch.__version__.split("+")[0]
+        info = mlflow.pytorch.log_model(
+            scripted,
+            name=self.config.model_name,
+            serialization_format="pickle",
+            # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
+            pip_requirements=[f"torch=={torch_version}"],
+        )
+        self.log_file(path, "export")
+        self.set_tags({TAG_PARITY: str(bool(report.passed)).lower()})
+        diff = float(report.max_abs_diff)
+        self.log_metrics({METRIC_PARITY_DIFF: diff if math.isfinite(diff) else 1e30,
+                          "export.rows_checked": report.rows_checked})  # fmt: skip
+        self.model_uri = info.model_uri
+        return info.model_uri
+
+    def register_student(self) -> str:
+        """Register the logged student under ``registered_model``; returns the new version."""
+        if self.model_uri is None:
+            raise ValueError("register_student: log_student first (no model logged in this run)")
+        version = mlflow.register_model(self.model_uri, self.config.registered_model)
+        return str(version.version)
+
+
+@contextmanager
+def start_run(
+    config: TrackingConfig, run_name: str | None = None, tracking_uri: str | None = None
+) -> Iterator[TrackedRun]:
+    """Open an MLflow run in ``config.experiment`` (created on first use); a failed job ends
+    its run as FAILED.
+
+    Args:
+        config: the tracking config.
+        run_name: a readable run name.
+        tracking_uri: the ``--tracking-uri`` override.
+    """
+    client = connect(config, tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    if client.get_experiment_by_name(config.experiment) is None:
+        client.create_experiment(config.experiment, artifact_location=_local_artifact_root(uri))
+    mlflow.set_experiment(config.experiment)
+    with mlflow.start_run(run_name=run_name) as active:
+        yield TrackedRun(config, active.info.run_id, client)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table; floats with 4 decimals, missing cells empty."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- promotion
+
+
+class PromotionError(ValueError):
+    """A version or run that cannot be promoted at all (not found, wrong model name)."""
+
+
+@dataclass
+class PromotionDecision:
+    """What :func:`promote` decided for one registered version, and why."""
+
+    name: str
+    version: str
+    promoted: bool
+    reason: str
+    metric: str
+    value: float | None
+    champion_before: str | None
+    champion_value: float | None
+
+    @property
+    def champion(self) -> str | None:
+        """The champion version after the decision."""
+        return self.version if self.promoted else self.champion_before
+
+    @property
+    def message(self) -> str:
+        verdict = "promoted to champion" if self.promoted else "not promoted"
+        return f"{self.name} version {self.version}: {verdict}: {self.reason}"
+
+
+def _current_champion(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _run_facts(client: MlflowClient, run_id: str | None, metric: str) -> tuple[float | None, dict]:
+    if not run_id:
+        return None, {}
+    run = client.get_run(run_id)
+    return run.data.metrics.get(metric), dict(run.data.tags)
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.6g}"
+
+
+def promote(
+    config: TrackingConfig, version: str | int, client: MlflowClient | None = None
+) -> PromotionDecision:
+    """Give ``version`` the champion alias if it passed parity and beats the champion.
+
+    The holdout metric and the parity result are read from the version's run (logged by
+    :meth:`TrackedRun.log_metrics` and :meth:`TrackedRun.log_student`). The decision and its
+    reason are written as version tags (``promotion``, ``promotion_reason``); a promoted version
+    also gets the alias, and the previous champion a ``superseded_by`` tag.
+
+    Raises:
+        PromotionError: the registered model or version does not exist.
+    """
+    client = client or connect(config)
+    name, alias, metric = config.registered_model, config.champion_alias, config.holdout_metric
+    version = str(version)
+    try:
+        candidate = client.get_model_version(name, version)
+    except MlflowException as err:
+        raise PromotionError(f"registered model {name!r} has no version {version}: {err.message}") from err
+    value, tags = _run_facts(client, candidate.run_id, metric)
+    champion = _current_champion(client, name, alias)
+    champ_value, champ_tags = (None, {})
+    if champion is not None:
+        champ_value, champ_tags = _run_facts(client, champion.run_id, metric)
+    better = (lambda a, b: a > b) if config.greater_is_better else (lambda a, b: a < b)
+    parity = tags.get(TAG_PARITY)
+
+    promoted = False
+    if champion is not None and str(champion.version) == version:
+        reason = f"already the {alias}"
+        promoted = True
+    elif parity != "true":
+        reason = (
+            "its TorchScript export failed the parity check"
+            if parity == "false"
+            else "no TorchScript parity check was recorded for its run"
+        )
+    elif value is None or not math.isfinite(value):
+        reason = f"its run has no finite {metric}"
+    elif champion is None:
+        promoted, reason = True, f"first {alias} ({metric} {_fmt(value)})"
+    elif champ_value is None or not math.isfinite(champ_value):
+        reason = f"{alias} version {champion.version} has no {metric} to compare with"
+    elif champ_tags.get(TAG_HOLDOUT) != tags.get(TAG_HOLDOUT):
+        reason = (
+            f"measured on another holdout ({tags.get(TAG_HOLDOUT)!r}) than {alias} version "
+            f"{champion.version} ({champ_tags.get(TAG_HOLDOUT)!r})"
+        )
+    elif better(value, champ_value):
+        word = ">" if config.greater_is_better else "<"
+        promoted, reason = True, (
+            f"{metric} {_fmt(value)} {word} {_fmt(champ_value)} of {alias} version {champion.version}"
+        )
+    else:
+        reason = (
+            f"{metric} {_fmt(value)} does not beat {_fmt(champ_value)} of {alias} version "
+            f"{champion.version}"
+        )
+
+    decision = PromotionDecision(
+        name=name,
+        version=version,
+        promoted=promoted,
+        reason=reason,
+        metric=metric,
+        value=value,
+        champion_before=None if champion is None else str(champion.version),
+        champion_value=champ_value,
+    )
+    client.set_model_version_tag(name, version, TAG_PROMOTION, "champion" if promoted else "rejected")
+    client.set_model_version_tag(name, version, TAG_REASON, reason)
+    client.set_model_version_tag(name, version, f"holdout.{metric}", _fmt(value))
+    if promoted and decision.champion_before != version:
+        client.set_registered_model_alias(name, alias, version)
+        if champion is not None:
+            client.set_model_version_tag(name, str(champion.version), "superseded_by", version)
+    log.info(decision.message)
+    return decision
+
+
+def version_of_run(config: TrackingConfig, run_id: str, client: MlflowClient | None = None) -> str:
+    """The registered version of the student logged by ``run_id`` (registering it if needed)."""
+    client = client or connect(config)
+    name = config.registered_model
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        raise PromotionError(f"no MLflow run {run_id!r}: {err.message}") from err
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        return str(max(int(v.version) for v in found))
+    models = mlflow.search_logged_models(
+        filter_string=f"source_run_id = '{run_id}' AND name = '{config.model_name}'",
+        output_format="list",
+    )
+    if not models:
+        raise PromotionError(
+            f"run {run_id} logged no model named {config.model_name!r}; nothing to register"
+        )
+    return str(mlflow.register_model(models[0].model_uri, name).version)
+
+
+__all__ = [
+    "PromotionDecision", "PromotionError", "TrackedRun", "TrackingConfig", "connect",
+    "flatten_params", "markdown_table", "promote", "resolve_tracking_uri", "start_run",
+    "version_of_run",
+]  # fmt: skip
