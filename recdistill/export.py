@@ -105,7 +105,8 @@ class ServingInputs(NamedTuple):
     genres: List[str]
     genre_lengths: torch.Tensor
 
-    def __len__(self) -> int:  # type: ignore[override]  (a batch, not a tuple of 8)
+    @property
+    def batch_size(self) -> int:
         return int(self.user_id.shape[0])
 
     @property

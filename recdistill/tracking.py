@@ -456,15 +456,15 @@ def version_of_run(config: TrackingConfig, run_id: str, client: MlflowClient | N
     client = client or connect(config)
     name = config.registered_model
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException as err:
         raise PromotionError(f"no MLflow run {run_id!r}: {err.message}") from err
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if found:
         return str(max(int(v.version) for v in found))
-    models = mlflow.search_logged_models(
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{run_id}' AND name = '{config.model_name}'",
-        output_format="list",
     )
     if not models:
         raise PromotionError(

@@ -1,0 +1,204 @@
+"""The served student: a torch-only TorchScript file that maps raw MovieLens values itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from features.vocab import FEATURES, FeatureVocabs, Vocabulary
+from mlflow_server import train_student
+from recdistill.export import (
+    MISSING_INT,
+    ExportConfig,
+    ExportParityError,
+    ParityRows,
+    RawFeatureEncoder,
+    ServingInputs,
+    export_torchscript,
+    serving_inputs,
+)
+
+#: Run by a python that cannot import torchrec or fbgemm: load the file, score, compare.
+NO_TORCHREC = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torchrec", "fbgemm_gpu", "recdistill", "features"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+try:
+    import torchrec
+    raise SystemExit("torchrec should not be importable here")
+except ImportError:
+    pass
+import torch
+model_path, data_path = sys.argv[1], sys.argv[2]
+served = torch.jit.load(model_path)
+data = torch.load(data_path)
+got = served(*data["args"])
+assert not any(m.split(".")[0] in ("torchrec", "fbgemm_gpu") for m in sys.modules)
+print(float((got - data["expected"]).abs().max()), tuple(got.shape))
+"""
+
+
+@pytest.fixture(scope="module")
+def student(prepared):
+    return train_student(prepared, steps=20)
+
+
+@pytest.fixture(scope="module")
+def exported(student, prepared, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "student.pt"
+    report = export_torchscript(student, prepared.vocabs, path, ParityRows.sample(prepared, 512))
+    return path, report
+
+
+def test_export_matches_eager_student_on_real_rows(exported):
+    path, report = exported
+    assert report.passed and report.rows_checked == 512
+    assert report.max_abs_diff <= 1e-5
+    assert path.is_file() and report.size_bytes == path.stat().st_size
+
+
+def test_encoder_derives_the_same_indices_as_the_feature_layer(prepared):
+    """Age buckets, zip prefix, year buckets, genres: raw -> index as features.vocab does it,
+    on rows that include a null release year and items without genres."""
+    joined = prepared.movielens.joined().with_row_index("row")
+    edge = joined.filter(pl.col("year").is_null() | (pl.col("genres").list.len() == 0))
+    rows = torch.tensor(edge["row"].to_list() + list(range(0, 100_000, 997)))
+    assert len(edge) >= 10
+    encoder = torch.jit.script(RawFeatureEncoder(prepared.vocabs))
+    single, genre_values, genre_offsets = encoder(*serving_inputs(joined[rows.tolist()]).args)
+    torch.testing.assert_close(single, prepared.data.single[rows], rtol=0, atol=0)
+    lengths = prepared.data.genre_lengths[rows]
+    torch.testing.assert_close(genre_offsets, torch.cumsum(lengths, 0) - lengths, rtol=0, atol=0)
+    mask = torch.arange(prepared.data.genres.shape[1]) < lengths.unsqueeze(1)
+    torch.testing.assert_close(genre_values, prepared.data.genres[rows][mask], rtol=0, atol=0)
+
+
+def test_torchscript_file_serves_without_torchrec(exported, prepared, student, tmp_path):
+    path, _ = exported
+    check = ParityRows.sample(prepared, 64, split="valid", seed=1)
+    with torch.no_grad():
+        expected = student(check.batch)
+    data = tmp_path / "inputs.pt"
+    torch.save({"args": list(check.inputs.args), "expected": expected}, data)
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCHREC, str(path), str(data)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    diff, shape = out.stdout.split(" ", 1)
+    assert float(diff) <= 1e-5 and shape.strip() == "(64,)"
+
+
+def _unknown_row() -> ServingInputs:
+    return ServingInputs(
+        user_id=torch.tensor([10**9]), item_id=torch.tensor([-5]), age=torch.tensor([MISSING_INT]),
+        gender=["X"], occupation=["astronaut"], zip_code=[""], year=torch.tensor([MISSING_INT]),
+        genres=["Not-a-genre"], genre_lengths=torch.tensor([1]),
+    )  # fmt: skip
+
+
+def test_unknown_values_score_as_the_unknown_slot(exported, student):
+    """Every unseen raw value maps to index 0: the same rating as the eager student on zeros."""
+    served = torch.jit.load(str(exported[0]))
+    got = served(*_unknown_row().args)
+    zeros = KeyedJaggedTensor(
+        keys=list(FEATURES), values=torch.zeros(len(FEATURES), dtype=torch.int64),
+        lengths=torch.ones(len(FEATURES), dtype=torch.int64),
+    )  # fmt: skip
+    with torch.no_grad():
+        expected = student.head(student.middle(student.sparse_arch(zeros)))
+    assert torch.isfinite(got).all() and got.shape == (1,)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_empty_batch_gives_no_ratings(exported, prepared):
+    served = torch.jit.load(str(exported[0]))
+    empty = serving_inputs(prepared.movielens.joined().head(0))
+    got = served(*empty.args)
+    assert got.shape == (0,) and got.dtype == torch.float32
+
+
+def test_rows_of_different_lengths_are_rejected(exported, prepared):
+    served = torch.jit.load(str(exported[0]))
+    inputs = serving_inputs(prepared.movielens.joined().head(3))
+    bad = inputs._replace(gender=inputs.gender[:2])
+    with pytest.raises(Exception, match="gender has 2 rows, user_id has 3"):
+        served(*bad.args)
+    bad = inputs._replace(genre_lengths=inputs.genre_lengths + 1)
+    with pytest.raises(Exception, match="sum to len\\(genres\\)"):
+        served(*bad.args)
+
+
+def test_wrong_vocabularies_fail_the_parity_check(student, prepared, tmp_path):
+    """Same sizes, two occupations swapped: the file scores other rows than the student."""
+    occupations = list(prepared.vocabs["occupation"].values)
+    occupations[0], occupations[1] = occupations[1], occupations[0]
+    vocabs = FeatureVocabs(
+        {**prepared.vocabs.vocabs, "occupation": Vocabulary("occupation", occupations)},
+        prepared.vocabs.zip_prefix_len, prepared.vocabs.year_bucket,
+    )  # fmt: skip
+    rows = ParityRows.sample(prepared, 512)
+    with pytest.raises(ExportParityError, match="disagrees with the eager student") as err:
+        export_torchscript(student, vocabs, tmp_path / "bad.pt", rows)
+    assert not err.value.report.passed and err.value.report.max_abs_diff > 1e-5
+    report = export_torchscript(student, vocabs, tmp_path / "bad.pt", rows, raise_on_mismatch=False)
+    assert not report.passed
+
+
+def test_vocabularies_of_another_size_are_rejected(student, prepared, tmp_path):
+    vocabs = copy.deepcopy(prepared.vocabs)
+    vocabs.vocabs["gender"] = Vocabulary("gender", ["F", "M", "X"])
+    with pytest.raises(ValueError, match="table t_gender has 3 rows but the vocabulary has 4"):
+        export_torchscript(student, vocabs, tmp_path / "x.pt", ParityRows.sample(prepared, 8))
+
+
+def test_serving_inputs_name_a_missing_column(prepared):
+    with pytest.raises(ValueError, match="lacks column\\(s\\) zip_code"):
+        serving_inputs(prepared.movielens.joined().drop("zip_code"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"tolerance": 0.0}, "tolerance"), ({"parity_rows": 0}, "parity_rows"),
+     ({"file_name": "a/b.pt"}, "file_name")],
+)  # fmt: skip
+def test_export_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ExportConfig(**kwargs)
+
+
+def test_export_command_writes_a_checked_file(student, prepared, tmp_path):
+    from pipelines.cli import main
+    from recdistill.training import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "best.pt", student, "mlp_s", student.config,
+                           {"vocab_sizes": prepared.vocabs.sizes})  # fmt: skip
+    vocab = prepared.vocabs.save(tmp_path / "vocabs.json")
+    out = tmp_path / "served.pt"
+    argv = ["export", "--config", "quick", "--checkpoint", str(ckpt), "--vocab", str(vocab),
+            "--out", str(out), "--parity-rows", "256", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    served = torch.jit.load(str(out))
+    check = ParityRows.sample(prepared, 32, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(served(*check.inputs.args), student(check.batch), rtol=0, atol=1e-5)
+
+
+def test_export_command_reports_a_missing_checkpoint(prepared, tmp_path, capsys):
+    from pipelines.cli import main
+
+    vocab = prepared.vocabs.save(tmp_path / "vocabs.json")
+    argv = ["export", "--config", "quick", "--checkpoint", str(tmp_path / "none.pt"),
+            "--vocab", str(vocab), "--out", str(tmp_path / "s.pt")]  # fmt: skip
+    assert main(argv) == 2
+    assert "none.pt" in capsys.readouterr().err
