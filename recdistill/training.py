@@ -21,6 +21,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping
@@ -325,7 +326,10 @@ def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
     rank, _ = _world()
     out: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor")
+        state = model.state_dict()
+    for name, value in state.items():
         if isinstance(value, ShardedTensor):
             full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
             value.gather(dst=0, out=full)
