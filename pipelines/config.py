@@ -1,27 +1,110 @@
 """The job configuration: one YAML file, validated on load.
 
-Each layer owns the dataclass of its own section (``features.DataConfig`` for ``data:``);
-this module only assembles them and loads YAML. Every error names the key path.
+Each layer owns the dataclass of its own section (``features.DataConfig`` for ``data:``,
+``recdistill.training.TrainConfig`` for ``train:``, ...); this module assembles them, checks
+what spans sections (model names, teacher sources), and loads YAML. Every error names the key
+path, and all of it happens before any work starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from features.config import DataConfig
 from pipelines.schema import ConfigError, from_dict
+from recdistill.distill.config import DistillConfig
+from recdistill.export import ExportConfig
+import recdistill.models  # noqa: F401  (registers every model)
+from recdistill.models.registry import MODELS, model_entry
+from recdistill.sharding import ShardingConfig
+from recdistill.tracking import TrackingConfig
+from recdistill.training import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
-class JobConfig:
-    """A whole batch job (grown section by section as stages are added)."""
+class TeacherSource:
+    """Where one committee member comes from.
 
+    Args:
+        checkpoint: a trained checkpoint to reuse (a local path, or an MLflow artifact URI such
+            as ``runs:/<run_id>/teachers/mlp_l.pt``); ``None``: train it in this job.
+        train: overrides of the ``train:`` section for training this teacher (e.g. fewer
+            epochs for a language teacher).
+    """
+
+    checkpoint: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobConfig:
+    """A whole batch job: prepare -> teachers -> distill -> evaluate -> export -> register -> promote.
+
+    Args:
+        name: the job's name (output folder and MLflow run name).
+        output_dir: where checkpoints, the TorchScript student and the results table go.
+        student: registered model name of the student.
+        student_alone: also train the student without a teacher, for the results table.
+        models: per-model overrides of the registered presets (``models.mlp_l.dropout``).
+        teachers: per-teacher source (checkpoint or train overrides); every name in
+            ``distill.teachers`` without an entry is trained with the ``train:`` section.
+        data, train, sharding, distill, export, tracking: the sections of each layer.
+    """
+
+    name: str = "recdistill"
+    output_dir: str = "runs"
+    student: str = "mlp_s"
+    student_alone: bool = True
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teachers: dict[str, TeacherSource] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def model_config(self, name: str) -> Any:
+        """The config dataclass of model ``name``: its preset with ``models.<name>`` applied."""
+        entry = model_entry(name)
+        return from_dict(entry.config_cls, {**entry.defaults, **self.models.get(name, {})},
+                         f"models.{name}")  # fmt: skip
+
+    def teacher_train(self, name: str) -> TrainConfig:
+        """The ``train:`` section with ``teachers.<name>.train`` applied."""
+        source = self.teachers.get(name, TeacherSource())
+        merged = {**dataclasses.asdict(self.train), **source.train}
+        return from_dict(TrainConfig, merged, f"teachers.{name}.train")
+
+
+def _check_models(cfg: JobConfig) -> None:
+    known = ", ".join(sorted(MODELS))
+    if cfg.student not in MODELS:
+        raise ConfigError(f"student: unknown model {cfg.student!r}; expected one of {known}")
+    for key in ("models", "teachers"):
+        for name in getattr(cfg, key):
+            if name not in MODELS:
+                raise ConfigError(f"{key}.{name}: unknown model; expected one of {known}")
+    for i, name in enumerate(cfg.distill.teachers):
+        if name not in MODELS:
+            raise ConfigError(f"distill.teachers[{i}]: unknown model {name!r}; expected one of {known}")
+    for name in cfg.teachers:
+        if name not in cfg.distill.teachers:
+            raise ConfigError(
+                f"teachers.{name}: not in the committee (distill.teachers: "
+                f"{', '.join(cfg.distill.teachers)})"
+            )
+    for name in set(cfg.models) | {cfg.student} | set(cfg.distill.teachers):
+        cfg.model_config(name)
+    for name in cfg.distill.teachers:
+        cfg.teacher_train(name)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -36,6 +119,16 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path}: no such file, nor a shipped config ({names})")
 
 
+def parse_config(raw: Any, where: str = "<config>") -> JobConfig:
+    """Validate a loaded mapping as a :class:`JobConfig` (all checks, no work)."""
+    try:
+        cfg = from_dict(JobConfig, raw)
+        _check_models(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from err
+    return cfg
+
+
 def load_config(name_or_path: str | Path | None = None) -> JobConfig:
     """Load and validate a job config (default: ``pipelines/configs/default.yaml``)."""
     path = resolve_config_path(name_or_path or "default")
@@ -43,7 +136,4 @@ def load_config(name_or_path: str | Path | None = None) -> JobConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    try:
-        return from_dict(JobConfig, raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
+    return parse_config(raw, str(path))

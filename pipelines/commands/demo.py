@@ -1,21 +1,20 @@
-"""``recdistill demo``: the main job on the embedded data (what `make demo` runs)."""
+"""``recdistill demo``: the main job on the embedded data (what ``make demo`` runs)."""
 
 from __future__ import annotations
 
 import argparse
 
-from pipelines.commands import data
+from pipelines.commands.run import cmd_run
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("== recdistill demo: prepare the embedded MovieLens-100K ==")
-    args.json = False
-    data.cmd_summary(args)
-    print("\n== a few prompts for the language teachers ==")
-    args.limit = 5
-    return data.cmd_prompts(args)
+    print(f"== recdistill demo: `recdistill run {args.config}` on the embedded MovieLens-100K ==")
+    args.config_file = args.config
+    args.tracking_uri, args.output, args.resume = args.tracking_uri, None, False
+    return cmd_run(args)
 
 
 def add_commands(sub, with_config) -> None:
     demo = with_config(sub.add_parser("demo", help="run the main job on the embedded data"))
+    demo.add_argument("--tracking-uri", help="MLflow tracking URI (default: a local store in runs/)")
     demo.set_defaults(func=cmd_demo)
