@@ -117,7 +117,9 @@ def plot_importance(
 def _array(values: Any) -> np.ndarray:
     if hasattr(values, "detach"):  # a torch tensor
         values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=float).reshape(-1)
+    arr = np.asarray(values)
+    # Keep a float32 score float32, so "> threshold" agrees with the gate computed in torch.
+    return (arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(float)).reshape(-1)
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -52,6 +52,7 @@ class MlflowServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job runner needed
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             cmd, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -86,7 +87,7 @@ class MlflowServer:
         if self.proc is None:
             return
         pgid = self.proc.pid  # the group this server leads (start_new_session)
-        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
                 os.killpg(pgid, sig)
             except ProcessLookupError:

@@ -13,7 +13,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.vocab import FEATURES, FeatureVocabs, Vocabulary
-from mlflow_server import train_student
+from tests.mlflow_server import train_student
 from recdistill.export import (
     MISSING_INT,
     ExportConfig,

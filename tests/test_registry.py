@@ -1,0 +1,143 @@
+"""The registry's champion rule, against a real ``mlflow server`` on 127.0.0.1.
+
+A version becomes champion only if its TorchScript export passed the parity check AND it beats
+the champion on the same holdout metric; otherwise the champion stays and the version says why.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from features.vocab import FeatureVocabs, Vocabulary
+from tests.mlflow_server import MlflowServer, train_student
+from recdistill.export import ParityRows, export_torchscript
+from recdistill.tracking import TrackingConfig, promote, start_run
+
+pytestmark = [
+    pytest.mark.slow,
+    # mlflow.pytorch.load_model hands our TorchScript file to torch.load, which says so.
+    pytest.mark.filterwarnings("ignore:'torch.load' received a zip file:UserWarning"),
+]
+
+HOLDOUT = "ml-100k random seed=0"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def student(prepared):
+    return train_student(prepared, steps=20)
+
+
+@pytest.fixture(scope="module")
+def good_export(student, prepared, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "student.pt"
+    return path, export_torchscript(student, prepared.vocabs, path, ParityRows.sample(prepared, 512))
+
+
+@pytest.fixture(scope="module")
+def bad_export(student, prepared, tmp_path_factory):
+    """A real failed export: the file was built with two occupations swapped."""
+    occupations = list(prepared.vocabs["occupation"].values)
+    occupations[0], occupations[1] = occupations[1], occupations[0]
+    vocabs = FeatureVocabs(
+        {**prepared.vocabs.vocabs, "occupation": Vocabulary("occupation", occupations)},
+        prepared.vocabs.zip_prefix_len, prepared.vocabs.year_bucket,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("bad") / "student.pt"
+    report = export_torchscript(
+        student, vocabs, path, ParityRows.sample(prepared, 512), raise_on_mismatch=False
+    )
+    assert not report.passed
+    return path, report
+
+
+def _candidate(server, cfg: TrackingConfig, export, test_mse: float) -> tuple[str, str]:
+    """Log a run with a holdout metric and the exported student; register it. (run id, version)"""
+    path, report = export
+    with start_run(cfg, tracking_uri=server.uri) as run:
+        run.log_metrics({"test_mse": test_mse})
+        run.set_holdout(HOLDOUT)
+        run.log_student(path, report)
+        version = run.register_student()
+    return run.run_id, version
+
+
+def _config(name: str) -> TrackingConfig:
+    return TrackingConfig(experiment=f"registry-{name}", registered_model=f"student-{name}")
+
+
+def test_champion_loads_back_with_the_exported_files_outputs(server, good_export, prepared):
+    cfg = _config("roundtrip")
+    _, version = _candidate(server, cfg, good_export, test_mse=0.95)
+    client = MlflowClient(server.uri, server.uri)
+    decision = promote(cfg, version, client)
+    assert decision.promoted and decision.champion == version
+    loaded = mlflow.pytorch.load_model(f"models:/{cfg.registered_model}@champion")
+    served = torch.jit.load(str(good_export[0]))
+    inputs = ParityRows.sample(prepared, 256, split="valid", seed=2).inputs
+    torch.testing.assert_close(loaded(*inputs.args), served(*inputs.args), rtol=0, atol=0)
+
+
+def test_a_worse_version_leaves_the_champion_and_says_why(server, good_export):
+    cfg = _config("worse")
+    client = MlflowClient(server.uri, server.uri)
+    _, first = _candidate(server, cfg, good_export, test_mse=0.90)
+    assert promote(cfg, first, client).promoted
+    _, worse = _candidate(server, cfg, good_export, test_mse=0.93)
+    decision = promote(cfg, worse, client)
+    assert not decision.promoted
+    assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == first
+    tags = client.get_model_version(cfg.registered_model, worse).tags
+    assert tags["promotion"] == "rejected"
+    assert tags["promotion_reason"] == (
+        f"test_mse 0.93 does not beat 0.9 of champion version {first}"
+    )
+    _, better = _candidate(server, cfg, good_export, test_mse=0.88)
+    assert promote(cfg, better, client).promoted
+    assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == better
+    assert client.get_model_version(cfg.registered_model, first).tags["superseded_by"] == better
+
+
+def test_a_failed_parity_check_never_becomes_champion(server, good_export, bad_export):
+    cfg = _config("parity")
+    client = MlflowClient(server.uri, server.uri)
+    _, failed_first = _candidate(server, cfg, bad_export, test_mse=0.80)
+    decision = promote(cfg, failed_first, client)
+    assert not decision.promoted and decision.champion is None
+    _, good = _candidate(server, cfg, good_export, test_mse=0.95)
+    assert promote(cfg, good, client).promoted
+    _, failed_better = _candidate(server, cfg, bad_export, test_mse=0.70)
+    decision = promote(cfg, failed_better, client)
+    assert not decision.promoted
+    assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == good
+    reason = client.get_model_version(cfg.registered_model, failed_better).tags["promotion_reason"]
+    assert reason == "its TorchScript export failed the parity check"
+
+
+def test_promote_command_takes_a_run_id_and_prints_the_decision(server, good_export, capsys):
+    from pipelines.cli import main
+
+    cfg = _config("cli")
+    _, first = _candidate(server, cfg, good_export, test_mse=0.90)
+    with start_run(cfg, tracking_uri=server.uri) as run:  # logged, not yet registered
+        run.log_metrics({"test_mse": 0.92})
+        run.set_holdout(HOLDOUT)
+        run.log_student(*good_export)
+    argv = ["promote", "--tracking-uri", server.uri, "--model-name", cfg.registered_model]
+    assert main(argv + ["--version", first]) == 0
+    assert main(argv + ["--run-id", run.run_id]) == 1
+    # (MLflow itself prints a "View run" line when a run ends)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("student-")]
+    assert out[0] == f"{cfg.registered_model} version {first}: promoted to champion: first champion (test_mse 0.9)"
+    assert out[1] == (
+        f"{cfg.registered_model} version 2: not promoted: test_mse 0.92 does not beat 0.9 of "
+        f"champion version {first}"
+    )
