@@ -1,0 +1,112 @@
+"""Configuration of a distillation run (the ``distill:`` section of a job YAML).
+
+The training loop itself (epochs, batch size, patience, the student's learning rates, seed)
+is the ``train:`` section (:class:`recdistill.training.TrainConfig`), shared with supervised
+training so that "student alone" and "student distilled" run under the same budget. This
+section holds only what distillation adds. Every choice DESIGN.md marks "(ours)" is a field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DIVERGENCES = ("l2", "kl")
+QUESTION_FORMS = ("bilinear", "simple")
+
+
+@dataclass
+class GatingConfig:
+    """Importance gating: after a warm-up, ask teacher k only about rows with ``s_k > threshold``.
+
+    Args:
+        enabled: gate teacher passes by importance (off: every teacher sees every row).
+        threshold: ``tau`` in [0, 1]; the paper used 0.6 (about 30% of passes saved).
+        warmup_steps: training steps during which every teacher is asked about every row, so
+            the importance scores have learned something before they skip passes.
+    """
+
+    enabled: bool = False
+    threshold: float = 0.6
+    warmup_steps: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class DistillConfig:
+    """What a distillation run adds to supervised training.
+
+    Args:
+        method: registered method name (``diverse_distill``, ``ld``).
+        teachers: model names of the committee; the job resolves each to a checkpoint.
+        kd_weight: ``lambda``, the weight of the distillation loss in the student's loss.
+        divergence: ``"l2"`` (squared L2 between hidden states, the paper's) or ``"kl"``
+            (KL between softmaxes over the hidden units at ``kl_temperature``; see
+            :func:`recdistill.distill.losses.divergence`).
+        kl_temperature: softmax temperature of the ``kl`` divergence.
+        question_form: ``"bilinear"`` (ours: ``u_k = E_k @ reshape(h W_q, [d_e, d_q])``, ``d_q``
+            wide) or ``"simple"`` (``u_k = (h W_q) * E_k`` with ``W_q`` [d_s, d_e], so ``u_k`` is
+            ``d_e`` wide and ``d_q`` is not used).
+        residual_questions: (ours) add the question to the teacher's own ``early`` output
+            instead of replacing it, so an embedding-table teacher's tables still speak.
+        importance_regularizer: (ours) the third term of the task regularizer,
+            ``task(head_s(sum_k s~_k a_k), y)``, which is what trains the importance scores.
+        d_e: width of the teacher embeddings ``E`` [K, d_e].
+        d_q: width of a question's hidden state ``u_k``.
+        module_hidden: hidden widths of each question MLP (``d_q -> d_k``) and answer MLP
+            (``m_k -> d_z``); empty means a single linear map.
+        module_lr: Adam learning rate of the distillation module.
+        gating: importance gating.
+    """
+
+    method: str = "diverse_distill"
+    teachers: list[str] = field(default_factory=lambda: ["mlp_l"])
+    kd_weight: float = 1.0
+    divergence: Literal["l2", "kl"] = "l2"
+    kl_temperature: float = 1.0
+    question_form: Literal["bilinear", "simple"] = "bilinear"
+    residual_questions: bool = False
+    importance_regularizer: bool = True
+    d_e: int = 8
+    d_q: int = 32
+    module_hidden: list[int] = field(default_factory=lambda: [128])
+    module_lr: float = 1e-3
+    gating: GatingConfig = field(default_factory=GatingConfig)
+
+    def __post_init__(self) -> None:
+        from recdistill.distill.methods import METHODS  # late: methods import this module
+
+        if self.method not in METHODS:
+            raise ValueError(
+                f"unknown method {self.method!r}; "
+                f"registered: {', '.join(sorted(METHODS))}"
+            )
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(
+                f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}"
+            )
+        if self.question_form not in QUESTION_FORMS:
+            raise ValueError(
+                f"question_form must be one of {', '.join(QUESTION_FORMS)}, "
+                f"got {self.question_form!r}"
+            )
+        if not self.teachers:
+            raise ValueError("teachers: the committee is empty; name at least one teacher")
+        if not self.kd_weight >= 0:  # also refuses NaN
+            raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+        for name in ("d_e", "d_q"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(w < 1 for w in self.module_hidden):
+            raise ValueError(f"module_hidden must hold positive widths, got {self.module_hidden}")
+        if self.module_lr <= 0:
+            raise ValueError(f"module_lr must be > 0, got {self.module_lr}")
+        if isinstance(self.gating, dict):  # built in code from a plain mapping
+            self.gating = GatingConfig(**self.gating)

@@ -1,0 +1,132 @@
+"""Importance gating: ask a teacher only about the rows it is likely to help with.
+
+After a warm-up, teacher ``k`` answers only the rows with ``s_k > tau``. Its selected rows are
+gathered into a sub-batch (the batch itself is sliced too, so a teacher whose ``middle``
+fetches per-example context by ``batch.rows`` gets the right rows), the teacher runs on that
+sub-batch only, and the answers are scattered back; unselected rows carry no distillation loss
+for that teacher. :class:`TeacherPasses` counts passes (sample x teacher) done against the full
+count, which is the saving reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from features.batches import Batch
+from recdistill.distill.config import GatingConfig
+
+
+def slice_kjt(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
+    """The rows ``rows`` (``[b]`` positions in the batch) of every feature of ``kjt``.
+
+    Vectorized: each selected (feature, row) segment of ``values`` is gathered with one
+    ``repeat_interleave``; no Python loop over rows.
+    """
+    keys = kjt.keys()
+    stride = kjt.stride()
+    starts = torch.cumsum(kjt.lengths(), 0) - kjt.lengths()  # [F*B] segment starts
+    # lengths are feature-major: position f * B + r is feature f of row r
+    picked = (torch.arange(len(keys)).unsqueeze(1) * stride + rows.unsqueeze(0)).reshape(-1)
+    new_lengths = kjt.lengths()[picked]  # [F*b]
+    seg_start = torch.repeat_interleave(starts[picked], new_lengths)
+    seg_offset = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(
+        torch.cumsum(new_lengths, 0) - new_lengths, new_lengths
+    )
+    index = seg_start + seg_offset
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=kjt.values()[index],
+        lengths=new_lengths,
+        weights=None if weights is None else weights[index],
+    )
+
+
+def slice_batch(batch: Any, rows: torch.Tensor) -> Any:
+    """The sub-batch of the rows at positions ``rows`` (``[b]`` int64) of ``batch``.
+
+    Understands a :class:`features.batches.Batch`, a plain tensor (rows on dim 0) and any
+    object with a ``select_rows(rows)`` method (how other data types opt in).
+    """
+    if isinstance(batch, Batch):
+        return Batch(slice_kjt(batch.sparse, rows), batch.labels[rows], batch.rows[rows])
+    if isinstance(batch, torch.Tensor):
+        return batch[rows]
+    if hasattr(batch, "select_rows"):
+        return batch.select_rows(rows)
+    raise TypeError(
+        f"cannot slice a batch of type {type(batch).__name__} for gating; "
+        "give it a select_rows(rows) method"
+    )
+
+
+class TeacherPasses:
+    """Teacher passes (sample x teacher) done, against the count without gating.
+
+    Example::
+
+        passes = TeacherPasses(["mlp_l", "t5"])
+        passes.add("t5", done=700, full=1024)
+        passes.saved()  # share of all passes skipped
+    """
+
+    def __init__(self, names: list[str]):
+        self.done = {name: 0 for name in names}
+        self.full = {name: 0 for name in names}
+
+    def add(self, name: str, done: int, full: int) -> None:
+        self.done[name] += int(done)
+        self.full[name] += int(full)
+
+    def saved(self, name: str | None = None) -> float:
+        """Share of passes skipped, for one teacher or (``None``) the whole committee."""
+        names = [name] if name is not None else list(self.done)
+        full = sum(self.full[n] for n in names)
+        done = sum(self.done[n] for n in names)
+        return 1.0 - done / full if full else 0.0
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{teacher: {"done", "full", "saved"}}`` plus ``"all"`` for the committee."""
+        out = {
+            n: {"done": self.done[n], "full": self.full[n], "saved": self.saved(n)}
+            for n in self.done
+        }
+        out["all"] = {
+            "done": sum(self.done.values()),
+            "full": sum(self.full.values()),
+            "saved": self.saved(),
+        }
+        return out
+
+
+class ImportanceGate:
+    """Which teacher is asked about which row.
+
+    Args:
+        config: enabled, threshold ``tau`` and warm-up steps.
+
+    Example::
+
+        gate = ImportanceGate(GatingConfig(enabled=True, threshold=0.6, warmup_steps=100))
+        asked = gate.select(importance, step)  # [B, K] bool
+    """
+
+    def __init__(self, config: GatingConfig):
+        self.config = config
+
+    def active(self, step: int) -> bool:
+        return self.config.enabled and step >= self.config.warmup_steps
+
+    def select(self, importance: torch.Tensor, step: int) -> torch.Tensor:
+        """``[B, K]`` bool: ask teacher k about row b? All True before the warm-up ends.
+
+        Args:
+            importance: ``[B, K]`` importance scores ``s`` (gradients are not needed).
+            step: the training step, counted from 0.
+        """
+        if not self.active(step):
+            return torch.ones_like(importance, dtype=torch.bool)
+        return importance.detach() > self.config.threshold

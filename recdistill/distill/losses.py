@@ -1,0 +1,68 @@
+"""The losses of distillation, as plain functions of tensors.
+
+Gradient flow (DESIGN.md section 2) is decided by the callers with ``detach`` (``sg``) and
+``backward(inputs=...)``; these functions only compute values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def task_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The task's loss: MSE for ratings (``[B]`` predictions), cross-entropy for ``[B, C]`` logits.
+
+    Args:
+        prediction: ``[B]`` predicted ratings, or ``[B, C]`` class logits.
+        target: ``[B]`` float ratings, or ``[B]`` integer classes.
+    """
+    if prediction.dim() == 2 and not target.is_floating_point():
+        return F.cross_entropy(prediction, target)
+    return F.mse_loss(prediction, target)
+
+
+def divergence(
+    z: torch.Tensor, answer: torch.Tensor, kind: str = "l2", temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-row divergence ``D(z, a)`` between the student's hidden state and an answer.
+
+    ``l2``: the squared L2 distance divided by the width, ``||z - a||^2 / d_z``, so that the
+    distillation weight does not have to change with the student's width.
+    ``kl``: ratings have no class distribution to match, so KL is taken between distributions
+    over the hidden *units*: ``T^2 * KL(softmax(a / T) || softmax(z / T))``, the answer being
+    the target (Hinton's convention, ``T^2`` keeps gradients comparable across temperatures).
+
+    Args:
+        z: ``[B, d_z]`` student hidden states.
+        answer: ``[B, d_z]`` answers (the caller detaches them).
+        kind: ``"l2"`` or ``"kl"``.
+        temperature: softmax temperature of ``kl``.
+
+    Returns:
+        ``[B]`` divergence per row.
+    """
+    if z.shape != answer.shape:
+        raise ValueError(f"divergence: z {tuple(z.shape)} and answer {tuple(answer.shape)} differ")
+    if kind == "l2":
+        return (z - answer).pow(2).mean(dim=-1)
+    if kind == "kl":
+        log_p_student = F.log_softmax(z / temperature, dim=-1)
+        log_p_answer = F.log_softmax(answer / temperature, dim=-1)
+        kl = (log_p_answer.exp() * (log_p_answer - log_p_student)).sum(dim=-1)
+        return kl * temperature**2
+    raise ValueError(f"unknown divergence {kind!r}; expected l2 or kl")
+
+
+def normalized_importance(importance: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
+    """``s~ = s / sum(s)`` over the teachers asked about each row.
+
+    Args:
+        importance: ``[B, K]`` scores ``s`` in (0, 1).
+        asked: ``[B, K]`` bool, which teachers answered each row (all True without gating).
+
+    Returns:
+        ``[B, K]`` weights summing to 1 over the asked teachers of a row (0 where none was).
+    """
+    weights = importance * asked.to(importance.dtype)
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,48 @@
+"""Distillation methods, registered by name: one file each, chosen by ``distill.method``.
+
+Example::
+
+    @register_method("my_kd")
+    class MyKD(DistillMethod):
+        def forward_train(self, batch): ...
+
+    method = build_method("my_kd", student, committee, DistillConfig(method="my_kd"))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+METHODS: dict[str, type] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Register a :class:`~recdistill.distill.methods.base.DistillMethod` subclass as ``name``."""
+
+    def wrap(cls: type) -> type:
+        if name in METHODS:
+            raise ValueError(f"distillation method {name!r} is registered twice")
+        METHODS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def method_class(name: str) -> type:
+    if name not in METHODS:
+        raise ValueError(
+            f"unknown distillation method {name!r}; registered: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[name]
+
+
+def build_method(name: str, student: Any, committee: Any, config: Any, probe_batch: Any = None):
+    """Build method ``name`` for a student and a committee of ``(name, frozen teacher)``."""
+    return method_class(name)(student, committee, config, probe_batch=probe_batch)
+
+
+# Importing the method files registers them.
+from recdistill.distill.methods import diverse_distill, ld  # noqa: E402,F401
+
+__all__ = ["METHODS", "build_method", "method_class", "register_method"]

@@ -1,0 +1,144 @@
+"""DiverseDistill (Liu et al., 2024): the student asks each teacher its own question.
+
+One training step, with ``sg`` = detach (DESIGN.md section 2)::
+
+    h = early_s(batch); z = middle_s(h); y_hat = head_s(z)
+    q_k, s_k = QuestionAugmenter(sg(h))                   # q_k [B, d_k], s [B, K]
+    r_k = teacher_k.middle(q_k (+ teacher_k.early(batch) if residual), batch)   # [B, m_k]
+    a_k = AnswerAugmenter_k(r_k)                          # [B, d_z]
+
+    student: L = task(y_hat, y) + lambda * sum_k mean_b[ sg(s_k) * D(z, sg(a_k)) ]
+    module:  R = sum_k task(teacher_k.head(r_k), y) + sum_k task(head_s(a_k), y)
+                 + task(head_s(sum_k s~_k a_k), y)        # last term: importance_regularizer
+
+L trains the student only, R the module only (``backward(inputs=...)``); teachers are frozen.
+With gating, teacher k runs only on rows with ``s_k > tau`` and every term above that involves
+teacher k is taken over those rows (the distillation term still averages over the whole batch,
+so an unselected row contributes 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from recdistill.distill.gating import ImportanceGate, slice_batch
+from recdistill.distill.losses import divergence, normalized_importance, task_loss
+from recdistill.distill.methods import register_method
+from recdistill.distill.methods.base import DistillMethod
+from recdistill.distill.module import DistillationModule
+
+
+@register_method("diverse_distill")
+class DiverseDistill(DistillMethod):
+    """Question Augmenter + committee + Answer Augmenter, with importance gating.
+
+    Losses returned by :meth:`forward_train`: ``loss_task``, ``loss_kd`` (already multiplied by
+    ``kd_weight``), and the task regularizer's terms ``loss_reg_teacher``,
+    ``loss_reg_answer``, ``loss_reg_importance`` (the last only with
+    ``importance_regularizer``).
+
+    Example::
+
+        method = DiverseDistill(student, [("mlp_l", teacher)], DistillConfig())
+        prediction, losses = method.forward_train(batch)
+        method.backward(losses)
+    """
+
+    module_losses = ("loss_reg_teacher", "loss_reg_answer", "loss_reg_importance")
+
+    def __init__(self, student, committee, config, probe_batch: Any = None):
+        super().__init__(student, committee, config, probe_batch)
+        self.module = DistillationModule(
+            student.early_dim,
+            student.hidden_dim,
+            [teacher.early_dim for _, teacher in self.committee],
+            [teacher.hidden_dim for _, teacher in self.committee],
+            config,
+        )
+        self.gate = ImportanceGate(config.gating)
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return list(self.module.parameters())
+
+    def importance(self, batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module.question.importance(self.student.early(batch))
+
+    def ask(self, k: int, question: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Teacher ``k``'s hidden reply ``[b, m_k]`` to ``question`` ``[b, d_k]`` about ``batch``."""
+        _, teacher = self.committee[k]
+        if self.config.residual_questions:
+            with torch.no_grad():  # the teacher's own early output is frozen context
+                question = question + teacher.early(batch)
+        return teacher.middle(question, batch)
+
+    def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = batch.labels
+        size = labels.shape[0]
+        h = self.student.early(batch)  # [B, d_s]
+        z = self.student.middle(h, batch)  # [B, d_z]
+        prediction = self.student.head(z)  # [B]
+        questions, importance = self.module.question(h)  # [[B, d_k]], [B, K]
+        asked = self.gate.select(importance, self.step) if self.training else torch.ones_like(
+            importance, dtype=torch.bool
+        )
+
+        kd = z.new_zeros(())
+        reg_teacher = z.new_zeros(())
+        reg_answer = z.new_zeros(())
+        answers = []  # K x [B, d_z], zero on rows a teacher was not asked about
+        for k, (name, teacher) in enumerate(self.committee):
+            rows = asked[:, k].nonzero().squeeze(1)  # [b]
+            self.passes.add(name, done=rows.numel(), full=size)
+            if rows.numel() == 0:
+                answers.append(z.new_zeros(size, z.shape[1]))
+                continue
+            everyone = rows.numel() == size
+            sub = batch if everyone else slice_batch(batch, rows)
+            reply = self.ask(k, questions[k] if everyone else questions[k][rows], sub)  # [b, m_k]
+            answer = self.module.answer(k, reply)  # [b, d_z]
+            sub_labels = labels if everyone else labels[rows]
+            reg_teacher = reg_teacher + task_loss(teacher.head(reply), sub_labels)
+            reg_answer = reg_answer + task_loss(self.student.head(answer), sub_labels)
+            gap = divergence(
+                z if everyone else z[rows],
+                answer.detach(),
+                self.config.divergence,
+                self.config.kl_temperature,
+            )  # [b]
+            kd = kd + (importance[rows, k].detach() * gap).sum() / size
+            answers.append(answer if everyone else _scatter(answer, rows, size))
+
+        losses = {
+            "loss_task": task_loss(prediction, labels),
+            "loss_kd": self.config.kd_weight * kd,
+            "loss_reg_teacher": reg_teacher,
+            "loss_reg_answer": reg_answer,
+        }
+        if self.config.importance_regularizer:
+            losses["loss_reg_importance"] = self._importance_term(
+                importance, asked, torch.stack(answers, dim=1), labels
+            )
+        if self.training:
+            self.step += 1
+        return prediction, losses
+
+    def _importance_term(self, importance, asked, answers, labels) -> torch.Tensor:
+        """``task(head_s(sum_k s~_k a_k), y)`` over the rows at least one teacher answered.
+
+        ``answers`` is ``[B, K, d_z]``; ``s~`` is normalized over the teachers asked per row.
+        """
+        rows = asked.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return answers.new_zeros(())
+        weights = normalized_importance(importance[rows], asked[rows])  # [b, K]
+        mixed = (weights.unsqueeze(-1) * answers[rows]).sum(dim=1)  # [b, d_z]
+        return task_loss(self.student.head(mixed), labels[rows])
+
+
+def _scatter(answer: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``[b, d]`` answers of the rows ``rows`` placed in a zero ``[size, d]`` tensor."""
+    return answer.new_zeros(size, answer.shape[1]).index_copy(0, rows, answer)

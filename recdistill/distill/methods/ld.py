@@ -1,0 +1,54 @@
+"""LD: logit distillation (Hinton KD) for regression, the baseline DiverseDistill is held to.
+
+The student's prediction matches the teacher's prediction; with several teachers, their mean::
+
+    L = task(y_hat, y) + lambda * mean_b[ (y_hat - mean_k teacher_k(batch))^2 ]
+
+For ``[B, C]`` logits (vision) the match is the KL between temperature-softened
+distributions instead, with ``kl_temperature``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from recdistill.distill.losses import task_loss
+from recdistill.distill.methods import register_method
+from recdistill.distill.methods.base import DistillMethod
+
+
+@register_method("ld")
+class LD(DistillMethod):
+    """Student prediction vs the committee's mean prediction; trains no extra module."""
+
+    def teacher_prediction(self, batch: Any) -> torch.Tensor:
+        """Mean prediction of the committee, ``[B]`` (or ``[B, C]`` logits), without gradients."""
+        with torch.no_grad():
+            predictions = []
+            for name, teacher in self.committee:
+                predictions.append(teacher(batch))
+                self.passes.add(name, done=len(batch.labels), full=len(batch.labels))
+            return torch.stack(predictions).mean(dim=0)
+
+    def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prediction = self.student(batch)
+        target = self.teacher_prediction(batch)
+        if prediction.dim() == 2:
+            t = self.config.kl_temperature
+            kd = F.kl_div(
+                F.log_softmax(prediction / t, dim=-1),
+                F.log_softmax(target / t, dim=-1),
+                log_target=True,
+                reduction="batchmean",
+            ) * t**2
+        else:
+            kd = F.mse_loss(prediction, target)
+        if self.training:
+            self.step += 1
+        return prediction, {
+            "loss_task": task_loss(prediction, batch.labels),
+            "loss_kd": self.config.kd_weight * kd,
+        }

@@ -1,0 +1,138 @@
+"""The distillation trainer and the gradient flow of DiverseDistill and LD, on real ML-100K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recdistill.distill import DistillConfig, build_method
+from recdistill.distill.trainer import distill
+from recdistill.models import build_model
+from recdistill.training import TrainConfig, TrainingError, evaluate
+
+SMALL_STUDENT = {"id_embedding_dim": 16, "side_embedding_dim": 4, "hidden": [32, 16]}
+SMALL_TEACHER = {"id_embedding_dim": 24, "side_embedding_dim": 8, "hidden": [64, 40]}
+QUICK = TrainConfig(epochs=2, batch_size=512, max_steps_per_epoch=15, progress=False, patience=2)
+
+
+def small_student(prepared, seed=0):
+    torch.manual_seed(seed)
+    return build_model("mlp_s", prepared, SMALL_STUDENT)
+
+
+@pytest.fixture(scope="module")
+def teacher(prepared):
+    """A small MLP teacher, briefly trained so that it knows more than a fresh student."""
+    from recdistill.training import train_supervised
+
+    torch.manual_seed(1)
+    model = build_model("mlp_l", prepared, SMALL_TEACHER)
+    train_supervised(model, prepared, TrainConfig(epochs=1, max_steps_per_epoch=40, progress=False))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(prepared):
+    return prepared.data.batch(prepared.data.splits["train"][:256])
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method_name", ["diverse_distill", "ld"])
+def test_teacher_parameters_are_bitwise_unchanged_by_training(prepared, teacher, method_name):
+    before = snapshot(teacher)
+    config = DistillConfig(method=method_name, residual_questions=True)
+    distill(small_student(prepared), [("t", teacher)], prepared, config,
+            TrainConfig(epochs=1, max_steps_per_epoch=5, progress=False))  # fmt: skip
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_task_regularizer_never_reaches_the_student(prepared, teacher, batch):
+    method = build_method("diverse_distill", small_student(prepared), [("t", teacher)],
+                          DistillConfig()).train()  # fmt: skip
+    _, losses = method.forward_train(batch)
+    method.backward({k: v for k, v in losses.items() if k in method.module_losses})
+    assert all(p.grad is None for p in method.student.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.module.parameters())
+
+
+def test_distillation_loss_never_reaches_the_module(prepared, teacher, batch):
+    method = build_method("diverse_distill", small_student(prepared), [("t", teacher)],
+                          DistillConfig()).train()  # fmt: skip
+    _, losses = method.forward_train(batch)
+    losses["loss_kd"].backward()  # plain backward: only sg() keeps it out of the module
+    assert all(p.grad is None for p in method.module.parameters())
+    assert method.student.tower.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_routed_backward_updates_student_and_module_from_their_own_losses(prepared, teacher, batch):
+    method = build_method("diverse_distill", small_student(prepared), [("t", teacher)],
+                          DistillConfig()).train()  # fmt: skip
+    _, losses = method.forward_train(batch)
+    student_only = torch.autograd.grad(losses["loss_task"] + losses["loss_kd"],
+                                       method.student_parameters(), retain_graph=True)  # fmt: skip
+    method.backward(losses)
+    for p, g in zip(method.student_parameters(), student_only):
+        assert torch.allclose(p.grad, g)  # R added nothing to the student's head
+
+
+@pytest.mark.slow
+def test_distillation_lowers_the_students_validation_mse(prepared, teacher):
+    student = small_student(prepared)
+    before = evaluate(student, prepared.data, "valid")["mse"]
+    result = distill(student, [("t", teacher)], prepared, DistillConfig(), QUICK)
+    assert result.valid["mse"] < before - 0.05
+    assert result.test["mse"] < before
+
+
+def test_committee_of_two_reports_passes_and_importance_per_teacher(prepared, teacher):
+    torch.manual_seed(2)
+    other = build_model("mlp_m", prepared, {"id_embedding_dim": 8, "side_embedding_dim": 2,
+                                            "hidden": [24]})  # fmt: skip
+    logged = []
+    short = TrainConfig(epochs=2, batch_size=256, max_steps_per_epoch=4, progress=False)
+    result = distill(small_student(prepared), [("t", teacher), ("m", other)], prepared,
+                     DistillConfig(), short, on_epoch=lambda e, m: logged.append((e, m)))  # fmt: skip
+    assert [e for e, _ in logged] == [1, 2]
+    for key in ("loss_task", "loss_kd", "loss_reg_teacher", "loss_reg_answer",
+                "loss_reg_importance", "valid_mse", "teacher_passes_saved"):  # fmt: skip
+        assert key in logged[0][1]
+    assert result.teacher_passes["all"]["full"] == 2 * 2 * 4 * 256  # teachers x epochs x steps x B
+    n_valid = len(prepared.data.splits["valid"])
+    assert set(result.importance) == {"t", "m"}
+    assert all(s.shape == (n_valid,) for s in result.importance.values())
+
+
+def test_returned_student_has_no_module_keys(prepared, teacher):
+    student = small_student(prepared)
+    keys = set(student.state_dict())
+    config = DistillConfig()
+    result = distill(student, [("t", teacher)], prepared, config,
+                     TrainConfig(epochs=1, max_steps_per_epoch=3, progress=False))  # fmt: skip
+    assert set(result.student.state_dict()) == keys
+    assert not any("module" in k or "question" in k or "answer" in k for k in keys)
+
+
+def test_ld_matches_the_mean_prediction_of_the_committee(prepared, teacher, batch):
+    twin = build_model("mlp_l", prepared, SMALL_TEACHER)
+    method = build_method("ld", small_student(prepared), [("t", teacher), ("u", twin)],
+                          DistillConfig(method="ld", kd_weight=0.5)).train()  # fmt: skip
+    prediction, losses = method.forward_train(batch)
+    with torch.no_grad():
+        target = (teacher(batch) + twin(batch)) / 2
+    expected = 0.5 * torch.nn.functional.mse_loss(prediction, target)
+    assert losses["loss_kd"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert method.learnable_parameters() == []
+
+
+def test_nan_loss_stops_with_the_step_number(prepared):
+    torch.manual_seed(3)
+    broken = build_model("mlp_l", prepared, SMALL_TEACHER)
+    with torch.no_grad():
+        broken.rating_head.bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"loss_reg_teacher is nan at epoch 1, step 1"):
+        distill(small_student(prepared), [("broken", broken)], prepared, DistillConfig(), QUICK)
