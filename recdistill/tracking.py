@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -34,15 +35,18 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
-import mlflow
 import yaml
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("recdistill.tracking")
+
+# mlflow is imported inside the functions that use it: it takes seconds to import, and every
+# command loads this module for TrackingConfig.
 
 #: Run tags and metrics the promotion rule reads (written by :meth:`TrackedRun.log_student`).
 TAG_PARITY = "export.parity_passed"
@@ -114,6 +118,9 @@ def _local_artifact_root(uri: str) -> str | None:
 
 def connect(config: TrackingConfig, override: str | None = None) -> MlflowClient:
     """Point MLflow at the resolved tracking URI (creating a local store's folder); a client."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     uri = resolve_tracking_uri(config, override)
     if uri.startswith("sqlite:///"):
         Path(urlparse(uri).path).parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +131,6 @@ def connect(config: TrackingConfig, override: str | None = None) -> MlflowClient
 
 def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` (dataclasses too), values cut to MLflow's limit."""
-    import dataclasses
-
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         data = dataclasses.asdict(data)
     out: dict[str, str] = {}
@@ -156,6 +161,8 @@ class TrackedRun:
     # ------------------------------------------------------------------ params and metrics
     def log_params(self, params: Any) -> dict[str, str]:
         """Log a (nested) config mapping or dataclass as flattened params; returns them."""
+        import mlflow
+
         flat = flatten_params(params)
         if flat:
             mlflow.log_params(flat)
@@ -163,6 +170,8 @@ class TrackedRun:
 
     def log_epoch(self, epoch: int, losses: Mapping[str, float]) -> None:
         """Log every entry of ``losses`` as a metric at ``step = epoch`` (and keep the history)."""
+        import mlflow
+
         values = {k: float(v) for k, v in losses.items()}
         mlflow.log_metrics(values, step=epoch)
         for key, value in values.items():
@@ -170,18 +179,26 @@ class TrackedRun:
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Final metrics (e.g. ``test_mse``; the holdout metric that promotion reads)."""
+        import mlflow
+
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        import mlflow
+
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def set_holdout(self, key: str) -> None:
         """Name the holdout the metric was measured on (data source, split, seed): promotion
         compares only versions measured on the same holdout."""
+        import mlflow
+
         mlflow.set_tag(TAG_HOLDOUT, key)
 
     # ------------------------------------------------------------------ artifacts
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        import mlflow
+
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"cannot log artifact {path}: no such file")
@@ -189,7 +206,7 @@ class TrackedRun:
 
     def log_config(self, config: Any, name: str = "config.yaml") -> None:
         """The job config (a mapping or dataclass) as a YAML artifact."""
-        import dataclasses
+        import mlflow
 
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
@@ -202,6 +219,8 @@ class TrackedRun:
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], name: str = "results") -> None:
         """A results table as ``<name>.md`` (markdown) and ``<name>.csv``."""
+        import mlflow
+
         if not rows:
             raise ValueError(f"results table {name!r} has no rows")
         columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -255,6 +274,7 @@ class TrackedRun:
             torchscript_path: the file written by ``recdistill.export.export_torchscript``.
             report: its ``ExportReport`` (``passed``, ``max_abs_diff``, ``rows_checked``).
         """
+        import mlflow
         import torch
 
         path = Path(torchscript_path)
@@ -279,6 +299,8 @@ class TrackedRun:
 
     def register_student(self) -> str:
         """Register the logged student under ``registered_model``; returns the new version."""
+        import mlflow
+
         if self.model_uri is None:
             raise ValueError("register_student: log_student first (no model logged in this run)")
         version = mlflow.register_model(self.model_uri, self.config.registered_model)
@@ -297,6 +319,8 @@ def start_run(
         run_name: a readable run name.
         tracking_uri: the ``--tracking-uri`` override.
     """
+    import mlflow
+
     client = connect(config, tracking_uri)
     uri = mlflow.get_tracking_uri()
     if client.get_experiment_by_name(config.experiment) is None:
@@ -351,6 +375,8 @@ class PromotionDecision:
 
 
 def _current_champion(client: MlflowClient, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
@@ -383,6 +409,8 @@ def promote(
     Raises:
         PromotionError: the registered model or version does not exist.
     """
+    from mlflow.exceptions import MlflowException
+
     client = client or connect(config)
     name, alias, metric = config.registered_model, config.champion_alias, config.holdout_metric
     version = str(version)
@@ -453,6 +481,9 @@ def promote(
 
 def version_of_run(config: TrackingConfig, run_id: str, client: MlflowClient | None = None) -> str:
     """The registered version of the student logged by ``run_id`` (registering it if needed)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     client = client or connect(config)
     name = config.registered_model
     try:

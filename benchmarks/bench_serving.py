@@ -1,0 +1,137 @@
+"""Latency of the served student: TorchScript (raw values in) against the eager TorchRec student.
+
+Variants, all on the same rows of the embedded ML-100K, in one process:
+
+- ``eager_kjt``: the eager ``MLPRecommender`` on a precomputed ``KeyedJaggedTensor`` (encoding
+  not counted);
+- ``eager_encode``: the same, counting the Python-side encoding from raw rows (polars
+  vocabulary lookups + building the KJT), i.e. what serving the eager model would take;
+- ``script``: the scripted serving module on raw values (encoding inside, counted);
+- ``script_frozen``: the same after ``torch.jit.freeze`` (what ``export_torchscript`` writes
+  by default);
+- ``script_ofi``: the same after ``torch.jit.optimize_for_inference``;
+- ``script_score``: the scripted module's ``score`` on pre-encoded indices (the like-for-like
+  counterpart of ``eager_kjt``).
+
+Variants are timed in interleaved rounds so that a load change on a shared machine hits all of
+them alike; the load average is recorded with the figures.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_serving.py --threads 1 --iters 2000 --out docs/results/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from features.batches import SINGLE, prepare
+from features.vocab import FEATURES
+from recdistill.export import ParityRows, ServingStudent, serving_inputs
+from recdistill.models import build_model
+
+
+def encode_eager(prepared, joined_rows):
+    """Python-side encoding of raw rows into a KJT (what the eager student needs per request)."""
+    encoded = prepared.vocabs.encode(joined_rows)
+    single = torch.from_numpy(encoded.select(SINGLE).to_numpy().astype(np.int64))
+    genres = encoded["genres"].to_list()
+    lengths = torch.tensor([len(g) for g in genres], dtype=torch.int64)
+    values = torch.cat([single.t().reshape(-1), torch.tensor([i for g in genres for i in g], dtype=torch.int64)])
+    all_lengths = torch.cat([torch.ones(single.numel(), dtype=torch.int64), lengths])
+    return KeyedJaggedTensor(keys=list(FEATURES), values=values, lengths=all_lengths)
+
+
+def percentiles(times_s: list[float]) -> dict[str, float]:
+    arr = np.asarray(times_s) * 1e3
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+            "mean_ms": float(arr.mean()), "n": int(arr.size)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--iters", type=int, default=2000, help="timed calls per variant and batch size")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 512])
+    parser.add_argument("--requests", type=int, default=64, help="distinct request batches cycled through")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    prepared = prepare()
+    student = build_model("mlp_s", prepared).eval()
+    joined = prepared.movielens.joined()
+    served = ServingStudent.from_student(student, prepared.vocabs)
+    scripted = torch.jit.script(served)
+    frozen = torch.jit.freeze(torch.jit.script(served), preserved_attrs=["score"])
+    ofi = torch.jit.optimize_for_inference(torch.jit.script(served), other_methods=["score"])
+
+    load_before = os.getloadavg()
+    results: dict[str, dict] = {}
+    for batch_size in args.batch_sizes:
+        requests = []
+        for r in range(args.requests):
+            rows = ParityRows.sample(prepared, batch_size, split="test", seed=r)
+            raw = joined[rows.batch.rows.tolist()]
+            enc = scripted.encoder(*rows.inputs.args)
+            requests.append((rows, raw, enc))
+        variants = {
+            "eager_kjt": lambda q: student(q[0].batch),
+            "eager_encode": lambda q: student.head(student.middle(student.sparse_arch(encode_eager(prepared, q[1])))),
+            "script": lambda q: scripted(*q[0].inputs.args),
+            "script_frozen": lambda q: frozen(*q[0].inputs.args),
+            "script_ofi": lambda q: ofi(*q[0].inputs.args),
+            "script_score": lambda q: scripted.score(*q[2]),
+        }
+        with torch.no_grad():
+            reference = student(requests[0][0].batch)
+            for name, fn in variants.items():  # same numbers from every variant
+                got = fn(requests[0])
+                assert torch.allclose(got, reference, atol=1e-5), name
+                for q in requests[:20]:  # warm-up (TorchScript profiles its first calls)
+                    fn(q)
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            per_round = max(args.iters // args.rounds, 1)
+            for _ in range(args.rounds):
+                for name, fn in variants.items():
+                    for i in range(per_round):
+                        q = requests[i % len(requests)]
+                        start = time.perf_counter()
+                        fn(q)
+                        times[name].append(time.perf_counter() - start)
+        results[str(batch_size)] = {name: percentiles(t) for name, t in times.items()}
+
+    report = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "results": results,
+    }
+    print(f"threads={args.threads} torch={torch.__version__} load before {load_before} after {report['loadavg_after']}")
+    print(f"| batch | variant | p50 ms | p99 ms | mean ms |")
+    print("|---|---|---|---|---|")
+    for batch_size, rows in results.items():
+        for name, r in rows.items():
+            print(f"| {batch_size} | {name} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
