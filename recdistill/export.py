@@ -87,7 +87,8 @@ class ServingInputs(NamedTuple):
         age: ``[B]`` int64 ages in years (or ML-1M age codes); ``MISSING_INT`` when unknown.
         gender: ``B`` strings (``"M"``, ``"F"``).
         occupation: ``B`` strings.
-        zip_code: ``B`` strings (the model keeps the configured prefix).
+        zip_code: ``B`` strings (the model keeps the configured prefix; ASCII, as MovieLens
+            zip codes are: TorchScript slices strings by bytes, polars by characters).
         year: ``[B]`` int64 release years; ``MISSING_INT`` when unknown.
         genres: the genre names of all rows, concatenated (``G`` strings); flat rather than a
             list per row because TorchScript converts a flat list of strings about twice as fast.
@@ -251,6 +252,8 @@ class RawFeatureEncoder(nn.Module):
             raise ValueError(
                 f"genre_lengths must be non-negative and sum to len(genres) = {len(genres)}"
             )
+        user_id, item_id, age, year = user_id.long(), item_id.long(), age.long(), year.long()
+        genre_lengths = genre_lengths.long()
         users = self._lookup(self.user_keys, self.user_values, user_id)
         items = self._lookup(self.item_keys, self.item_values, item_id)
         # Age groups; a negative age is the "missing" marker and encodes to unknown.
