@@ -81,17 +81,24 @@ def sweep(prepared, models: list[str], base: TrainConfig) -> dict:
     return {"chosen": {"dense_lr": dense_lr, "embedding_lr": emb_lr, "dropout": dropouts}, "runs": runs}
 
 
-def seeds_table(prepared, models: list[str], base: TrainConfig, seeds: list[int], dropouts: dict) -> dict:
+def seeds_table(prepared, models: list[str], base: TrainConfig, seeds: list[int], dropouts: dict,
+                out_path: str | None = None) -> dict:
     out = {"references": reference_metrics(prepared.data), "models": {}}
     for name in models:
-        runs = [run(prepared, name, dataclasses.replace(base, seed=s), {"dropout": dropouts.get(name, 0.0)})
-                for s in seeds]  # fmt: skip
+        runs = []
+        for s in seeds:
+            runs.append(run(prepared, name, dataclasses.replace(base, seed=s), {"dropout": dropouts.get(name, 0.0)}))
+            log.warning("%s", json.dumps({k: runs[-1][k] for k in ("model", "best_epoch", "epochs_run", "seconds")}
+                                         | {"seed": s, "valid": runs[-1]["valid"], "test": runs[-1]["test"]}))  # fmt: skip
         summary = {"params": runs[0]["params"], "runs": runs}
         for split, metric in itertools.product(("valid", "test"), ("mse", "rmse", "mae")):
             values = [r[split][metric] for r in runs]
             summary[f"{split}_{metric}_mean"] = statistics.mean(values)
             summary[f"{split}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out["models"][name] = summary
+        if out_path:  # after every model, so a long run leaves what it finished
+            with open(out_path, "w") as f:
+                json.dump(out, f, indent=2)
         log.warning("%s test rmse %.4f +- %.4f", name, summary["test_rmse_mean"], summary["test_rmse_std"])
     return out
 
@@ -116,7 +123,7 @@ def main() -> None:
         report = sweep(prepared, args.models, base)
     else:
         dropouts = {k: float(v) for k, v in (item.split("=") for item in args.dropout)}
-        report = seeds_table(prepared, args.models, base, args.seeds, dropouts)
+        report = seeds_table(prepared, args.models, base, args.seeds, dropouts, args.out)
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as f:
