@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -220,11 +221,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
     if fused is not None:  # DistributedModelParallel
         if fused.params:
             parts.append(("embedding", fused))
-        dense = {
-            name: p
-            for name, p in in_backward_optimizer_filter(model.named_parameters())
-            if p.requires_grad
-        }
+        rest = {n: p for n, p in in_backward_optimizer_filter(model.named_parameters()) if p.requires_grad}
+        # data_parallel tables are replicated, not fused: DMP exposes them as table slices
+        replicated = {n: p for n, p in rest.items() if isinstance(p, TableBatchedEmbeddingSlice)}
+        if replicated:
+            parts.append(("embedding_replicated",
+                          make_optimizer(replicated, cfg.embedding_optimizer, cfg.embedding_lr)))  # fmt: skip
+        dense = {n: p for n, p in rest.items() if n not in replicated}
     else:
         tables = embedding_parameters(model)
         if tables:

@@ -85,7 +85,7 @@ def single_process_losses(prepared):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise", "data_parallel"])
 def test_two_gloo_ranks_match_one_process(sharding_type, single_process_losses, tmp_path):
     out = tmp_path / "losses.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
