@@ -27,7 +27,7 @@ def teacher(prepared):
 
     torch.manual_seed(1)
     model = build_model("mlp_l", prepared, SMALL_TEACHER)
-    train_supervised(model, prepared, TrainConfig(epochs=1, max_steps_per_epoch=40, progress=False))
+    train_supervised(model, prepared, TrainConfig(epochs=1, max_steps_per_epoch=20, progress=False))
     return model.eval()
 
 
@@ -136,3 +136,35 @@ def test_nan_loss_stops_with_the_step_number(prepared):
         broken.rating_head.bias.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"loss_reg_teacher is nan at epoch 1, step 1"):
         distill(small_student(prepared), [("broken", broken)], prepared, DistillConfig(), QUICK)
+
+
+@pytest.mark.slow
+def test_distill_command_loads_teacher_checkpoints_and_saves_the_student(prepared, teacher,
+                                                                         tmp_path, capsys):  # fmt: skip
+    from pipelines.cli import main
+    from recdistill.models import model_config
+    from recdistill.training import read_checkpoint, save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "t.pt", teacher, "mlp_l", model_config("mlp_l", SMALL_TEACHER),
+                           {"vocab_sizes": prepared.vocabs.sizes})  # fmt: skip
+    job = tmp_path / "job.yaml"  # a small student keeps the command quick
+    job.write_text("models:\n  mlp_s: {id_embedding_dim: 16, side_embedding_dim: 4, hidden: [32, 16]}\n"
+                   "train: {batch_size: 256, progress: false}\n")  # fmt: skip
+    code = main(["distill", "--config", str(job), "--teachers", "mlp_l", "--teacher-ckpt", str(ckpt),
+                 "--epochs", "1", "--max-steps", "2", "--gating-threshold", "0.6",
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "test   MSE" in out and "teacher passes all:" in out
+    saved = read_checkpoint(tmp_path / "out" / "student" / "best.pt")
+    assert saved["model_name"] == "mlp_s" and saved["extra"]["distill"]["gating"]["threshold"] == 0.6
+    assert not any("question" in k or "answer" in k for k in saved["state_dict"])
+
+
+def test_distill_command_without_a_teacher_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from pipelines.cli import main
+
+    code = main(["distill", "--config", "quick", "--teachers", "mlp_l",
+                 "--teacher-ckpt", str(tmp_path / "none.pt")])  # fmt: skip
+    assert code == 2
+    assert "teacher mlp_l: no checkpoint at" in capsys.readouterr().err

@@ -26,11 +26,13 @@ from recdistill.distill.module import check_committee, check_model
 def freeze(teacher: nn.Module) -> nn.Module:
     """Eval mode and ``requires_grad = False`` for every parameter of a teacher.
 
-    A teacher that offers its own ``freeze()`` (e.g. to switch on a cache of the context that
-    precedes its question) is frozen by it first; eval mode and no gradients are then enforced
-    whatever it did.
+    A teacher already frozen by its caller is left as it is (its ``freeze(...)`` may have set
+    a cache budget). Otherwise a teacher that offers its own ``freeze()`` (e.g. to switch on a
+    cache of the context that precedes its question) is frozen by it; eval mode and no
+    gradients are then enforced whatever it did.
     """
-    if callable(getattr(teacher, "freeze", None)):
+    frozen = not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    if not frozen and callable(getattr(teacher, "freeze", None)):
         teacher.freeze()
     teacher.eval()
     for parameter in teacher.parameters():
