@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data_cfg, train, sharding, overrides = _sections(args)
     config = model_config(args.model, overrides)  # an unknown name lists the allowed ones
-    out = Path(args.out or DEFAULT_OUT) / args.model
+    out = Path(args.out or train.checkpoint_dir or DEFAULT_OUT) / args.model
     train = dataclasses.replace(train, checkpoint_dir=str(out))
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world, device = init_distributed(sharding) if distributed else (0, 1, None)
@@ -125,7 +125,8 @@ def add_commands(sub, with_config) -> None:
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--seed", type=int, help="override train.seed (init, shuffling, dropout)")
     train.add_argument("--max-steps", type=int, help="override train.max_steps_per_epoch")
-    train.add_argument("--out", help=f"checkpoint folder (default {DEFAULT_OUT}); files go in OUT/MODEL")
+    train.add_argument("--out", help=f"checkpoint folder (default: train.checkpoint_dir, else "
+                       f"{DEFAULT_OUT}); files go in OUT/MODEL")  # fmt: skip
     train.add_argument("--nproc", type=int, default=1, help="processes (sharded with TorchRec DMP)")
     train.add_argument("--sharding-type", choices=SHARDING_TYPES, help="override sharding.sharding_type")
     train.set_defaults(func=cmd_train)
