@@ -128,6 +128,14 @@ def test_empty_batch_gives_no_ratings(exported, prepared):
     assert got.shape == (0,) and got.dtype == torch.float32
 
 
+def test_int32_ids_score_like_int64(exported, prepared):
+    served = torch.jit.load(str(exported[0]))
+    inputs = serving_inputs(prepared.movielens.joined().head(16))
+    narrow = inputs._replace(user_id=inputs.user_id.int(), item_id=inputs.item_id.int(),
+                             age=inputs.age.int(), year=inputs.year.int())  # fmt: skip
+    torch.testing.assert_close(served(*narrow.args), served(*inputs.args), rtol=0, atol=0)
+
+
 def test_rows_of_different_lengths_are_rejected(exported, prepared):
     served = torch.jit.load(str(exported[0]))
     inputs = serving_inputs(prepared.movielens.joined().head(3))
