@@ -31,9 +31,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel
-from transformers.masking_utils import create_bidirectional_mask
-from transformers.utils import logging as transformers_logging
 
 from features.batches import Batch, Prepared
 from recdistill.models.cache import CachedContextTeacher
@@ -70,6 +67,9 @@ class EncoderLMConfig:
 
 def load_encoder(path: Path, dropout: float | None = None) -> nn.Module:
     """A pretrained BERT-style encoder (no pooler) from ``path``, offline."""
+    from transformers import AutoModel  # here: `import recdistill.models` stays light
+    from transformers.utils import logging as transformers_logging
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_model_folder(path, "encoder LM teacher", ("config.json", "tokenizer.json"))
     extra = {} if dropout is None else {
@@ -109,6 +109,8 @@ class EncoderLMTeacher(CachedContextTeacher):
 
     def _mask(self, states: torch.Tensor, mask: torch.Tensor):
         # The mask in the form the configured attention implementation expects.
+        from transformers.masking_utils import create_bidirectional_mask
+
         return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=states, attention_mask=mask)
 
     def compute_context(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

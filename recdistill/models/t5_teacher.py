@@ -38,17 +38,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
-from transformers.masking_utils import create_bidirectional_mask
 
 from features.batches import Batch, Prepared
 from recdistill.models.cache import CachedContextTeacher
 from recdistill.models.registry import register_model
 from recdistill.models.text import TokenTable, check_model_folder, load_tokenizer, minilm_path, prompt_token_table
+
+if TYPE_CHECKING:
+    from transformers import T5ForConditionalGeneration
 
 RATINGS = ("1", "2", "3", "4", "5")
 HEADS = ("regression", "rating_tokens")
@@ -155,7 +156,7 @@ class T5Teacher(CachedContextTeacher):
 
     def __init__(
         self,
-        t5: T5ForConditionalGeneration,
+        t5: "T5ForConditionalGeneration",
         tokens: TokenTable,
         head: str = "regression",
         rating_offset: float = 0.0,
@@ -190,6 +191,8 @@ class T5Teacher(CachedContextTeacher):
 
     def _blocks(self, x: torch.Tensor, blocks, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decoder ``blocks`` at the single position ``x [B, 1, d]`` over encoder ``states``."""
+        from transformers.masking_utils import create_bidirectional_mask  # lazy: see build_t5
+
         cross_mask = create_bidirectional_mask(
             config=self.t5.decoder.config, inputs_embeds=x, attention_mask=mask,
             encoder_hidden_states=states,
@@ -236,6 +239,8 @@ def _train_mean(prepared: Prepared) -> float:
 
 @register_model("t5", T5TeacherConfig)
 def build_t5(config: T5TeacherConfig, prepared: Prepared) -> T5Teacher:
+    from transformers import T5Config, T5ForConditionalGeneration  # here: imports stay light
+
     if config.tokenizer:
         tokenizer_file = Path(config.tokenizer)
     elif config.path:
