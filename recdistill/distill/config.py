@@ -56,6 +56,9 @@ class DistillConfig:
             instead of replacing it, so an embedding-table teacher's tables still speak.
         importance_regularizer: (ours) the third term of the task regularizer,
             ``task(head_s(sum_k s~_k a_k), y)``, which is what trains the importance scores.
+            It trains their ratios only (``s~`` is normalized): with a single teacher
+            ``s~ = 1``, so the importance of a lone teacher moves only through the teacher
+            embedding it shares with the questions, and gating it is not a learned choice.
         d_e: width of the teacher embeddings ``E`` [K, d_e].
         d_q: width of a question's hidden state ``u_k``.
         module_hidden: hidden widths of each question MLP (``d_q -> d_k``) and answer MLP
