@@ -164,15 +164,16 @@ def plan_sharding(
     if not names:
         raise ValueError(f"{type(model).__name__} has no EmbeddingBagCollection to shard")
     _check_placeable(model, cfg.sharding_type, world_size)
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device.type),
-        batch_size=batch_size,
-        constraints={name: ParameterConstraints(sharding_types=[cfg.sharding_type]) for name in names},
-        debug=False,
-    )
+    constraints = {name: ParameterConstraints(sharding_types=[cfg.sharding_type]) for name in names}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # the planner's storage heuristics warn about dry runs
             warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+            planner = EmbeddingShardingPlanner(
+                topology=Topology(world_size=world_size, compute_device=device.type),
+                batch_size=batch_size,
+                constraints=constraints,
+                debug=False,
+            )
             if dist.is_initialized():
                 return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
             return planner.plan(model, sharders)
