@@ -52,7 +52,9 @@ def load_committee(prepared, paths: list[str]):
     committee = []
     for path in paths:
         name = read_checkpoint(path)["model_name"]
-        committee.append((name, load_checkpoint(path, prepared).requires_grad_(False)))
+        teacher = load_checkpoint(path, prepared)
+        freeze = getattr(teacher, "freeze", None)  # language teachers switch their cache on
+        committee.append((name, freeze() if callable(freeze) else teacher.requires_grad_(False)))
     return committee
 
 

@@ -51,9 +51,11 @@ def test_teacher_parameters_are_bitwise_unchanged_by_training(prepared, teacher,
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
-def test_task_regularizer_never_reaches_the_student(prepared, teacher, batch):
+@pytest.mark.parametrize("residual", [False, True])
+def test_task_regularizer_trains_every_module_part_and_never_the_student(prepared, teacher, batch,
+                                                                         residual):  # fmt: skip
     method = build_method("diverse_distill", small_student(prepared), [("t", teacher)],
-                          DistillConfig()).train()  # fmt: skip
+                          DistillConfig(residual_questions=residual)).train()  # fmt: skip
     _, losses = method.forward_train(batch)
     method.backward({k: v for k, v in losses.items() if k in method.module_losses})
     assert all(p.grad is None for p in method.student.parameters())

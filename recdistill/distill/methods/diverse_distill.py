@@ -72,7 +72,8 @@ class DiverseDistill(DistillMethod):
         _, teacher = self.committee[k]
         if self.config.residual_questions:
             with torch.no_grad():  # the teacher's own early output is frozen context
-                question = question + teacher.early(batch)
+                own = teacher.early(batch)
+            question = question + own  # outside no_grad: R must still reach the question
         return teacher.middle(question, batch)
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
