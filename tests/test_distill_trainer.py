@@ -82,7 +82,6 @@ def test_routed_backward_updates_student_and_module_from_their_own_losses(prepar
         assert torch.allclose(p.grad, g)  # R added nothing to the student's head
 
 
-@pytest.mark.slow
 def test_distillation_lowers_the_students_validation_mse(prepared, teacher):
     student = small_student(prepared)
     before = evaluate(student, prepared.data, "valid")["mse"]
@@ -140,7 +139,6 @@ def test_nan_loss_stops_with_the_step_number(prepared):
         distill(small_student(prepared), [("broken", broken)], prepared, DistillConfig(), QUICK)
 
 
-@pytest.mark.slow
 def test_distill_command_loads_teacher_checkpoints_and_saves_the_student(prepared, teacher,
                                                                          tmp_path, capsys):  # fmt: skip
     from pipelines.cli import main
