@@ -80,7 +80,7 @@ class TrainConfig:
     batch_size: int = 1024
     eval_batch_size: int = 8192
     dense_lr: float = 1e-3
-    embedding_lr: float = 0.05
+    embedding_lr: float = 0.02
     embedding_optimizer: Literal["adagrad", "rowwise_adagrad"] = "adagrad"
     dense_weight_decay: float = 0.0
     patience: int = 2

@@ -61,7 +61,7 @@ def test_optimizer_puts_tables_under_adagrad_and_the_rest_under_adam(prepared):
     assert {id(p) for g in adagrad.param_groups for p in g["params"]} == tables
     dense = {id(p) for g in adam.param_groups for p in g["params"]}
     assert dense == {id(p) for p in model.parameters()} - tables
-    assert adagrad.param_groups[0]["lr"] == 0.05 and adam.param_groups[0]["lr"] == 1e-3
+    assert adagrad.param_groups[0]["lr"] == 0.02 and adam.param_groups[0]["lr"] == 1e-3
 
 
 def test_rowwise_adagrad_is_chosen_by_config(prepared):
