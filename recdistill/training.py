@@ -38,7 +38,6 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm.auto import tqdm
 
 from features.batches import Prepared, RatingsData
-from recdistill.models.registry import build_model
 
 #: Optimizers by config name. ``torch.optim.Adagrad`` and torchrec's ``RowWiseAdagrad`` are the
 #: classes TorchRec maps to FBGEMM's fused EXACT_ADAGRAD / EXACT_ROWWISE_ADAGRAD kernels.
@@ -398,6 +397,10 @@ def load_checkpoint(path: str | Path, prepared: Prepared) -> nn.Module:
             f"checkpoint {path}: trained with other vocabularies than the data given "
             f"(sizes differ for {', '.join(diff)})"
         )
+    # Imported here so that recdistill.training (which recdistill.distill builds on) does not
+    # tie the distillation layer to the model zoo (DESIGN.md section 4).
+    from recdistill.models import build_model
+
     model = build_model(payload["model_name"], prepared, payload["model_config"])
     try:
         model.load_state_dict(payload["state_dict"])

@@ -64,8 +64,14 @@ def model_config(name: str, overrides: dict | Any | None = None) -> Any:
 
 
 def build_model(name: str, prepared: Prepared, config: dict | Any | None = None) -> StagedModule:
-    """Build the registered model ``name`` for the data in ``prepared``."""
-    return model_entry(name).builder(model_config(name, config), prepared)
+    """Build the registered model ``name`` for the data in ``prepared``.
+
+    The model records ``model_name`` and ``config`` so checkpoints can rebuild it.
+    """
+    config = model_config(name, config)
+    model = model_entry(name).builder(config, prepared)
+    model.model_name, model.config = name, config
+    return model
 
 
 def count_parameters(model) -> int:
