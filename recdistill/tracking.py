@@ -282,13 +282,21 @@ class TrackedRun:
             raise ValueError(f"TorchScript student {path}: no such file")
         scripted = torch.jit.load(str(path))
         torch_version = torch.__version__.split("+")[0]
-        info = mlflow.pytorch.log_model(
-            scripted,
-            name=self.config.model_name,
-            serialization_format="pickle",
-            # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
-            pip_requirements=[f"torch=={torch_version}"],
-        )
+        # pt2 cannot hold a ScriptModule; MLflow warns about pickle on every call, but the
+        # pickled object is our own scripted module, so the warning says nothing new.
+        pytorch_log = logging.getLogger("mlflow.pytorch")
+        level = pytorch_log.level
+        pytorch_log.setLevel(logging.ERROR)
+        try:
+            info = mlflow.pytorch.log_model(
+                scripted,
+                name=self.config.model_name,
+                serialization_format="pickle",
+                # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
+                pip_requirements=[f"torch=={torch_version}"],
+            )
+        finally:
+            pytorch_log.setLevel(level)
         self.log_file(path, "export")
         self.set_tags({TAG_PARITY: str(bool(report.passed)).lower()})
         diff = float(report.max_abs_diff)
