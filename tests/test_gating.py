@@ -95,6 +95,18 @@ def test_every_row_is_asked_during_warmup(prepared, batch):
     assert method.passes.saved() == pytest.approx(0.5)
 
 
+def test_a_batch_no_teacher_is_asked_about_still_trains_the_student(prepared, batch):
+    method, committee = committee_method(prepared, GatingConfig(enabled=True, threshold=1.0,
+                                                                warmup_steps=0))  # fmt: skip
+    before = [p.detach().clone() for p in method.student.parameters()]
+    _, losses = method.forward_train(batch)  # threshold 1.0: no row asks any teacher
+    assert losses["loss_kd"].item() == 0.0 and not losses["loss_reg_teacher"].requires_grad
+    method.backward(losses)  # only the task loss has a graph; this must not raise
+    grads = [p.grad for p in method.student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert all(torch.equal(a, b) for a, b in zip(before, method.student.parameters()))
+
+
 def test_disabled_gate_asks_every_teacher_about_every_row():
     gate = ImportanceGate(GatingConfig(enabled=False, threshold=0.9, warmup_steps=0))
     assert bool(gate.select(torch.full((4, 3), 0.1), step=10).all())

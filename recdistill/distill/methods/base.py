@@ -105,10 +105,16 @@ class DistillMethod(nn.Module):
 
     def backward(self, losses: dict[str, torch.Tensor]) -> None:
         """Student losses into the student only; ``module_losses`` into the method's modules only."""
-        student_terms = [v for k, v in losses.items() if k not in self.module_losses]
+        # A term can be a constant: when gating asks no teacher about any row of a batch, the
+        # distillation loss and every module term are zeros with no graph behind them.
+        student_terms = [
+            v for k, v in losses.items() if k not in self.module_losses and v.requires_grad
+        ]
         if student_terms:
             sum(student_terms).backward(inputs=self.student_parameters())
-        module_terms = [losses[k] for k in self.module_losses if k in losses]
+        module_terms = [
+            losses[k] for k in self.module_losses if k in losses and losses[k].requires_grad
+        ]
         module_params = self.learnable_parameters()
         if module_terms and module_params:
             sum(module_terms).backward(inputs=module_params)
