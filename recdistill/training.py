@@ -409,6 +409,53 @@ def load_checkpoint(path: str | Path, prepared: Prepared) -> nn.Module:
     return model.eval()
 
 
+
+class EarlyStopping:
+    """Keep the weights of the best validation MSE and count epochs without improvement.
+
+    Shared by supervised training and distillation so both stop and restore the same way.
+
+    Example::
+
+        stopper = EarlyStopping(cfg.patience)
+        for epoch in ...:
+            improved = stopper.update(model, valid_mse, epoch)
+            if stopper.should_stop:
+                break
+        stopper.restore(model)
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_mse = math.inf
+        self.best_epoch = 0
+        self.stale = 0
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, model: nn.Module, valid_mse: float, epoch: int) -> bool:
+        """Record one epoch's validation MSE; returns whether it is the best so far."""
+        if valid_mse < self.best_mse:
+            self.best_mse, self.best_epoch, self.stale = valid_mse, epoch, 0
+            self._best_state = copy.deepcopy(model.state_dict())
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stale >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best epoch's weights back into ``model`` (no-op before any epoch)."""
+        if self._best_state is not None:
+            model.load_state_dict(self._best_state)
+
+
+def steps_in_epoch(data: RatingsData, cfg: "TrainConfig") -> int:
+    """Steps per epoch: the whole training split, or ``cfg.max_steps_per_epoch`` if fewer."""
+    steps = data.num_batches("train", cfg.batch_size)
+    return steps if cfg.max_steps_per_epoch is None else min(steps, cfg.max_steps_per_epoch)
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -456,10 +503,8 @@ def train_supervised(
     device = _device(model)
     torch.manual_seed(cfg.seed)  # dropout
     result = TrainResult()
-    best_mse, best_state, stale = math.inf, None, 0
-    steps_per_epoch = data.num_batches("train", cfg.batch_size)
-    if cfg.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    stopper = EarlyStopping(cfg.patience)
+    steps_per_epoch = steps_in_epoch(data, cfg)
 
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -501,12 +546,7 @@ def train_supervised(
             "examples_per_s": seen / seconds,
         }
         result.history.append({"epoch": epoch, **metrics})
-        improved = valid["mse"] < best_mse
-        if improved:
-            best_mse, stale, result.best_epoch = valid["mse"], 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
+        improved = stopper.update(model, valid["mse"], epoch)
         if ckpt_dir is not None:
             state = portable_state_dict(model)
             if rank == 0:
@@ -517,12 +557,12 @@ def train_supervised(
                     save_checkpoint(ckpt_dir / "best.pt", state, model_name, model_config, extra)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if stale >= cfg.patience:
+        if stopper.should_stop:
             result.stopped_early = epoch < cfg.epochs
             break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopper.restore(model)
+    result.best_epoch = stopper.best_epoch
     result.valid = evaluate(model, data, "valid", cfg.eval_batch_size)
     result.test = evaluate(model, data, "test", cfg.eval_batch_size)
     result.checkpoint = ckpt_dir / "best.pt" if ckpt_dir is not None else None
@@ -533,6 +573,7 @@ __all__ = [
     "ADAGRAD_EPS",
     "EMBEDDING_OPTIMIZERS",
     "OPTIMIZERS",
+    "EarlyStopping",
     "TrainConfig",
     "TrainResult",
     "TrainingError",

@@ -16,8 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,11 +30,13 @@ from recdistill.distill.config import DistillConfig
 from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
 from recdistill.training import (
+    EarlyStopping,
     TrainConfig,
     TrainingError,
     build_optimizer,
     evaluate,
     make_optimizer,
+    steps_in_epoch,
 )
 
 
@@ -132,10 +132,8 @@ def distill(
     student_opt = build_optimizer(student, train)
     extra_opt = module_optimizer(runner, config)
     result = DistillResult(student=student, method=runner.name)
-    best_mse, best_state, stale = math.inf, None, 0
-    steps_per_epoch = data.num_batches("train", train.batch_size)
-    if train.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
+    stopper = EarlyStopping(train.patience)
+    steps_per_epoch = steps_in_epoch(data, train)
 
     for epoch in range(1, train.epochs + 1):
         runner.train()
@@ -182,19 +180,15 @@ def distill(
             "examples_per_s": seen / seconds,
         }
         result.history.append({"epoch": epoch, **metrics})
-        if valid["mse"] < best_mse:
-            best_mse, stale, result.best_epoch = valid["mse"], 0, epoch
-            best_state = copy.deepcopy(student.state_dict())
-        else:
-            stale += 1
+        stopper.update(student, valid["mse"], epoch)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if stale >= train.patience:
+        if stopper.should_stop:
             result.stopped_early = epoch < train.epochs
             break
 
-    if best_state is not None:
-        student.load_state_dict(best_state)
+    stopper.restore(student)
+    result.best_epoch = stopper.best_epoch
     student.eval()
     result.valid = evaluate(student, data, "valid", train.eval_batch_size)
     result.test = evaluate(student, data, "test", train.eval_batch_size)
