@@ -328,6 +328,9 @@ def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
     rank, _ = _world()
     out: dict[str, torch.Tensor] = {}
+    # Tied weights (T5's shared embedding appears under four names) stay one tensor, so a
+    # checkpoint stores them once.
+    copies: dict[tuple, torch.Tensor] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor")
         state = model.state_dict()
@@ -339,7 +342,12 @@ def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
         elif isinstance(value, torch.Tensor) and hasattr(value, "full_tensor"):  # DTensor
             value = value.full_tensor()
         if rank == 0:
-            out[name] = value.detach().cpu().clone()
+            value = value.detach().cpu()
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                   tuple(value.shape), value.stride(), value.dtype)  # fmt: skip
+            if key not in copies:
+                copies[key] = value.clone()
+            out[name] = copies[key]
     return out if rank == 0 else None
 
 

@@ -203,3 +203,16 @@ def test_heads_start_at_the_training_mean(prepared, minilm):
     t5 = build_model("t5", prepared, SMALL_T5)
     assert t5.rating_head.linear.bias.item() == pytest.approx(mean)
     assert isinstance(t5, T5Teacher) and isinstance(minilm, EncoderLMTeacher)
+
+
+def test_a_t5_checkpoint_stores_its_tied_embedding_once(prepared, batch, tmp_path):
+    import os
+
+    from recdistill.training import load_checkpoint, portable_state_dict, save_checkpoint
+
+    model = build_model("t5", prepared, SMALL_T5).eval()
+    path = save_checkpoint(tmp_path / "t5.pt", portable_state_dict(model), "t5", model.config,
+                           {"vocab_sizes": prepared.vocabs.sizes})  # fmt: skip
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert os.path.getsize(path) < 1.1 * weight_bytes  # the shared embedding is not repeated
+    assert torch.equal(load_checkpoint(path, prepared)(batch), model(batch))
