@@ -17,3 +17,11 @@ def prepared():
     from features.batches import prepare
 
     return prepare()
+
+
+@pytest.fixture(scope="session")
+def trained_student(prepared):
+    """An MLP-S student trained 20 Adagrad steps, shared by the export and registry tests."""
+    from tests.mlflow_server import train_student
+
+    return train_student(prepared, steps=20)

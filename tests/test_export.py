@@ -13,7 +13,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.vocab import FEATURES, FeatureVocabs, Vocabulary
-from tests.mlflow_server import train_student
+
 from recdistill.export import (
     MISSING_INT,
     ExportConfig,
@@ -49,8 +49,8 @@ print(float((got - data["expected"]).abs().max()), tuple(got.shape))
 
 
 @pytest.fixture(scope="module")
-def student(prepared):
-    return train_student(prepared, steps=20)
+def student(trained_student):
+    return trained_student
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from features.vocab import FeatureVocabs, Vocabulary
-from tests.mlflow_server import MlflowServer, train_student
+from tests.mlflow_server import MlflowServer
 from recdistill.export import ParityRows, export_torchscript
 from recdistill.tracking import TrackingConfig, promote, start_run
 
@@ -32,8 +32,8 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student(prepared):
-    return train_student(prepared, steps=20)
+def student(trained_student):
+    return trained_student
 
 
 @pytest.fixture(scope="module")
