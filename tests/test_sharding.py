@@ -76,6 +76,7 @@ def _worker() -> None:
     losses = loss_trace(prepared, model)
     if rank == 0:
         Path(args.out).write_text(json.dumps(losses))
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -111,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed:
         import torch.distributed as dist
 
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
         dist.destroy_process_group()
     return 0
 
