@@ -79,10 +79,26 @@ def test_questions_push_no_gradient_into_the_student(models, batch):
     assert grads[0] is None
 
 
-def test_l2_divergence_is_mean_squared_gap_per_row():
+def test_l2_divergence_is_the_squared_l2_distance_per_row_by_default():
     z = torch.tensor([[0.0, 0.0], [1.0, 3.0]])
     a = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
-    assert torch.allclose(divergence(z, a, "l2"), torch.tensor([1.0, 2.0]))
+    assert torch.allclose(divergence(z, a, "l2"), torch.tensor([2.0, 4.0]))
+    z, a = torch.randn(5, 7), torch.randn(5, 7)
+    assert torch.allclose(divergence(z, a, "l2", reduction="sum"), ((z - a) ** 2).sum(1))
+
+
+def test_kl_divergence_is_the_full_kl_over_the_hidden_units_by_default():
+    z, a, t = torch.randn(5, 7), torch.randn(5, 7), 2.0
+    p_answer = torch.softmax(a / t, dim=1)
+    expected = t**2 * (p_answer * (p_answer.log() - torch.log_softmax(z / t, dim=1))).sum(1)
+    assert torch.allclose(divergence(z, a, "kl", temperature=t), expected, atol=1e-6)
+
+
+def test_mean_reduction_divides_the_divergence_by_the_hidden_width():
+    z, a = torch.randn(5, 7), torch.randn(5, 7)
+    assert torch.allclose(divergence(z, a, "l2", reduction="mean"), ((z - a) ** 2).sum(1) / 7)
+    full_kl = divergence(z, a, "kl", temperature=2.0, reduction="sum")
+    assert torch.allclose(divergence(z, a, "kl", temperature=2.0, reduction="mean"), full_kl / 7)
 
 
 def test_kl_divergence_is_zero_for_equal_states_and_positive_otherwise():

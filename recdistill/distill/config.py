@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DIVERGENCES = ("l2", "kl")
+DIVERGENCE_REDUCTIONS = ("sum", "mean")
 QUESTION_FORMS = ("bilinear", "simple")
 
 
@@ -49,6 +50,10 @@ class DistillConfig:
             (KL between softmaxes over the hidden units at ``kl_temperature``; see
             :func:`recdistill.distill.losses.divergence`).
         kl_temperature: softmax temperature of the ``kl`` divergence.
+        divergence_reduction: how ``D`` reduces over the ``d_z`` hidden units: ``"sum"``
+            (``||z - a||^2`` for ``l2``, DESIGN.md's squared L2; the full KL for ``kl``) or
+            ``"mean"`` (the same divided by ``d_z``, as runs before issue 9 had it: their
+            ``kd_weight`` 10 is 10 / 64 with ``"sum"`` for MLP-S, whose ``d_z`` is 64).
         question_form: ``"bilinear"`` (ours: ``u_k = E_k @ reshape(h W_q, [d_e, d_q])``, ``d_q``
             wide) or ``"simple"`` (``u_k = (h W_q) * E_k`` with ``W_q`` [d_s, d_e], so ``u_k`` is
             ``d_e`` wide and ``d_q`` is not used).
@@ -72,6 +77,7 @@ class DistillConfig:
     kd_weight: float = 1.0
     divergence: Literal["l2", "kl"] = "l2"
     kl_temperature: float = 1.0
+    divergence_reduction: Literal["sum", "mean"] = "sum"
     question_form: Literal["bilinear", "simple"] = "bilinear"
     residual_questions: bool = False
     importance_regularizer: bool = True
@@ -92,6 +98,11 @@ class DistillConfig:
         if self.divergence not in DIVERGENCES:
             raise ValueError(
                 f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}"
+            )
+        if self.divergence_reduction not in DIVERGENCE_REDUCTIONS:
+            raise ValueError(
+                f"divergence_reduction must be one of {', '.join(DIVERGENCE_REDUCTIONS)}, "
+                f"got {self.divergence_reduction!r}"
             )
         if self.question_form not in QUESTION_FORMS:
             raise ValueError(

@@ -23,35 +23,44 @@ def task_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def divergence(
-    z: torch.Tensor, answer: torch.Tensor, kind: str = "l2", temperature: float = 1.0
+    z: torch.Tensor,
+    answer: torch.Tensor,
+    kind: str = "l2",
+    temperature: float = 1.0,
+    reduction: str = "sum",
 ) -> torch.Tensor:
     """Per-row divergence ``D(z, a)`` between the student's hidden state and an answer.
 
-    ``l2``: the squared L2 distance divided by the width, ``||z - a||^2 / d_z``, so that the
-    distillation weight does not have to change with the student's width.
+    ``l2``: the squared L2 distance ``||z - a||^2`` (DESIGN.md section 2).
     ``kl``: ratings have no class distribution to match, so KL is taken between distributions
     over the hidden *units*: ``T^2 * KL(softmax(a / T) || softmax(z / T))``, the answer being
     the target (Hinton's convention, ``T^2`` keeps gradients comparable across temperatures).
+    Both are sums over the ``d_z`` units; ``reduction="mean"`` divides them by ``d_z``, so that
+    the distillation weight need not change with the student's width (the old behaviour).
 
     Args:
         z: ``[B, d_z]`` student hidden states.
         answer: ``[B, d_z]`` answers (the caller detaches them).
         kind: ``"l2"`` or ``"kl"``.
         temperature: softmax temperature of ``kl``.
+        reduction: ``"sum"`` or ``"mean"`` over the hidden units.
 
     Returns:
         ``[B]`` divergence per row.
     """
     if z.shape != answer.shape:
         raise ValueError(f"divergence: z {tuple(z.shape)} and answer {tuple(answer.shape)} differ")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"unknown divergence reduction {reduction!r}; expected sum or mean")
     if kind == "l2":
-        return (z - answer).pow(2).mean(dim=-1)
-    if kind == "kl":
+        per_unit = (z - answer).pow(2)  # [B, d_z]
+    elif kind == "kl":
         log_p_student = F.log_softmax(z / temperature, dim=-1)
         log_p_answer = F.log_softmax(answer / temperature, dim=-1)
-        kl = (log_p_answer.exp() * (log_p_answer - log_p_student)).sum(dim=-1)
-        return kl * temperature**2
-    raise ValueError(f"unknown divergence {kind!r}; expected l2 or kl")
+        per_unit = log_p_answer.exp() * (log_p_answer - log_p_student) * temperature**2
+    else:
+        raise ValueError(f"unknown divergence {kind!r}; expected l2 or kl")
+    return per_unit.sum(dim=-1) if reduction == "sum" else per_unit.mean(dim=-1)
 
 
 def normalized_importance(importance: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,7 @@ class DiverseDistill(DistillMethod):
                 answer.detach(),
                 self.config.divergence,
                 self.config.kl_temperature,
+                self.config.divergence_reduction,
             )  # [b]
             kd = kd + (importance[rows, k].detach() * gap).sum() / size
             answers.append(answer if everyone else _scatter(answer, rows, size))

@@ -1,0 +1,126 @@
+"""Issue 9's method fixes, on small staged models of plain tensors (fast, and exact to count).
+
+- the squared-L2 divergence is a sum over the hidden units unless ``divergence_reduction`` says
+  ``mean``;
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from recdistill.distill import DistillConfig, build_method
+from recdistill.distill.losses import divergence
+from recdistill.stages import StagedModule
+
+FEATURES, STUDENT_EARLY, STUDENT_HIDDEN = 6, 8, 5
+
+
+@dataclass
+class TensorBatch:
+    """Rows of dense features ``x`` [B, F] with ``labels`` [B] and ``rows`` [B] ids."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+
+    def select_rows(self, rows: torch.Tensor) -> "TensorBatch":
+        return TensorBatch(self.x[rows], self.labels[rows], self.rows[rows])
+
+
+def make_batch(size: int, seed: int = 0) -> TensorBatch:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, FEATURES, generator=gen)
+    labels = x[:, 0] - 0.5 * x[:, 1] + 0.1 * torch.randn(size, generator=gen)
+    return TensorBatch(x, labels, torch.arange(size))
+
+
+class Student(StagedModule):
+    """``Linear -> Linear -> ReLU -> Linear``."""
+
+    early_dim, hidden_dim = STUDENT_EARLY, STUDENT_HIDDEN
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, STUDENT_EARLY)
+        self.tower = nn.Sequential(nn.Linear(STUDENT_EARLY, STUDENT_HIDDEN), nn.ReLU())
+        self.out = nn.Linear(STUDENT_HIDDEN, 1)
+
+    def early(self, batch):
+        return self.embed(batch.x)
+
+    def middle(self, h, batch=None):
+        return self.tower(h)
+
+    def head(self, z):
+        return self.out(z).squeeze(-1)
+
+
+class ContextTeacher(StagedModule):
+    """A teacher whose ``early`` and ``middle`` both read a per-example context, counted.
+
+    ``seed`` seeds its weights.
+    """
+
+    early_dim, hidden_dim = 4, 3
+
+    def __init__(self, seed: int = 1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fetches = 0
+        self.read = nn.Linear(FEATURES, self.early_dim)
+        self.upper = nn.Linear(self.early_dim, self.hidden_dim)
+        self.out = nn.Linear(self.hidden_dim, 1)
+
+    def fetch_context(self, batch: TensorBatch) -> torch.Tensor:
+        self.fetches += 1
+        return batch.x  # [B, F]
+
+    def _context(self, batch) -> torch.Tensor:
+        return self.fetch_context(batch)
+
+    def early(self, batch):
+        return self.read(self._context(batch))
+
+    def middle(self, h, batch=None):
+        return self.upper(h + self.read(self._context(batch)))
+
+    def head(self, z):
+        return self.out(z).squeeze(-1)
+
+
+def method_for(committee, config: DistillConfig, student=None):
+    torch.manual_seed(0)
+    return build_method(config.method, student or Student(), committee, config).train()
+
+
+# ---------------------------------------------------------------- 1. divergence reduction
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_distillation_loss_uses_the_configured_reduction_of_the_squared_l2(reduction):
+    batch = make_batch(32)
+    config = DistillConfig(kd_weight=2.0, divergence_reduction=reduction)
+    method = method_for([("t", ContextTeacher())], config)
+    _, losses = method.forward_train(batch)
+    method.eval()
+    with torch.no_grad():
+        h = method.student.early(batch)
+        z = method.student.middle(h)
+        questions, s = method.module.question(h)
+        answer = method.module.answer(0, method.ask(0, questions[0], batch))
+    squared = ((z - answer) ** 2).sum(dim=1)  # [B]
+    per_row = squared if reduction == "sum" else squared / STUDENT_HIDDEN
+    expected = 2.0 * (s[:, 0] * per_row).mean()
+    assert losses["loss_kd"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sum_reduction_is_the_hidden_width_times_the_mean():
+    z, a = torch.randn(4, STUDENT_HIDDEN), torch.randn(4, STUDENT_HIDDEN)
+    assert torch.allclose(
+        divergence(z, a, reduction="sum"), STUDENT_HIDDEN * divergence(z, a, reduction="mean")
+    )
+    assert DistillConfig().divergence_reduction == "sum"  # DESIGN.md's D = squared L2
