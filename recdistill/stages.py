@@ -5,6 +5,12 @@
 accept a question of width ``early_dim`` in place of its own ``early`` output: that is the whole
 contract ``recdistill.distill`` relies on (DESIGN.md section 1).
 
+An optional part, which :class:`StagedModule` provides with a default:
+
+- ``hidden_activation``: the activation ``middle`` ends in (``"relu"`` when ``z >= 0``), or
+  ``None`` when its output is unconstrained. DiverseDistill puts its answers through the
+  student's, so that a soft target lies where the student's ``z`` can reach.
+
 ``recdistill.models`` and ``recdistill.distill`` both import this module and never each other.
 """
 
@@ -41,10 +47,17 @@ class StagedModule(nn.Module):
     ``middle`` takes the batch as an optional second argument so that a teacher whose middle
     attends to context computed once per example (the T5 encoder states, a language model's
     non-[CLS] tokens) can fetch that context; a question replaces only ``h``.
+
+    Attributes:
+        early_dim: width of ``early``'s output.
+        hidden_dim: width of ``middle``'s output.
+        hidden_activation: the activation ``middle``'s output ends in (``"relu"``), or
+            ``None`` when it is unconstrained.
     """
 
     early_dim: int
     hidden_dim: int
+    hidden_activation: str | None = None
 
     def early(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

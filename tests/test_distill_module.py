@@ -184,6 +184,15 @@ def test_unknown_divergence_is_refused():
         DistillConfig(divergence="cosine")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("divergence_reduction", "max"), ("answer_activation", "tanh")],
+)
+def test_unknown_reduction_or_answer_activation_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be one of .*got '{value}'"):
+        DistillConfig(**{field: value})
+
+
 def test_distill_yaml_section_is_validated_with_key_paths():
     from pipelines.schema import ConfigError, from_dict
 

@@ -2,6 +2,7 @@
 
 - the squared-L2 divergence is a sum over the hidden units unless ``divergence_reduction`` says
   ``mean``;
+- answers go through the student's own output activation, so they lie where ``z`` can reach;
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from recdistill.distill import DistillConfig, build_method
+from recdistill.distill import AnswerAugmenter, DistillConfig, build_method
 from recdistill.distill.losses import divergence
 from recdistill.stages import StagedModule
 
@@ -39,9 +40,9 @@ def make_batch(size: int, seed: int = 0) -> TensorBatch:
 
 
 class Student(StagedModule):
-    """``Linear -> Linear -> ReLU -> Linear``."""
+    """``Linear -> Linear -> ReLU -> Linear``; its ``z`` is post-ReLU, as MLP-S's."""
 
-    early_dim, hidden_dim = STUDENT_EARLY, STUDENT_HIDDEN
+    early_dim, hidden_dim, hidden_activation = STUDENT_EARLY, STUDENT_HIDDEN, "relu"
 
     def __init__(self):
         super().__init__()
@@ -57,6 +58,12 @@ class Student(StagedModule):
 
     def head(self, z):
         return self.out(z).squeeze(-1)
+
+
+class UndeclaredStudent(Student):
+    """The same student without a declared ``hidden_activation``."""
+
+    hidden_activation = None
 
 
 class ContextTeacher(StagedModule):
@@ -124,3 +131,59 @@ def test_sum_reduction_is_the_hidden_width_times_the_mean():
         divergence(z, a, reduction="sum"), STUDENT_HIDDEN * divergence(z, a, reduction="mean")
     )
     assert DistillConfig().divergence_reduction == "sum"  # DESIGN.md's D = squared L2
+
+
+# ---------------------------------------------------------------- 2. answers in z's range
+
+
+def test_relu_answers_are_never_negative_and_unconstrained_ones_are():
+    torch.manual_seed(0)
+    replies = torch.randn(500, 3) * 5
+    relu = AnswerAugmenter([3], STUDENT_HIDDEN, [8], activation="relu")
+    free = AnswerAugmenter([3], STUDENT_HIDDEN, [8], activation="none")
+    free.load_state_dict(relu.state_dict())  # same weights: only the activation differs
+    assert bool((relu(0, replies) >= 0).all())
+    assert bool((free(0, replies) < 0).any())
+    assert torch.equal(relu(0, replies), free(0, replies).clamp_min(0))
+
+
+@pytest.mark.parametrize(
+    ("student", "setting", "expected"),
+    [
+        (Student, "auto", "relu"),  # the student declares relu
+        (UndeclaredStudent, "auto", "none"),  # no declaration: answers stay unconstrained
+        (Student, "none", "none"),  # an explicit choice overrides the student's
+        (UndeclaredStudent, "relu", "relu"),
+    ],
+)
+def test_answer_activation_follows_the_config_or_the_students_declaration(
+    student, setting, expected
+):
+    method = method_for(
+        [("t", ContextTeacher())], DistillConfig(answer_activation=setting), student()
+    )
+    assert method.module.answer.activation == expected
+
+
+def test_auto_answer_activation_refuses_a_student_activation_it_cannot_apply():
+    class TanhStudent(Student):
+        hidden_activation = "tanh"
+
+    with pytest.raises(ValueError, match=r"hidden_activation 'tanh'"):
+        method_for([("t", ContextTeacher())], DistillConfig(), TanhStudent())
+
+
+def test_auto_answer_activation_on_the_mlp_student_is_relu(prepared):
+    from recdistill.models import build_model
+
+    small = {"id_embedding_dim": 8, "side_embedding_dim": 2, "hidden": [16, 8]}
+    torch.manual_seed(0)
+    student = build_model("mlp_s", prepared, small)
+    teacher = build_model("mlp_m", prepared, small)
+    method = build_method("diverse_distill", student, [("t", teacher)], DistillConfig())
+    assert student.hidden_activation == "relu" and method.module.answer.activation == "relu"
+    batch = prepared.data.batch(prepared.data.splits["train"][:64])
+    with torch.no_grad():
+        questions, _ = method.module.question(student.early(batch))
+        answers = method.module.answer(0, method.ask(0, questions[0], batch))
+    assert bool((answers >= 0).all())

@@ -14,6 +14,7 @@ from typing import Literal
 DIVERGENCES = ("l2", "kl")
 DIVERGENCE_REDUCTIONS = ("sum", "mean")
 QUESTION_FORMS = ("bilinear", "simple")
+ANSWER_ACTIVATIONS = ("auto", "relu", "none")
 
 
 @dataclass
@@ -54,6 +55,11 @@ class DistillConfig:
             (``||z - a||^2`` for ``l2``, DESIGN.md's squared L2; the full KL for ``kl``) or
             ``"mean"`` (the same divided by ``d_z``, as runs before issue 9 had it: their
             ``kd_weight`` 10 is 10 / 64 with ``"sum"`` for MLP-S, whose ``d_z`` is 64).
+        answer_activation: applied to each answer ``a_k`` so that it lies in the range of the
+            student's hidden state ``z``: ``"relu"``, ``"none"``, or ``"auto"`` (the student's
+            own ``hidden_activation`` attribute, see :mod:`recdistill.stages`; ``"none"`` when
+            it declares none). Without it an answer can ask a post-ReLU ``z`` for negative
+            values it can never reach.
         question_form: ``"bilinear"`` (ours: ``u_k = E_k @ reshape(h W_q, [d_e, d_q])``, ``d_q``
             wide) or ``"simple"`` (``u_k = (h W_q) * E_k`` with ``W_q`` [d_s, d_e], so ``u_k`` is
             ``d_e`` wide and ``d_q`` is not used).
@@ -78,6 +84,7 @@ class DistillConfig:
     divergence: Literal["l2", "kl"] = "l2"
     kl_temperature: float = 1.0
     divergence_reduction: Literal["sum", "mean"] = "sum"
+    answer_activation: Literal["auto", "relu", "none"] = "auto"
     question_form: Literal["bilinear", "simple"] = "bilinear"
     residual_questions: bool = False
     importance_regularizer: bool = True
@@ -103,6 +110,11 @@ class DistillConfig:
             raise ValueError(
                 f"divergence_reduction must be one of {', '.join(DIVERGENCE_REDUCTIONS)}, "
                 f"got {self.divergence_reduction!r}"
+            )
+        if self.answer_activation not in ANSWER_ACTIVATIONS:
+            raise ValueError(
+                f"answer_activation must be one of {', '.join(ANSWER_ACTIVATIONS)}, "
+                f"got {self.answer_activation!r}"
             )
         if self.question_form not in QUESTION_FORMS:
             raise ValueError(

@@ -103,20 +103,59 @@ class QuestionAugmenter(nn.Module):
         return questions, self.importance(h)
 
 
+#: What an answer goes through, by name, so that it lies in the range of the student's ``z``.
+ANSWER_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "none": nn.Identity}
+
+
+def answer_activation(config: DistillConfig, student: Any) -> str:
+    """The activation answers go through: ``config.answer_activation``, with ``"auto"``
+    resolved to the student's ``hidden_activation`` (``"none"`` when it declares none).
+
+    Raises:
+        ValueError: when the student declares an activation answers cannot take.
+    """
+    if config.answer_activation != "auto":
+        return config.answer_activation
+    declared = getattr(student, "hidden_activation", None) or "none"
+    if declared not in ANSWER_ACTIVATIONS:
+        raise ValueError(
+            f"answer_activation 'auto': the student's hidden_activation {declared!r} is not "
+            f"one of {', '.join(ANSWER_ACTIVATIONS)}; set answer_activation explicitly"
+        )
+    return declared
+
+
 class AnswerAugmenter(nn.Module):
     """Turns each teacher's reply into a soft target in the student's hidden width.
 
-    ``a_k = MLP'_k(z_k)``: ``[B, m_k] -> [B, d_z]``.
+    ``a_k = act(MLP'_k(z_k))``: ``[B, m_k] -> [B, d_z]``, where ``act`` is the activation the
+    student's ``z`` ends in, so that ``a_k`` lies where ``z`` can reach.
 
     Args:
         teacher_dims: ``[m_1, ..., m_K]``, each teacher's hidden width.
         student_dim: ``d_z``, the student's hidden width.
         hidden: hidden widths of each ``MLP'_k``.
+        activation: ``"relu"`` or ``"none"`` (see :data:`ANSWER_ACTIVATIONS`).
     """
 
-    def __init__(self, teacher_dims: Sequence[int], student_dim: int, hidden: Sequence[int]):
+    def __init__(
+        self,
+        teacher_dims: Sequence[int],
+        student_dim: int,
+        hidden: Sequence[int],
+        activation: str = "none",
+    ):
         super().__init__()
-        self.answer_mlps = nn.ModuleList(mlp(m_k, hidden, student_dim) for m_k in teacher_dims)
+        if activation not in ANSWER_ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ANSWER_ACTIVATIONS)}, got {activation!r}"
+            )
+        self.activation = activation
+        # the activation is appended to each MLP, so it adds no parameter and no state key
+        self.answer_mlps = nn.ModuleList(
+            mlp(m_k, hidden, student_dim).append(ANSWER_ACTIVATIONS[activation]())
+            for m_k in teacher_dims
+        )
 
     def forward(self, k: int, reply: torch.Tensor) -> torch.Tensor:
         """The answer of teacher ``k`` from its hidden state ``reply`` [b, m_k] -> [b, d_z]."""
@@ -132,8 +171,11 @@ class DistillationModule(nn.Module):
         teacher_early_dims: ``[d_k]``.
         teacher_hidden_dims: ``[m_k]``.
         config: ``d_e``, ``d_q``, ``module_hidden``, ``question_form``.
+        answer_activation: ``"relu"`` or ``"none"``, what answers go through (resolve
+            ``config.answer_activation`` against the student with :func:`answer_activation`).
 
-    Build it from models with :meth:`for_committee`, which checks every teacher first.
+    Build it from models with :meth:`for_committee`, which checks every teacher first and
+    resolves the answers' activation.
     """
 
     def __init__(
@@ -143,6 +185,7 @@ class DistillationModule(nn.Module):
         teacher_early_dims: Sequence[int],
         teacher_hidden_dims: Sequence[int],
         config: DistillConfig,
+        answer_activation: str = "none",
     ):
         super().__init__()
         self.question = QuestionAugmenter(
@@ -153,7 +196,9 @@ class DistillationModule(nn.Module):
             config.module_hidden,
             config.question_form,
         )
-        self.answer = AnswerAugmenter(teacher_hidden_dims, student_hidden_dim, config.module_hidden)
+        self.answer = AnswerAugmenter(
+            teacher_hidden_dims, student_hidden_dim, config.module_hidden, answer_activation
+        )
 
     @classmethod
     def for_committee(
@@ -172,6 +217,7 @@ class DistillationModule(nn.Module):
             [teacher.early_dim for _, teacher in committee],
             [teacher.hidden_dim for _, teacher in committee],
             config,
+            answer_activation(config, student),
         )
 
 

@@ -144,6 +144,7 @@ class MLPRecommender(StagedModule):
         nn.init.constant_(self.rating_head.bias, rating_offset)
         self.early_dim = self.sparse_arch.out_dim
         self.hidden_dim = config.hidden[-1]
+        self.hidden_activation = "relu"  # the tower ends in ReLU (then dropout): z >= 0
 
     def early(self, batch: Batch) -> torch.Tensor:
         return self.sparse_arch(batch.sparse)  # [B, F*D]

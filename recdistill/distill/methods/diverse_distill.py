@@ -5,7 +5,7 @@ One training step, with ``sg`` = detach (DESIGN.md section 2)::
     h = early_s(batch); z = middle_s(h); y_hat = head_s(z)
     q_k, s_k = QuestionAugmenter(sg(h))                   # q_k [B, d_k], s [B, K]
     r_k = teacher_k.middle(q_k (+ teacher_k.early(batch) if residual), batch)   # [B, m_k]
-    a_k = AnswerAugmenter_k(r_k)                          # [B, d_z]
+    a_k = act_s(AnswerAugmenter_k(r_k))                   # [B, d_z], in the range of z
 
     student: L = task(y_hat, y) + lambda * sum_k mean_b[ sg(s_k) * D(z, sg(a_k)) ]
     module:  R = sum_k task(teacher_k.head(r_k), y) + sum_k task(head_s(a_k), y)
@@ -28,7 +28,7 @@ from recdistill.distill.gating import ImportanceGate, slice_batch
 from recdistill.distill.losses import divergence, normalized_importance, task_loss
 from recdistill.distill.methods import register_method
 from recdistill.distill.methods.base import DistillMethod
-from recdistill.distill.module import DistillationModule
+from recdistill.distill.module import DistillationModule, answer_activation
 
 
 @register_method("diverse_distill")
@@ -57,6 +57,7 @@ class DiverseDistill(DistillMethod):
             [teacher.early_dim for _, teacher in self.committee],
             [teacher.hidden_dim for _, teacher in self.committee],
             config,
+            answer_activation(config, student),
         )
         self.gate = ImportanceGate(config.gating)
 
