@@ -5,11 +5,15 @@
 accept a question of width ``early_dim`` in place of its own ``early`` output: that is the whole
 contract ``recdistill.distill`` relies on (DESIGN.md section 1).
 
-An optional part, which :class:`StagedModule` provides with a default:
+Two optional parts, which :class:`StagedModule` provides with defaults:
 
 - ``hidden_activation``: the activation ``middle`` ends in (``"relu"`` when ``z >= 0``), or
   ``None`` when its output is unconstrained. DiverseDistill puts its answers through the
   student's, so that a soft target lies where the student's ``z`` can reach.
+- ``with_context(batch) -> batch``: a batch that this model's ``early`` and ``middle`` both
+  accept and that carries the per-example context they share (a language teacher's cached
+  prompt states), fetched once. A distillation step that runs a teacher's ``early`` and then
+  its ``middle`` on the same rows calls it first. The default returns ``batch`` unchanged.
 
 ``recdistill.models`` and ``recdistill.distill`` both import this module and never each other.
 """
@@ -46,7 +50,8 @@ class StagedModule(nn.Module):
 
     ``middle`` takes the batch as an optional second argument so that a teacher whose middle
     attends to context computed once per example (the T5 encoder states, a language model's
-    non-[CLS] tokens) can fetch that context; a question replaces only ``h``.
+    non-[CLS] tokens) can fetch that context; a question replaces only ``h``. Such a model
+    overrides :meth:`with_context` so that the context is fetched once for both stages.
 
     Attributes:
         early_dim: width of ``early``'s output.
@@ -59,6 +64,14 @@ class StagedModule(nn.Module):
     hidden_dim: int
     hidden_activation: str | None = None
 
+    def with_context(self, batch: Any) -> Any:
+        """``batch`` with the context ``early`` and ``middle`` share, fetched once.
+
+        The result is only ever handed back to this model's own stages. The default has no
+        context to share and returns ``batch`` itself.
+        """
+        return batch
+
     def early(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -69,6 +82,7 @@ class StagedModule(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: Any) -> torch.Tensor:
+        batch = self.with_context(batch)
         return self.head(self.middle(self.early(batch), batch))
 
 

@@ -3,6 +3,7 @@
 - the squared-L2 divergence is a sum over the hidden units unless ``divergence_reduction`` says
   ``mean``;
 - answers go through the student's own output activation, so they lie where ``z`` can reach;
+- a teacher's per-example context is fetched once per step (``with_context``);
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from recdistill.distill import AnswerAugmenter, DistillConfig, build_method
+from recdistill.distill import AnswerAugmenter, DistillConfig, GatingConfig, build_method
 from recdistill.distill.losses import divergence
 from recdistill.stages import StagedModule
 
@@ -30,6 +31,14 @@ class TensorBatch:
 
     def select_rows(self, rows: torch.Tensor) -> "TensorBatch":
         return TensorBatch(self.x[rows], self.labels[rows], self.rows[rows])
+
+
+@dataclass
+class WithContext:
+    """A batch plus the context a :class:`ContextTeacher` fetched for it."""
+
+    batch: TensorBatch
+    context: torch.Tensor
 
 
 def make_batch(size: int, seed: int = 0) -> TensorBatch:
@@ -86,8 +95,11 @@ class ContextTeacher(StagedModule):
         self.fetches += 1
         return batch.x  # [B, F]
 
+    def with_context(self, batch):
+        return WithContext(batch, self.fetch_context(batch))
+
     def _context(self, batch) -> torch.Tensor:
-        return self.fetch_context(batch)
+        return batch.context if isinstance(batch, WithContext) else self.fetch_context(batch)
 
     def early(self, batch):
         return self.read(self._context(batch))
@@ -97,6 +109,12 @@ class ContextTeacher(StagedModule):
 
     def head(self, z):
         return self.out(z).squeeze(-1)
+
+
+class FetchingTwiceTeacher(ContextTeacher):
+    """The same teacher without ``with_context``: what the counting must tell apart."""
+
+    with_context = None
 
 
 def method_for(committee, config: DistillConfig, student=None):
@@ -187,3 +205,41 @@ def test_auto_answer_activation_on_the_mlp_student_is_relu(prepared):
         questions, _ = method.module.question(student.early(batch))
         answers = method.module.answer(0, method.ask(0, questions[0], batch))
     assert bool((answers >= 0).all())
+
+
+# ---------------------------------------------------------------- 3. context fetched once
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_residual_questions_fetch_each_teachers_context_once_per_step(gated):
+    gating = GatingConfig(enabled=gated, threshold=0.5, warmup_steps=0)
+    committee = [("a", ContextTeacher()), ("b", ContextTeacher())]
+    method = method_for(committee, DistillConfig(residual_questions=True, gating=gating))
+    for step in range(3):
+        method.forward_train(make_batch(64, seed=step))
+    assert [teacher.fetches for _, teacher in committee] == [3, 3]
+    if gated:  # the teachers really ran on sliced sub-batches
+        assert all(0 < method.passes.done[n] < method.passes.full[n] for n in ("a", "b"))
+
+
+def test_a_teacher_without_with_context_fetches_twice_with_residual_questions():
+    teacher = FetchingTwiceTeacher()  # the counting above would catch a skipped with_context
+    method_for([("t", teacher)], DistillConfig(residual_questions=True)).forward_train(
+        make_batch(16)
+    )
+    assert teacher.fetches == 2
+
+
+def test_with_context_changes_no_answer():
+    batch = make_batch(32)
+    config = DistillConfig(residual_questions=True)
+    _, once = method_for([("t", ContextTeacher())], config).forward_train(batch)
+    _, twice = method_for([("t", FetchingTwiceTeacher())], config).forward_train(batch)
+    assert all(torch.equal(once[k], twice[k]) for k in once)
+
+
+def test_a_staged_teachers_forward_fetches_its_context_once():
+    teacher = ContextTeacher()
+    method = method_for([("t", teacher)], DistillConfig(method="ld"))
+    method.forward_train(make_batch(16))  # LD runs teacher(batch)
+    assert teacher.fetches == 1

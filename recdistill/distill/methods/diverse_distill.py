@@ -4,7 +4,8 @@ One training step, with ``sg`` = detach (DESIGN.md section 2)::
 
     h = early_s(batch); z = middle_s(h); y_hat = head_s(z)
     q_k, s_k = QuestionAugmenter(sg(h))                   # q_k [B, d_k], s [B, K]
-    r_k = teacher_k.middle(q_k (+ teacher_k.early(batch) if residual), batch)   # [B, m_k]
+    c_k = teacher_k.with_context(batch)                   # shared context, fetched once
+    r_k = teacher_k.middle(q_k (+ teacher_k.early(c_k) if residual), c_k)   # [B, m_k]
     a_k = act_s(AnswerAugmenter_k(r_k))                   # [B, d_z], in the range of z
 
     student: L = task(y_hat, y) + lambda * sum_k mean_b[ sg(s_k) * D(z, sg(a_k)) ]
@@ -69,8 +70,15 @@ class DiverseDistill(DistillMethod):
             return self.module.question.importance(self.student.early(batch))
 
     def ask(self, k: int, question: torch.Tensor, batch: Any) -> torch.Tensor:
-        """Teacher ``k``'s hidden reply ``[b, m_k]`` to ``question`` ``[b, d_k]`` about ``batch``."""
+        """Teacher ``k``'s hidden reply ``[b, m_k]`` to ``question`` ``[b, d_k]`` about ``batch``.
+
+        The teacher's ``with_context`` (optional in the stage API) runs first, so that the
+        context its ``early`` and ``middle`` share is fetched once per step.
+        """
         _, teacher = self.committee[k]
+        if callable(getattr(teacher, "with_context", None)):
+            with torch.no_grad():  # a frozen teacher's context does not depend on the question
+                batch = teacher.with_context(batch)
         if self.config.residual_questions:
             with torch.no_grad():  # the teacher's own early output is frozen context
                 own = teacher.early(batch)
