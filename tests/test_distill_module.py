@@ -193,6 +193,12 @@ def test_unknown_reduction_or_answer_activation_is_refused_naming_the_field(fiel
         DistillConfig(**{field: value})
 
 
+@pytest.mark.parametrize("explore", [-0.1, 1.5, float("nan")])
+def test_gating_explore_outside_unit_interval_is_refused(explore):
+    with pytest.raises(ValueError, match=r"explore must be in \[0, 1\]"):
+        GatingConfig(explore=explore)
+
+
 def test_distill_yaml_section_is_validated_with_key_paths():
     from pipelines.schema import ConfigError, from_dict
 

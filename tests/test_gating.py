@@ -53,7 +53,8 @@ def test_slice_batch_equals_building_the_batch_of_those_rows(prepared, batch):
 
 
 def test_gated_teacher_runs_only_on_rows_above_threshold(prepared, batch):
-    method, committee = committee_method(prepared, GatingConfig(enabled=True, warmup_steps=0))
+    method, committee = committee_method(prepared, GatingConfig(enabled=True, warmup_steps=0,
+                                                                explore=0.0))  # fmt: skip
     s = method.importance(batch)  # [B, 2]
     method.gate.config.threshold = float(s[:, 0].median())  # excludes teacher a for half the rows
     recorders = [RecordingMiddle(t) for _, t in committee]
@@ -68,7 +69,8 @@ def test_gated_teacher_runs_only_on_rows_above_threshold(prepared, batch):
 
 
 def test_unasked_rows_carry_no_distillation_loss(prepared, batch):
-    method, _ = committee_method(prepared, GatingConfig(enabled=True, warmup_steps=0), ("a",))
+    method, _ = committee_method(prepared, GatingConfig(enabled=True, warmup_steps=0, explore=0.0),
+                                 ("a",))  # fmt: skip
     method.eval()  # eval asks every row: the reference answers
     with torch.no_grad():
         s = method.importance(batch)[:, 0]
@@ -87,7 +89,7 @@ def test_unasked_rows_carry_no_distillation_loss(prepared, batch):
 
 def test_every_row_is_asked_during_warmup(prepared, batch):
     method, committee = committee_method(prepared, GatingConfig(enabled=True, threshold=1.0,
-                                                                warmup_steps=1))  # fmt: skip
+                                                                warmup_steps=1, explore=0.0))  # fmt: skip
     recorders = [RecordingMiddle(t) for _, t in committee]
     method.forward_train(batch)  # step 0: warm-up, everyone asked
     method.forward_train(batch)  # step 1: threshold 1.0 excludes every row
@@ -97,7 +99,7 @@ def test_every_row_is_asked_during_warmup(prepared, batch):
 
 def test_a_batch_no_teacher_is_asked_about_still_trains_the_student(prepared, batch):
     method, committee = committee_method(prepared, GatingConfig(enabled=True, threshold=1.0,
-                                                                warmup_steps=0))  # fmt: skip
+                                                                warmup_steps=0, explore=0.0))  # fmt: skip
     before = [p.detach().clone() for p in method.student.parameters()]
     _, losses = method.forward_train(batch)  # threshold 1.0: no row asks any teacher
     assert losses["loss_kd"].item() == 0.0 and not losses["loss_reg_teacher"].requires_grad
@@ -105,6 +107,44 @@ def test_a_batch_no_teacher_is_asked_about_still_trains_the_student(prepared, ba
     grads = [p.grad for p in method.student.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     assert all(torch.equal(a, b) for a, b in zip(before, method.student.parameters()))
+
+
+def test_explore_asks_about_that_share_of_the_rows_below_the_threshold():
+    gate = ImportanceGate(GatingConfig(enabled=True, threshold=0.6, warmup_steps=0, explore=0.1),
+                          torch.Generator().manual_seed(0))  # fmt: skip
+    asked = gate.select(torch.full((5000, 2), 0.3), step=0)
+    share = asked.float().mean(dim=0)  # per teacher
+    assert torch.allclose(share, torch.full((2,), 0.1), atol=0.015)
+
+
+def test_without_explore_no_row_below_the_threshold_is_asked():
+    gate = ImportanceGate(GatingConfig(enabled=True, threshold=0.6, warmup_steps=0, explore=0.0))
+    assert not bool(gate.select(torch.full((5000, 2), 0.3), step=0).any())
+
+
+def test_rows_above_the_threshold_are_always_asked_whatever_the_draw():
+    gate = ImportanceGate(GatingConfig(enabled=True, threshold=0.6, warmup_steps=0, explore=0.1))
+    s = torch.rand(5000, 3, generator=torch.Generator().manual_seed(1))
+    asked = gate.select(s, step=0)
+    assert bool(asked[s > 0.6].all())
+    assert 0.05 < asked[s <= 0.6].float().mean() < 0.15
+
+
+def test_explored_rows_repeat_with_the_seed_and_change_from_step_to_step():
+    config = GatingConfig(enabled=True, threshold=0.6, warmup_steps=0, explore=0.5)
+    s = torch.full((1000, 2), 0.3)
+    first, second = (ImportanceGate(config, torch.Generator().manual_seed(3)) for _ in range(2))
+    step0 = first.select(s, step=0)
+    assert torch.equal(step0, second.select(s, step=0))
+    assert not torch.equal(step0, first.select(s, step=1))
+    torch.manual_seed(5)  # without a generator the gate seeds its own from the run's seed
+    again = [ImportanceGate(config).select(s, step=0) for _ in range(2)]
+    assert torch.equal(*again)
+
+
+def test_default_warmup_is_long_and_explores_a_tenth():
+    config = GatingConfig()
+    assert config.warmup_steps == 500 and config.explore == 0.1
 
 
 def test_disabled_gate_asks_every_teacher_about_every_row():

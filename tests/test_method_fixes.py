@@ -4,6 +4,7 @@
   ``mean``;
 - answers go through the student's own output activation, so they lie where ``z`` can reach;
 - a teacher's per-example context is fetched once per step (``with_context``);
+- gating explores below the threshold, so a teacher's closed gate can open again.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from recdistill.distill.losses import divergence
 from recdistill.stages import StagedModule
 
 FEATURES, STUDENT_EARLY, STUDENT_HIDDEN = 6, 8, 5
+LABEL_FEATURES = 2  # the label depends on the first two features, which the student cannot see
 
 
 @dataclass
 class TensorBatch:
-    """Rows of dense features ``x`` [B, F] with ``labels`` [B] and ``rows`` [B] ids."""
+    """Rows of dense features ``x`` [B, F] with ``labels`` [B] and ``rows`` [B] ids.
+
+    The labels depend on the first ``LABEL_FEATURES`` features only.
+    """
 
     x: torch.Tensor
     labels: torch.Tensor
@@ -49,18 +54,19 @@ def make_batch(size: int, seed: int = 0) -> TensorBatch:
 
 
 class Student(StagedModule):
-    """``Linear -> Linear -> ReLU -> Linear``; its ``z`` is post-ReLU, as MLP-S's."""
+    """``Linear -> Linear -> ReLU -> Linear`` over the features the label does not depend on
+    (so a teacher that sees them all knows more); its ``z`` is post-ReLU, as MLP-S's."""
 
     early_dim, hidden_dim, hidden_activation = STUDENT_EARLY, STUDENT_HIDDEN, "relu"
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Linear(FEATURES, STUDENT_EARLY)
+        self.embed = nn.Linear(FEATURES - LABEL_FEATURES, STUDENT_EARLY)
         self.tower = nn.Sequential(nn.Linear(STUDENT_EARLY, STUDENT_HIDDEN), nn.ReLU())
         self.out = nn.Linear(STUDENT_HIDDEN, 1)
 
     def early(self, batch):
-        return self.embed(batch.x)
+        return self.embed(batch.x[:, LABEL_FEATURES:])
 
     def middle(self, h, batch=None):
         return self.tower(h)
@@ -78,14 +84,17 @@ class UndeclaredStudent(Student):
 class ContextTeacher(StagedModule):
     """A teacher whose ``early`` and ``middle`` both read a per-example context, counted.
 
-    ``seed`` seeds its weights.
+    ``knows_labels``: the context is the row's features, the label's included (a useful
+    teacher); otherwise it is a constant (a teacher that knows nothing the question does not
+    tell it). ``seed`` seeds its weights.
     """
 
     early_dim, hidden_dim = 4, 3
 
-    def __init__(self, seed: int = 1):
+    def __init__(self, knows_labels: bool = True, seed: int = 1):
         super().__init__()
         torch.manual_seed(seed)
+        self.knows_labels = knows_labels
         self.fetches = 0
         self.read = nn.Linear(FEATURES, self.early_dim)
         self.upper = nn.Linear(self.early_dim, self.hidden_dim)
@@ -93,6 +102,8 @@ class ContextTeacher(StagedModule):
 
     def fetch_context(self, batch: TensorBatch) -> torch.Tensor:
         self.fetches += 1
+        if not self.knows_labels:
+            return torch.ones(len(batch.labels), FEATURES)
         return batch.x  # [B, F]
 
     def with_context(self, batch):
@@ -243,3 +254,71 @@ def test_a_staged_teachers_forward_fetches_its_context_once():
     method = method_for([("t", teacher)], DistillConfig(method="ld"))
     method.forward_train(make_batch(16))  # LD runs teacher(batch)
     assert teacher.fetches == 1
+
+
+# ---------------------------------------------------------------- 4. gating explores
+
+
+def test_explored_rows_are_answered_and_carry_importance_weighted_distillation_loss():
+    batch = make_batch(400)
+    gating = GatingConfig(enabled=True, threshold=1.0, warmup_steps=0, explore=0.25)
+    method = method_for([("t", ContextTeacher())], DistillConfig(gating=gating))
+    method.eval()
+    with torch.no_grad():  # reference answers for every row
+        h = method.student.early(batch)
+        z = method.student.middle(h)
+        questions, s = method.module.question(h)
+        answer = method.module.answer(0, method.ask(0, questions[0], batch))
+    method.train()
+    asked = method.gate.select(s, step=0, generator=torch.Generator().manual_seed(7))
+    method.gate.generator = torch.Generator().manual_seed(7)  # the step draws the same rows
+    _, losses = method.forward_train(batch)
+    rows = asked[:, 0]
+    assert 0.15 < rows.float().mean() < 0.35  # threshold 1.0: every asked row was explored
+    expected = (s[rows, 0] * divergence(z[rows], answer[rows])).sum() / len(batch.labels)
+    assert losses["loss_kd"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert losses["loss_reg_teacher"].requires_grad and losses["loss_reg_answer"].requires_grad
+    assert losses["loss_reg_importance"].requires_grad
+    assert method.passes.summary()["t"]["done"] == int(rows.sum())
+
+
+def closed_gate_run(explore: float, steps: int) -> tuple[float, float, int]:
+    """Mean importance of a useful teacher whose gate starts closed, before and after training.
+
+    The committee: a teacher whose context holds the features the label depends on (which the
+    student cannot see) and one whose context is constant. The importance starts at 0.27 for
+    the useful one on every row (below tau = 0.6) and 0.73 for the other; only the module is
+    trained. Returns (before, after, passes of the useful teacher).
+    """
+    committee = [("useful", ContextTeacher(knows_labels=True)),
+                 ("blind", ContextTeacher(knows_labels=False))]  # fmt: skip
+    gating = GatingConfig(enabled=True, threshold=0.6, warmup_steps=0, explore=explore)
+    method = method_for(committee, DistillConfig(gating=gating))
+    with torch.no_grad():  # s_k = sigmoid((h W_s) . E_k): start logits -1 and +1 on every row
+        method.student.embed.weight[0].zero_()
+        method.student.embed.bias[0] = 1.0  # h[:, 0] = 1
+        method.module.question.importance_projection.weight.zero_()
+        method.module.question.importance_projection.weight[0, 0] = 1.0  # h W_s = [1, 0, ...]
+        method.module.question.teacher_embeddings[:, 0] = torch.tensor([-1.0, 1.0])
+    optimizer = torch.optim.Adam(method.learnable_parameters(), lr=1e-2)
+    probe = make_batch(512, seed=99)
+    before = float(method.importance(probe)[:, 0].mean())
+    for step in range(steps):
+        optimizer.zero_grad()
+        _, losses = method.forward_train(make_batch(256, seed=step))
+        method.backward(losses)
+        optimizer.step()
+    after = float(method.importance(probe)[:, 0].mean())
+    return before, after, method.passes.done["useful"]
+
+
+def test_a_useful_teachers_closed_gate_reopens_through_exploration():
+    before, after, asked = closed_gate_run(explore=0.2, steps=30)
+    assert before < 0.6 and asked > 0
+    assert after > 0.6  # its importance rose above tau: the gate is open again
+
+
+def test_without_exploration_a_closed_gate_stays_closed():
+    before, after, asked = closed_gate_run(explore=0.0, steps=30)
+    assert before < 0.6 and asked == 0  # the one-way ratchet exploration removes
+    assert after == pytest.approx(before, abs=0.01)

@@ -1,6 +1,8 @@
 """Importance gating: ask a teacher only about the rows it is likely to help with.
 
-After a warm-up, teacher ``k`` answers only the rows with ``s_k > tau``. Its selected rows are
+After a warm-up, teacher ``k`` answers the rows with ``s_k > tau`` and a random ``explore`` share
+of the others (so that a teacher whose importance fell below ``tau`` can still show it helps,
+and its importance can rise again). Its selected rows are
 gathered into a sub-batch (the batch itself is sliced too, so a teacher whose ``middle``
 fetches per-example context by ``batch.rows`` gets the right rows), the teacher runs on that
 sub-batch only, and the answers are scattered back; unselected rows carry no distillation loss
@@ -106,7 +108,10 @@ class ImportanceGate:
     """Which teacher is asked about which row.
 
     Args:
-        config: enabled, threshold ``tau`` and warm-up steps.
+        config: enabled, threshold ``tau``, warm-up steps and the ``explore`` share.
+        generator: draws the explored rows; by default a new one seeded with
+            ``torch.initial_seed()`` (the run's seed when the caller set it with
+            ``torch.manual_seed``), so that a run repeats its choices.
 
     Example::
 
@@ -114,19 +119,34 @@ class ImportanceGate:
         asked = gate.select(importance, step)  # [B, K] bool
     """
 
-    def __init__(self, config: GatingConfig):
+    def __init__(self, config: GatingConfig, generator: torch.Generator | None = None):
         self.config = config
+        self.generator = (
+            generator if generator is not None
+            else torch.Generator().manual_seed(torch.initial_seed())
+        )  # fmt: skip
 
     def active(self, step: int) -> bool:
         return self.config.enabled and step >= self.config.warmup_steps
 
-    def select(self, importance: torch.Tensor, step: int) -> torch.Tensor:
+    def select(
+        self, importance: torch.Tensor, step: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``[B, K]`` bool: ask teacher k about row b? All True before the warm-up ends.
+
+        After it, every row with ``s_k > tau`` and, independently per (row, teacher), each
+        other row with probability ``explore``.
 
         Args:
             importance: ``[B, K]`` importance scores ``s`` (gradients are not needed).
             step: the training step, counted from 0.
+            generator: draws the explored rows (default: the gate's own).
         """
         if not self.active(step):
             return torch.ones_like(importance, dtype=torch.bool)
-        return importance.detach() > self.config.threshold
+        above = importance.detach() > self.config.threshold
+        if self.config.explore == 0.0:
+            return above
+        generator = generator or self.generator
+        draw = torch.rand(importance.shape, generator=generator, device=generator.device)
+        return above | (draw < self.config.explore).to(importance.device)

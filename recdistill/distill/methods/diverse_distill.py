@@ -13,9 +13,11 @@ One training step, with ``sg`` = detach (DESIGN.md section 2)::
                  + task(head_s(sum_k s~_k a_k), y)        # last term: importance_regularizer
 
 L trains the student only, R the module only (``backward(inputs=...)``); teachers are frozen.
-With gating, teacher k runs only on rows with ``s_k > tau`` and every term above that involves
-teacher k is taken over those rows (the distillation term still averages over the whole batch,
-so an unselected row contributes 0).
+With gating, teacher k runs only on the rows it is asked about (``s_k > tau``, plus the
+``explore`` share drawn from the others) and every term above that involves teacher k is taken
+over those rows (the distillation term still averages over the whole batch, so an unselected
+row contributes 0). An explored row is treated like any asked row: its distillation term is
+weighted by its (low) ``sg(s_k)``, and R covers it, which is how a closed gate can reopen.
 """
 
 from __future__ import annotations
