@@ -10,10 +10,13 @@ torchrec, no fbgemm, no recdistill:
   ``EmbeddingBagCollection`` (an ``nn.EmbeddingBag`` for the genres; the single-valued features
   of one width merged into one ``nn.Embedding``, :class:`MergedTable`); pooled embeddings
   concatenated in ``FEATURES`` order (``[B, F*D]``, the student's ``early``).
-- the student's MLP tower and rating head, copied (``middle`` and ``head``).
+- the student's MLP tower and rating head, copied (``middle`` and ``head``), its rating clipped
+  to the range of the training labels (:func:`training_rating_range`; 1..5 for MovieLens): the
+  model was never taught a rating outside it.
 
 :func:`export_torchscript` scripts :class:`ServingStudent`, saves it, loads it back and checks
-it against the eager student on real rows (max abs difference within ``tolerance``).
+it against the eager student, clipped the same way, on real rows (max abs difference within
+``tolerance``).
 
 Example::
 
@@ -30,7 +33,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import polars as pl
 import torch
@@ -77,6 +80,14 @@ class ExportParityError(ValueError):
     def __init__(self, message: str, report: "ExportReport"):
         super().__init__(message)
         self.report = report
+
+
+def training_rating_range(prepared: Prepared) -> Tuple[float, float]:
+    """The lowest and highest rating of the training split: what the served student clips to."""
+    labels = prepared.data.labels[prepared.data.splits["train"]]
+    if labels.numel() == 0:
+        raise ValueError("the training split is empty: no rating range to clip served ratings to")
+    return float(labels.min()), float(labels.max())
 
 
 class ServingInputs(NamedTuple):
@@ -376,26 +387,37 @@ class ServingStudent(nn.Module):
         sparse_arch: indices -> ``h`` ``[B, F*D]``.
         tower: ``h`` -> ``z`` ``[B, hidden]`` (the student's ``middle``).
         rating_head: ``z`` -> ``[B, 1]`` (the student's ``head``).
+        rating_range: ``(lo, hi)`` the ratings are clipped to (the training labels' range);
+            ``None`` leaves them unclipped.
 
     Example::
 
-        served = ServingStudent.from_student(student, prepared.vocabs)
-        y = served(*serving_inputs(joined).args)  # [B] ratings; B may be 0
+        served = ServingStudent.from_student(student, prepared.vocabs, training_rating_range(prepared))
+        y = served(*serving_inputs(joined).args)  # [B] ratings in [lo, hi]; B may be 0
     """
 
     def __init__(
         self, encoder: RawFeatureEncoder, sparse_arch: ServingSparseArch, tower: nn.Module,
-        rating_head: nn.Module,
+        rating_head: nn.Module, rating_range: Optional[Tuple[float, float]] = None,
     ):  # fmt: skip
         super().__init__()
         self.encoder = encoder
         self.sparse_arch = sparse_arch
         self.tower = tower
         self.rating_head = rating_head
+        lo, hi = rating_range if rating_range is not None else (-float("inf"), float("inf"))
+        if not lo <= hi:
+            raise ValueError(f"rating_range must be (lo, hi) with lo <= hi, got {rating_range}")
+        # A buffer, not float attributes: it travels in the file and freezing folds it.
+        self.register_buffer("rating_range", torch.tensor([lo, hi], dtype=torch.float32))
 
     @classmethod
-    def from_student(cls, student: nn.Module, vocabs: FeatureVocabs) -> "ServingStudent":
-        """Build from an ``MLPRecommender`` (``sparse_arch.ebc``, ``tower``, ``rating_head``)."""
+    def from_student(
+        cls, student: nn.Module, vocabs: FeatureVocabs,
+        rating_range: Optional[Tuple[float, float]] = None,
+    ) -> "ServingStudent":  # fmt: skip
+        """Build from an ``MLPRecommender`` (``sparse_arch.ebc``, ``tower``, ``rating_head``),
+        clipping its ratings to ``rating_range`` (``None``: unclipped)."""
         missing = [a for a in ("sparse_arch", "tower", "rating_head") if not hasattr(student, a)]
         if missing:
             raise ValueError(
@@ -408,6 +430,7 @@ class ServingStudent(nn.Module):
             sparse_arch,
             copy.deepcopy(student.tower).cpu().float(),
             copy.deepcopy(student.rating_head).cpu().float(),
+            rating_range,
         )
         for p in served.parameters():
             p.requires_grad_(False)
@@ -435,17 +458,21 @@ class ServingStudent(nn.Module):
     def score(
         self, single: torch.Tensor, genre_values: torch.Tensor, genre_offsets: torch.Tensor
     ) -> torch.Tensor:
-        """Ratings ``[B]`` from already-encoded indices (the output of the encoder)."""
+        """Ratings ``[B]`` from already-encoded indices (the output of the encoder), clipped."""
         h = self.sparse_arch(single, genre_values, genre_offsets)  # [B, F*D]
-        return self.rating_head(self.tower(h)).squeeze(-1)  # [B]
+        y = self.rating_head(self.tower(h)).squeeze(-1)  # [B]
+        return torch.clamp(y, self.rating_range[0], self.rating_range[1])
 
 
 @dataclass
 class ParityRows:
-    """Real rows scored by both models: raw inputs for the served one, a batch for the eager one."""
+    """Real rows scored by both models: raw inputs for the served one, a batch for the eager one,
+    and the training labels' range ``(lo, hi)`` both are clipped to (the served student clips
+    with it; the eager one is clipped the same way before the comparison)."""
 
     inputs: ServingInputs
     batch: Batch
+    rating_range: Tuple[float, float]
 
     @classmethod
     def sample(cls, prepared: Prepared, count: int, split: str = "test", seed: int = 0) -> "ParityRows":
@@ -463,7 +490,7 @@ class ParityRows:
     @classmethod
     def from_rows(cls, prepared: Prepared, rows: torch.Tensor) -> "ParityRows":
         joined = prepared.movielens.joined()[rows.tolist()]
-        return cls(serving_inputs(joined), prepared.data.batch(rows))
+        return cls(serving_inputs(joined), prepared.data.batch(rows), training_rating_range(prepared))
 
 
 @dataclass
@@ -477,6 +504,7 @@ class ExportReport:
     passed: bool
     size_bytes: int
     seconds: float
+    rating_range: Tuple[float, float]
 
     def as_dict(self) -> dict:
         return {
@@ -487,12 +515,17 @@ class ExportReport:
             "passed": self.passed,
             "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 3),
+            "rating_range": list(self.rating_range),
         }
 
 
-def script_student(student: nn.Module, vocabs: FeatureVocabs, freeze: bool = True) -> torch.jit.ScriptModule:
-    """The scripted :class:`ServingStudent` of ``student`` (frozen when ``freeze``)."""
-    scripted = torch.jit.script(ServingStudent.from_student(student, vocabs))
+def script_student(
+    student: nn.Module, vocabs: FeatureVocabs, freeze: bool = True,
+    rating_range: Optional[Tuple[float, float]] = None,
+) -> torch.jit.ScriptModule:  # fmt: skip
+    """The scripted :class:`ServingStudent` of ``student`` (frozen when ``freeze``), its ratings
+    clipped to ``rating_range`` (``None``: unclipped)."""
+    scripted = torch.jit.script(ServingStudent.from_student(student, vocabs, rating_range))
     if freeze:
         scripted = torch.jit.freeze(scripted, preserved_attrs=["score"])
     return scripted
@@ -513,7 +546,8 @@ def export_torchscript(
         student: the trained ``MLPRecommender`` (eager, TorchRec).
         vocabs: the vocabularies it was trained with (baked into the file).
         path: where to write the TorchScript file.
-        check_rows: real rows to score with the reloaded file and the eager student.
+        check_rows: real rows to score with the reloaded file and the eager student; their
+            ``rating_range`` (the training labels') is baked into the file as the clip range.
         tolerance: largest allowed ``|served - eager|``.
         freeze: ``torch.jit.freeze`` before saving.
         raise_on_mismatch: raise :class:`ExportParityError` when the check fails (otherwise
@@ -526,12 +560,13 @@ def export_torchscript(
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(script_student(student, vocabs, freeze), str(path))
+    lo, hi = check_rows.rating_range
+    torch.jit.save(script_student(student, vocabs, freeze, (lo, hi)), str(path))
     served = torch.jit.load(str(path))
     was_training = student.training
     student.eval()
     with torch.no_grad():
-        eager = student(check_rows.batch)  # [N]
+        eager = student(check_rows.batch).clamp(lo, hi)  # [N], clipped as the served one is
         got = served(*check_rows.inputs.args)  # [N]
     student.train(was_training)
     if got.shape != eager.shape:
@@ -547,6 +582,7 @@ def export_torchscript(
         passed=passed,
         size_bytes=path.stat().st_size,
         seconds=time.perf_counter() - start,
+        rating_range=(lo, hi),
     )
     if not passed and raise_on_mismatch:
         raise ExportParityError(
@@ -560,5 +596,5 @@ def export_torchscript(
 __all__ = [
     "MISSING_INT", "ExportConfig", "ExportParityError", "ExportReport", "MergedTable", "ParityRows",
     "RawFeatureEncoder", "ServingInputs", "ServingSparseArch", "ServingStudent",
-    "export_torchscript", "script_student", "serving_inputs",
+    "export_torchscript", "script_student", "serving_inputs", "training_rating_range",
 ]  # fmt: skip

@@ -23,6 +23,7 @@ from recdistill.export import (
     ServingInputs,
     export_torchscript,
     serving_inputs,
+    training_rating_range,
 )
 
 #: Run by a python that cannot import torchrec or fbgemm: load the file, score, compare.
@@ -51,6 +52,25 @@ print(float((got - data["expected"]).abs().max()), tuple(got.shape))
 @pytest.fixture(scope="module")
 def student(trained_student):
     return trained_student
+
+
+def _eager(student, rows: ParityRows) -> torch.Tensor:
+    """The eager student's ratings, clipped to the training labels' range as the served one's."""
+    with torch.no_grad():
+        return student(rows.batch).clamp(*rows.rating_range)
+
+
+def _serve_in_a_fresh_process(path, rows: ParityRows, expected: torch.Tensor, tmp_path) -> tuple[float, str]:
+    """Score ``rows`` with the file in a python that cannot import torchrec: (max |diff|, shape)."""
+    data = tmp_path / "inputs.pt"
+    torch.save({"args": list(rows.inputs.args), "expected": expected}, data)
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCHREC, str(path), str(data)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    diff, shape = out.stdout.split(" ", 1)
+    return float(diff), shape.strip()
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +106,35 @@ def test_encoder_derives_the_same_indices_as_the_feature_layer(prepared):
 def test_torchscript_file_serves_without_torchrec(exported, prepared, student, tmp_path):
     path, _ = exported
     check = ParityRows.sample(prepared, 64, split="valid", seed=1)
+    diff, shape = _serve_in_a_fresh_process(path, check, _eager(student, check), tmp_path)
+    assert diff <= 1e-5 and shape == "(64,)"
+
+
+def test_the_clip_range_is_the_training_labels_range(prepared, exported):
+    assert training_rating_range(prepared) == (1.0, 5.0)  # MovieLens stars
+    assert exported[1].rating_range == (1.0, 5.0)
+
+
+@pytest.mark.parametrize("bias, bound", [(100.0, 5.0), (-100.0, 1.0)])
+def test_served_ratings_are_clipped_to_the_training_label_range(
+    student, prepared, tmp_path, bias, bound
+):  # fmt: skip
+    """A head bias of +-100 puts every raw rating far outside 1..5; the file serves the bound,
+    passes its parity check against the eager student clipped the same way, and still loads
+    with torch alone."""
+    far = copy.deepcopy(student)
     with torch.no_grad():
-        expected = student(check.batch)
-    data = tmp_path / "inputs.pt"
-    torch.save({"args": list(check.inputs.args), "expected": expected}, data)
-    out = subprocess.run(
-        [sys.executable, "-c", NO_TORCHREC, str(path), str(data)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    diff, shape = out.stdout.split(" ", 1)
-    assert float(diff) <= 1e-5 and shape.strip() == "(64,)"
+        far.rating_head.bias.fill_(bias)
+    rows = ParityRows.sample(prepared, 256, seed=3)
+    with torch.no_grad():
+        raw = far(rows.batch)
+    assert bool(((raw - bound) * bias > 0).all())  # every raw rating beyond the bound
+    report = export_torchscript(far, prepared.vocabs, tmp_path / "far.pt", rows)
+    assert report.passed and report.max_abs_diff == 0.0
+    served = torch.jit.load(str(report.path))
+    assert bool((served(*rows.inputs.args) == bound).all())
+    diff, shape = _serve_in_a_fresh_process(report.path, rows, torch.full((256,), bound), tmp_path)
+    assert diff == 0.0 and shape == "(256,)"
 
 
 def _unknown_row() -> ServingInputs:
@@ -116,7 +154,7 @@ def test_unknown_values_score_as_the_unknown_slot(exported, student):
         lengths=torch.ones(len(FEATURES), dtype=torch.int64),
     )  # fmt: skip
     with torch.no_grad():
-        expected = student.head(student.middle(student.sparse_arch(zeros)))
+        expected = student.head(student.middle(student.sparse_arch(zeros))).clamp(1.0, 5.0)
     assert torch.isfinite(got).all() and got.shape == (1,)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
@@ -198,8 +236,7 @@ def test_export_command_writes_a_checked_file(student, prepared, tmp_path):
     assert main(argv) == 0
     served = torch.jit.load(str(out))
     check = ParityRows.sample(prepared, 32, seed=5)
-    with torch.no_grad():
-        torch.testing.assert_close(served(*check.inputs.args), student(check.batch), rtol=0, atol=1e-5)
+    torch.testing.assert_close(served(*check.inputs.args), _eager(student, check), rtol=0, atol=1e-5)
 
 
 def test_export_command_reports_a_missing_checkpoint(prepared, tmp_path, capsys):
