@@ -8,9 +8,11 @@ student is logged as an MLflow ``pytorch`` model holding the *scripted serving m
 returns a module that needs torch alone and gives exactly the exported file's outputs.
 
 Promotion (:func:`promote`): a registered version gets the champion alias only if its
-TorchScript export passed the parity check AND it beats the current champion on the same
-holdout metric (strictly; lower is better unless ``greater_is_better``). Otherwise the champion
-stays where it was and the version is tagged with why it lost.
+TorchScript export passed the parity check, it beats the baseline its own run recorded (the
+student trained alone, on a validation metric; :meth:`TrackedRun.log_baseline`) AND it beats the
+current champion on the same holdout metric (each strictly; lower is better unless
+``greater_is_better``). Otherwise the champion stays where it was and the version is tagged with
+why it lost.
 
 Example::
 
@@ -52,6 +54,10 @@ log = logging.getLogger("recdistill.tracking")
 TAG_PARITY = "export.parity_passed"
 METRIC_PARITY_DIFF = "export.max_abs_diff"
 TAG_HOLDOUT = "holdout"
+#: A run's baseline: metrics ``baseline.<metric>`` and the tag naming what it is
+#: (written by :meth:`TrackedRun.log_baseline`).
+BASELINE_PREFIX = "baseline."
+TAG_BASELINE = "baseline"
 #: Model-version tags written by :func:`promote`.
 TAG_PROMOTION = "promotion"
 TAG_REASON = "promotion_reason"
@@ -73,7 +79,11 @@ class TrackingConfig:
         registered_model: the registry name of the served student.
         champion_alias: the alias that marks the version to serve.
         holdout_metric: the run metric versions are compared on.
-        greater_is_better: direction of ``holdout_metric`` (MSE: lower is better).
+        baseline_metric: the run metric a version must beat its own run's baseline on
+            (``baseline.<metric>``, e.g. the student trained alone). A validation metric: the
+            test split chooses nothing. Runs without a baseline skip this rule.
+        greater_is_better: direction of ``holdout_metric`` and ``baseline_metric`` (MSE: lower
+            is better).
         model_name: the name of the logged MLflow model inside a run.
     """
 
@@ -84,12 +94,13 @@ class TrackingConfig:
     registered_model: str = "recdistill-student"
     champion_alias: str = "champion"
     holdout_metric: str = "test_mse"
+    baseline_metric: str = "valid_mse"
     greater_is_better: bool = False
     model_name: str = "student"
 
     def __post_init__(self) -> None:
         for name in ("local_dir", "experiment", "registered_model", "champion_alias",
-                     "holdout_metric", "model_name"):  # fmt: skip
+                     "holdout_metric", "baseline_metric", "model_name"):  # fmt: skip
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
         if self.champion_alias.lower().startswith("v") and self.champion_alias[1:].isdigit():
@@ -188,6 +199,14 @@ class TrackedRun:
 
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def log_baseline(self, name: str, metrics: Mapping[str, float]) -> None:
+        """Record what this run's model must beat to be promoted: ``metrics`` of ``name`` (e.g.
+        ``{"valid_mse": 0.87}`` of the student trained alone) as ``baseline.<key>``; non-finite
+        values are left out."""
+        self.log_metrics({f"{BASELINE_PREFIX}{k}": v for k, v in metrics.items()
+                          if math.isfinite(float(v))})  # fmt: skip
+        self.set_tags({TAG_BASELINE: name})
+
     def set_holdout(self, key: str) -> None:
         """Name the holdout the metric was measured on (data source, split, seed): promotion
         compares only versions measured on the same holdout."""
@@ -217,18 +236,22 @@ class TrackedRun:
         with tempfile.TemporaryDirectory() as tmp:
             self.log_file(vocabs.save(Path(tmp) / name))
 
-    def log_table(self, rows: Sequence[Mapping[str, Any]], name: str = "results") -> None:
-        """A results table as ``<name>.md`` (markdown) and ``<name>.csv``."""
+    def log_table(
+        self, rows: Sequence[Mapping[str, Any]], name: str = "results",
+        columns: Sequence[str] | None = None,
+    ) -> None:  # fmt: skip
+        """A results table as ``<name>.md`` (markdown) and ``<name>.csv``; ``columns`` default to
+        every key of every row, in order of appearance."""
         import mlflow
 
         if not rows:
             raise ValueError(f"results table {name!r} has no rows")
-        columns = list(dict.fromkeys(k for row in rows for k in row))
+        columns = list(columns or dict.fromkeys(k for row in rows for k in row))
         mlflow.log_text(markdown_table(rows, columns), f"{name}.md")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.csv"
             with path.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=columns)
+                writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
             self.log_file(path)
@@ -370,6 +393,13 @@ class PromotionDecision:
     value: float | None
     champion_before: str | None
     champion_value: float | None
+    #: What the version's run said it must beat (all ``None`` when it recorded no baseline):
+    #: its name, the metric, the baseline's value, the version's value, and the verdict.
+    baseline: str | None = None
+    baseline_metric: str | None = None
+    baseline_value: float | None = None
+    value_vs_baseline: float | None = None
+    beats_baseline: bool | None = None
 
     @property
     def champion(self) -> str | None:
@@ -393,26 +423,33 @@ def _current_champion(client: MlflowClient, name: str, alias: str):
         raise
 
 
-def _run_facts(client: MlflowClient, run_id: str | None, metric: str) -> tuple[float | None, dict]:
+def _run_facts(client: MlflowClient, run_id: str | None) -> tuple[dict[str, float], dict[str, str]]:
+    """The metrics and tags of ``run_id`` (empty when the version names no run)."""
     if not run_id:
-        return None, {}
+        return {}, {}
     run = client.get_run(run_id)
-    return run.data.metrics.get(metric), dict(run.data.tags)
+    return dict(run.data.metrics), dict(run.data.tags)
 
 
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.6g}"
 
 
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def promote(
     config: TrackingConfig, version: str | int, client: MlflowClient | None = None
 ) -> PromotionDecision:
-    """Give ``version`` the champion alias if it passed parity and beats the champion.
+    """Give ``version`` the champion alias if it passed parity, beats the baseline its run
+    recorded, and beats the champion.
 
-    The holdout metric and the parity result are read from the version's run (logged by
-    :meth:`TrackedRun.log_metrics` and :meth:`TrackedRun.log_student`). The decision and its
-    reason are written as version tags (``promotion``, ``promotion_reason``); a promoted version
-    also gets the alias, and the previous champion a ``superseded_by`` tag.
+    The holdout metric, the baseline and the parity result are read from the version's run
+    (logged by :meth:`TrackedRun.log_metrics`, :meth:`TrackedRun.log_baseline` and
+    :meth:`TrackedRun.log_student`); a run that recorded no finite baseline skips that rule. The
+    decision and its reason are written as version tags (``promotion``, ``promotion_reason``); a
+    promoted version also gets the alias, and the previous champion a ``superseded_by`` tag.
 
     Raises:
         PromotionError: the registered model or version does not exist.
@@ -426,13 +463,22 @@ def promote(
         candidate = client.get_model_version(name, version)
     except MlflowException as err:
         raise PromotionError(f"registered model {name!r} has no version {version}: {err.message}") from err
-    value, tags = _run_facts(client, candidate.run_id, metric)
+    metrics, tags = _run_facts(client, candidate.run_id)
+    value = metrics.get(metric)
     champion = _current_champion(client, name, alias)
-    champ_value, champ_tags = (None, {})
+    champ_metrics, champ_tags = ({}, {})
     if champion is not None:
-        champ_value, champ_tags = _run_facts(client, champion.run_id, metric)
+        champ_metrics, champ_tags = _run_facts(client, champion.run_id)
+    champ_value = champ_metrics.get(metric)
     better = (lambda a, b: a > b) if config.greater_is_better else (lambda a, b: a < b)
+    word = ">" if config.greater_is_better else "<"
     parity = tags.get(TAG_PARITY)
+
+    base_metric = config.baseline_metric
+    base_value = metrics.get(BASELINE_PREFIX + base_metric)
+    baseline = tags.get(TAG_BASELINE, "baseline") if _finite(base_value) else None
+    base_own = metrics.get(base_metric) if baseline else None
+    beats_baseline = None if baseline is None else _finite(base_own) and better(base_own, base_value)
 
     promoted = False
     if champion is not None and str(champion.version) == version:
@@ -446,6 +492,11 @@ def promote(
         )
     elif value is None or not math.isfinite(value):
         reason = f"its run has no finite {metric}"
+    elif beats_baseline is False:
+        reason = (
+            f"{base_metric} {_fmt(base_own)} does not beat {_fmt(base_value)} of its baseline "
+            f"({baseline})"
+        )
     elif champion is None:
         promoted, reason = True, f"first {alias} ({metric} {_fmt(value)})"
     elif champ_value is None or not math.isfinite(champ_value):
@@ -456,7 +507,6 @@ def promote(
             f"{champion.version} ({champ_tags.get(TAG_HOLDOUT)!r})"
         )
     elif better(value, champ_value):
-        word = ">" if config.greater_is_better else "<"
         promoted, reason = True, (
             f"{metric} {_fmt(value)} {word} {_fmt(champ_value)} of {alias} version {champion.version}"
         )
@@ -465,6 +515,8 @@ def promote(
             f"{metric} {_fmt(value)} does not beat {_fmt(champ_value)} of {alias} version "
             f"{champion.version}"
         )
+    if promoted and beats_baseline:
+        reason += f"; {base_metric} {_fmt(base_own)} {word} {_fmt(base_value)} of its baseline ({baseline})"
 
     decision = PromotionDecision(
         name=name,
@@ -475,10 +527,17 @@ def promote(
         value=value,
         champion_before=None if champion is None else str(champion.version),
         champion_value=champ_value,
+        baseline=baseline,
+        baseline_metric=base_metric if baseline else None,
+        baseline_value=base_value if baseline else None,
+        value_vs_baseline=base_own,
+        beats_baseline=beats_baseline,
     )
     client.set_model_version_tag(name, version, TAG_PROMOTION, "champion" if promoted else "rejected")
     client.set_model_version_tag(name, version, TAG_REASON, reason)
     client.set_model_version_tag(name, version, f"holdout.{metric}", _fmt(value))
+    if baseline:
+        client.set_model_version_tag(name, version, f"{BASELINE_PREFIX}{base_metric}", _fmt(base_value))
     if promoted and decision.champion_before != version:
         client.set_registered_model_alias(name, alias, version)
         if champion is not None:
@@ -513,7 +572,7 @@ def version_of_run(config: TrackingConfig, run_id: str, client: MlflowClient | N
 
 
 __all__ = [
-    "PromotionDecision", "PromotionError", "TrackedRun", "TrackingConfig", "connect",
+    "BASELINE_PREFIX", "PromotionDecision", "PromotionError", "TrackedRun", "TrackingConfig", "connect",
     "flatten_params", "markdown_table", "promote", "resolve_tracking_uri", "start_run",
     "version_of_run",
 ]  # fmt: skip

@@ -1,7 +1,8 @@
 """The registry's champion rule, against a real ``mlflow server`` on 127.0.0.1.
 
-A version becomes champion only if its TorchScript export passed the parity check AND it beats
-the champion on the same holdout metric; otherwise the champion stays and the version says why.
+A version becomes champion only if its TorchScript export passed the parity check, it beats the
+baseline its run recorded (the student trained alone, on valid) AND it beats the champion on the
+same holdout metric; otherwise the champion stays and the version says why.
 """
 
 from __future__ import annotations
@@ -59,11 +60,19 @@ def bad_export(student, prepared, tmp_path_factory):
     return path, report
 
 
-def _candidate(server, cfg: TrackingConfig, export, test_mse: float) -> tuple[str, str]:
-    """Log a run with a holdout metric and the exported student; register it. (run id, version)"""
+def _candidate(
+    server, cfg: TrackingConfig, export, test_mse: float, valid_mse: float | None = None,
+    alone_valid_mse: float | None = None,
+) -> tuple[str, str]:  # fmt: skip
+    """Log a run with a holdout metric (and, when given, its valid MSE and the student-alone
+    baseline's) and the exported student; register it. (run id, version)"""
     path, report = export
     with start_run(cfg, tracking_uri=server.uri) as run:
         run.log_metrics({"test_mse": test_mse})
+        if valid_mse is not None:
+            run.log_metrics({"valid_mse": valid_mse})
+        if alone_valid_mse is not None:
+            run.log_baseline("mlp_s trained alone", {"valid_mse": alone_valid_mse, "test_mse": 0.5})
         run.set_holdout(HOLDOUT)
         run.log_student(path, report)
         version = run.register_student()
@@ -141,3 +150,45 @@ def test_promote_command_takes_a_run_id_and_prints_the_decision(server, good_exp
         f"{cfg.registered_model} version 2: not promoted: test_mse 0.92 does not beat 0.9 of "
         f"champion version {first}"
     )
+
+
+def test_a_student_that_does_not_beat_its_baseline_on_valid_is_not_promoted(server, good_export):
+    """Even with no champion yet and the best test MSE, a distilled student whose valid MSE is
+    not below the student alone's is registered without the alias, and says why."""
+    cfg = _config("baseline")
+    client = MlflowClient(server.uri, server.uri)
+    for valid_mse in (0.91, 0.90):  # worse, then level: neither beats 0.90
+        _, version = _candidate(server, cfg, good_export, test_mse=0.70, valid_mse=valid_mse,
+                                alone_valid_mse=0.90)  # fmt: skip
+        decision = promote(cfg, version, client)
+        assert not decision.promoted and decision.champion is None
+        assert decision.beats_baseline is False and decision.baseline_value == 0.90
+        tags = client.get_model_version(cfg.registered_model, version).tags
+        assert tags["promotion"] == "rejected"
+        assert tags["promotion_reason"] == (
+            f"valid_mse {valid_mse:g} does not beat 0.9 of its baseline (mlp_s trained alone)"
+        )
+    assert not client.get_registered_model(cfg.registered_model).aliases
+
+
+def test_a_student_that_beats_its_baseline_on_valid_is_promoted(server, good_export):
+    cfg = _config("beats-baseline")
+    client = MlflowClient(server.uri, server.uri)
+    _, version = _candidate(server, cfg, good_export, test_mse=0.85, valid_mse=0.86,
+                            alone_valid_mse=0.88)  # fmt: skip
+    decision = promote(cfg, version, client)
+    assert decision.promoted and decision.beats_baseline is True
+    assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == version
+    tags = client.get_model_version(cfg.registered_model, version).tags
+    assert tags["promotion_reason"] == (
+        "first champion (test_mse 0.85); valid_mse 0.86 < 0.88 of its baseline (mlp_s trained alone)"
+    )
+    assert tags["baseline.valid_mse"] == "0.88"
+
+
+def test_a_run_without_a_baseline_skips_the_baseline_rule(server, good_export):
+    cfg = _config("no-baseline")
+    client = MlflowClient(server.uri, server.uri)
+    _, version = _candidate(server, cfg, good_export, test_mse=0.85, valid_mse=0.99)
+    decision = promote(cfg, version, client)
+    assert decision.promoted and decision.beats_baseline is None and decision.baseline is None
