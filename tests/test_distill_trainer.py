@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from recdistill.distill import DistillConfig, build_method
 from recdistill.distill.trainer import distill
 from recdistill.models import build_model
-from recdistill.training import TrainConfig, TrainingError, evaluate
+from recdistill.training import TrainConfig, TrainingError, evaluate, load_checkpoint, read_checkpoint
 
 SMALL_STUDENT = {"id_embedding_dim": 16, "side_embedding_dim": 4, "hidden": [32, 16]}
 SMALL_TEACHER = {"id_embedding_dim": 24, "side_embedding_dim": 8, "hidden": [64, 40]}
@@ -139,11 +142,57 @@ def test_nan_loss_stops_with_the_step_number(prepared):
         distill(small_student(prepared), [("broken", broken)], prepared, DistillConfig(), QUICK)
 
 
+def test_distillation_writes_the_students_best_and_last_checkpoints(prepared, teacher, tmp_path):
+    train = dataclasses.replace(QUICK, checkpoint_dir=str(tmp_path))
+    result = distill(small_student(prepared), [("t", teacher)], prepared, DistillConfig(), train)
+    best, last = read_checkpoint(tmp_path / "best.pt"), read_checkpoint(tmp_path / "last.pt")
+    assert result.checkpoint == tmp_path / "best.pt"
+    assert best["extra"]["epoch"] == result.best_epoch and last["extra"]["epoch"] == 2
+    assert best["extra"]["distill"]["method"] == "diverse_distill"
+    assert set(best["state_dict"]) == set(result.student.state_dict())  # the student alone
+    assert any("question" in k for k in last["extra"]["method_state"])  # the module, for resuming
+    restored = load_checkpoint(tmp_path / "best.pt", prepared)
+    batch = prepared.data.batch(prepared.data.splits["valid"][:256])
+    assert torch.equal(restored(batch), result.student(batch))
+
+
+def test_nan_validation_mse_stops_distillation_and_best_stays_the_last_good_epoch(prepared, teacher,
+                                                                                   tmp_path):  # fmt: skip
+    student = small_student(prepared)
+
+    def poison_evaluation(epoch, metrics):  # from now on the served student predicts NaN
+        student.register_forward_hook(lambda m, args, out: out if m.training else out * math.nan)
+
+    train = dataclasses.replace(QUICK, checkpoint_dir=str(tmp_path))
+    with pytest.raises(TrainingError, match=r"validation MSE is nan .* epoch 2, step 15 \(global step "
+                                            r"30\) of diverse_distill; last good checkpoint .*epoch 1"):
+        distill(student, [("t", teacher)], prepared, DistillConfig(), train, on_epoch=poison_evaluation)
+    for name in ("best.pt", "last.pt"):
+        assert read_checkpoint(tmp_path / name)["extra"]["epoch"] == 1
+
+
+def test_nan_loss_in_distillation_names_the_step_and_the_last_good_checkpoint(prepared, teacher,
+                                                                             tmp_path):  # fmt: skip
+    student = small_student(prepared)
+
+    def diverge(epoch, metrics):  # after epoch 1 is saved, the student's weights blow up
+        with torch.no_grad():
+            student.tower.layers[0].weight.fill_(math.nan)
+
+    train = dataclasses.replace(QUICK, checkpoint_dir=str(tmp_path))
+    with pytest.raises(TrainingError, match=r"loss_task is nan at epoch 2, step 1 \(global step 16\)"
+                                            r".*best .*best\.pt \(epoch 1\)"):
+        distill(student, [("t", teacher)], prepared, DistillConfig(), train, on_epoch=diverge)
+    best = read_checkpoint(tmp_path / "best.pt")
+    assert best["extra"]["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in best["state_dict"].values())
+
+
 def test_distill_command_loads_teacher_checkpoints_and_saves_the_student(prepared, teacher,
                                                                          tmp_path, capsys):  # fmt: skip
     from pipelines.cli import main
     from recdistill.models import model_config
-    from recdistill.training import read_checkpoint, save_checkpoint
+    from recdistill.training import save_checkpoint
 
     ckpt = save_checkpoint(tmp_path / "t.pt", teacher, "mlp_l", model_config("mlp_l", SMALL_TEACHER),
                            {"vocab_sizes": prepared.vocabs.sizes})  # fmt: skip

@@ -1,11 +1,13 @@
-"""The distillation trainer: any registered method, any committee, early stopping on valid MSE.
+"""The distillation trainer: any registered method, any committee, on the one training loop.
 
-The loop knows nothing about a single method (mdistiller's rule): it calls
-``method.forward_train(batch)``, logs every entry of the returned loss dict, checks each is
-finite, and lets ``method.backward(losses)`` route each loss to the parameters it trains. The
-student gets the optimizer of supervised training (:func:`recdistill.training.build_optimizer`,
-Adagrad tables + Adam), the method's own modules get Adam at ``distill.module_lr``; teachers get
-none. Evaluation is the student alone, as it will be served.
+What a distillation step does is the method's business (mdistiller's rule): the step calls
+``method.forward_train(batch)`` and ``method.backward(losses)`` routes each loss to the
+parameters it trains. Everything else (epochs, the NaN checks of every loss entry and of the
+validation MSE, early stopping, ``best.pt`` / ``last.pt``, logging) is
+:func:`recdistill.training.loop.fit`, the loop supervised training uses too. The student gets
+the optimizer of supervised training (:func:`recdistill.training.build_optimizer`, Adagrad
+tables + Adam), the method's own modules get Adam at ``distill.module_lr``; teachers get none.
+Evaluation and checkpoints are of the student alone, as it will be served.
 
 Example::
 
@@ -16,27 +18,25 @@ Example::
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from features.batches import Prepared
 from recdistill.distill.config import DistillConfig
 from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
 from recdistill.training import (
-    EarlyStopping,
+    EpochCheckpoints,
     TrainConfig,
-    TrainingError,
+    TrainStep,
     build_optimizer,
-    evaluate,
+    fit,
     make_optimizer,
-    steps_in_epoch,
 )
 
 
@@ -59,6 +59,7 @@ class DistillResult:
             methods with importance scores (None otherwise).
         stopped_early: whether patience ran out before ``epochs``.
         steps: training steps taken.
+        checkpoint: the student's ``best.pt`` when ``train.checkpoint_dir`` was given.
     """
 
     student: nn.Module
@@ -71,6 +72,7 @@ class DistillResult:
     importance: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
     steps: int = 0
+    checkpoint: Path | None = None
 
 
 def module_optimizer(method: DistillMethod, config: DistillConfig):
@@ -94,6 +96,29 @@ def importance_scores(
     return {name: scores[:, k] for k, name in enumerate(method.teacher_names)}
 
 
+def passes_saved(method: DistillMethod) -> Callable[[], dict[str, float]]:
+    """Per-epoch metric: ``teacher_passes_saved``, the share of passes saved since the last call."""
+    def counts() -> tuple[int, int]:
+        return sum(method.passes.done.values()), sum(method.passes.full.values())
+
+    before = dict(zip(("done", "full"), counts()))
+
+    def metric() -> dict[str, float]:
+        done, full = counts()
+        epoch_done, epoch_full = done - before["done"], full - before["full"]
+        before.update(done=done, full=full)
+        return {"teacher_passes_saved": 1.0 - epoch_done / epoch_full if epoch_full else 0.0}
+
+    return metric
+
+
+def module_state(method: DistillMethod) -> dict[str, Any]:
+    """``{"method_state": ...}``: the method's own weights (not the student's), for ``last.pt``."""
+    student_keys = {f"student.{k}" for k in method.student.state_dict()}
+    state = {k: v.detach().cpu().clone() for k, v in method.state_dict().items() if k not in student_keys}
+    return {"method_state": state} if state else {}
+
+
 def distill(
     student: nn.Module,
     committee: Sequence[tuple[str, nn.Module]],
@@ -103,12 +128,17 @@ def distill(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     *,
     method: str | None = None,
+    model_name: str | None = None,
+    model_config: Any = None,
 ) -> DistillResult:
     """Distil ``committee`` into ``student`` with ``method`` (default ``config.method``).
 
     Each epoch shuffles the training split (seed ``train.seed + epoch``, as supervised
     training does), takes a step per batch and scores the student on the validation split; the
-    best epoch's student weights are restored at the end.
+    best epoch's student weights are restored at the end. With ``train.checkpoint_dir`` the
+    student's ``best.pt`` and ``last.pt`` are written after every epoch (rebuildable with
+    :func:`recdistill.training.load_checkpoint`; ``last.pt`` also carries the method's own
+    weights in ``extra["method_state"]``).
 
     Args:
         student: the student (stage API), trained in place.
@@ -117,82 +147,51 @@ def distill(
         prepared: the data.
         config: the ``distill:`` section.
         train: the ``train:`` section: epochs, batch sizes, patience, the student's learning
-            rates, seed, ``max_steps_per_epoch``, progress bar.
+            rates, seed, ``max_steps_per_epoch``, progress bar, checkpoint directory.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch (MLflow logging).
         method: overrides ``config.method``.
+        model_name: the student's registry name, for checkpoints (default
+            ``student.model_name``).
+        model_config: the student's config, for checkpoints (default ``student.config``).
 
     Raises:
-        TrainingError: a loss entry is NaN or infinite; the message names it, epoch and step.
+        TrainingError: a loss entry or the validation MSE is NaN or infinite; the message names
+            it, the epoch and step, and where the last good checkpoint is.
     """
     train = train or TrainConfig()
     data = prepared.data
     probe = data.batch(data.splits["train"][: min(8, len(data.splits["train"]))])
     torch.manual_seed(train.seed)  # the module's init and dropout
     runner = build_method(method or config.method, student, committee, config, probe_batch=probe)
-    student_opt = build_optimizer(student, train)
-    extra_opt = module_optimizer(runner, config)
-    result = DistillResult(student=student, method=runner.name)
-    stopper = EarlyStopping(train.patience)
-    steps_per_epoch = steps_in_epoch(data, train)
-
-    for epoch in range(1, train.epochs + 1):
-        runner.train()
-        start = time.perf_counter()
-        sums: dict[str, float] = defaultdict(float)
-        seen = 0
-        done_before, full_before = sum(runner.passes.done.values()), sum(runner.passes.full.values())
-        batches = data.batches("train", train.batch_size, shuffle=True, seed=train.seed + epoch)
-        bar = tqdm(total=steps_per_epoch, desc=f"{runner.name} epoch {epoch}", leave=False,
-                   disable=not train.progress)  # fmt: skip
-        for step, batch in enumerate(batches, start=1):
-            if step > steps_per_epoch:
-                break
-            _, losses = runner.forward_train(batch)
-            for name, value in losses.items():
-                if not torch.isfinite(value):
-                    bar.close()
-                    raise TrainingError(
-                        f"{name} is {value.item()} at epoch {epoch}, step {step} "
-                        f"(global step {runner.step}) of {runner.name}"
-                    )
-            student_opt.zero_grad()
-            if extra_opt is not None:
-                extra_opt.zero_grad()
-            runner.backward(losses)
-            student_opt.step()
-            if extra_opt is not None:
-                extra_opt.step()
-            for name, value in losses.items():
-                sums[name] += value.item() * len(batch)
-            seen += len(batch)
-            bar.update()
-            bar.set_postfix(loss=f"{losses['loss_task'].item():.4f}")
-        bar.close()
-        seconds = time.perf_counter() - start
-        done = sum(runner.passes.done.values()) - done_before
-        full = sum(runner.passes.full.values()) - full_before
-        valid = evaluate(student, data, "valid", train.eval_batch_size)
-        metrics = {
-            **{name: total / seen for name, total in sums.items()},
-            **{f"valid_{k}": v for k, v in valid.items()},
-            "teacher_passes_saved": 1.0 - done / full if full else 0.0,
-            "seconds": seconds,
-            "examples_per_s": seen / seconds,
-        }
-        result.history.append({"epoch": epoch, **metrics})
-        stopper.update(student, valid["mse"], epoch)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if stopper.should_stop:
-            result.stopped_early = epoch < train.epochs
-            break
-
-    stopper.restore(student)
-    result.best_epoch = stopper.best_epoch
+    checkpoints = EpochCheckpoints.for_run(
+        student, prepared, train, model_name, model_config,
+        extra={"method": runner.name, "distill": dataclasses.asdict(config)},
+        last_extra=lambda: module_state(runner),
+    )  # fmt: skip
+    optimizers = [build_optimizer(student, train)]
+    module_opt = module_optimizer(runner, config)
+    if module_opt is not None:  # LD trains nothing besides the student
+        optimizers.append(module_opt)
+    step = TrainStep(
+        losses=lambda batch: runner.forward_train(batch)[1],  # (prediction, losses)
+        optimizers=optimizers,
+        backward=runner.backward,
+        module=runner,
+        epoch_metrics=passes_saved(runner),
+    )
+    trained = fit(student, data, train, step, checkpoints=checkpoints, on_epoch=on_epoch,
+                  desc=runner.name)  # fmt: skip
     student.eval()
-    result.valid = evaluate(student, data, "valid", train.eval_batch_size)
-    result.test = evaluate(student, data, "test", train.eval_batch_size)
-    result.teacher_passes = runner.passes.summary()
-    result.importance = importance_scores(runner, prepared, "valid", train.eval_batch_size)
-    result.steps = runner.step
-    return result
+    return DistillResult(
+        student=student,
+        method=runner.name,
+        history=trained.history,
+        best_epoch=trained.best_epoch,
+        valid=trained.valid,
+        test=trained.test,
+        teacher_passes=runner.passes.summary(),
+        importance=importance_scores(runner, prepared, "valid", train.eval_batch_size),
+        stopped_early=trained.stopped_early,
+        steps=runner.step,
+        checkpoint=trained.checkpoint,
+    )

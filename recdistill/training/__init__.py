@@ -1,0 +1,75 @@
+"""Training any staged model: one loop, many steps.
+
+The trainer knows nothing about a model beyond ``model(batch) -> [B]`` predicted ratings, so it
+trains the TorchRec recommenders and the language teachers alike, in one process or, once
+:mod:`recdistill.sharding` has wrapped the model in TorchRec's ``DistributedModelParallel``, in
+several (each rank then takes its slice of every global batch). Rooms, one job each:
+
+- :mod:`~recdistill.training.config`: the ``train:`` section, ``TrainResult``, ``TrainingError``.
+- :mod:`~recdistill.training.optim`: Adagrad for the tables, Adam for the rest.
+- :mod:`~recdistill.training.evaluation`: MSE / RMSE / MAE on a split.
+- :mod:`~recdistill.training.checkpoints`: ``best.pt`` / ``last.pt``, written atomically.
+- :mod:`~recdistill.training.loop`: the one epoch loop (``fit``) and the ``TrainStep`` it runs.
+- :mod:`~recdistill.training.supervised`: ``train_supervised``, the MSE step.
+- :mod:`~recdistill.training.ranks`, :mod:`~recdistill.training.seeding`: ranks and seeds.
+
+The distillation trainer (:mod:`recdistill.distill.trainer`) is the other user of the loop.
+
+Example::
+
+    prepared = prepare()
+    seed_everything(0)
+    model = build_model("mlp_s", prepared)
+    result = train_supervised(model, prepared, TrainConfig(epochs=5), model_name="mlp_s")
+    print(result.test["rmse"])
+"""
+
+from recdistill.training.checkpoints import (
+    EpochCheckpoints,
+    load_checkpoint,
+    portable_state_dict,
+    read_checkpoint,
+    save_checkpoint,
+)
+from recdistill.training.config import TrainConfig, TrainingError, TrainResult
+from recdistill.training.evaluation import evaluate
+from recdistill.training.loop import EarlyStopping, TrainStep, backward_sum, fit, steps_in_epoch
+from recdistill.training.optim import (
+    ADAGRAD_EPS,
+    EMBEDDING_OPTIMIZERS,
+    OPTIMIZERS,
+    build_optimizer,
+    embedding_parameters,
+    make_optimizer,
+    optimizer_kwargs,
+)
+from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
+from recdistill.training.seeding import seed_everything
+from recdistill.training.supervised import mse_losses, train_supervised
+
+__all__ = [
+    "ADAGRAD_EPS",
+    "EMBEDDING_OPTIMIZERS",
+    "OPTIMIZERS",
+    "EarlyStopping",
+    "EpochCheckpoints",
+    "TrainConfig",
+    "TrainResult",
+    "TrainStep",
+    "TrainingError",
+    "backward_sum",
+    "build_optimizer",
+    "embedding_parameters",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "make_optimizer",
+    "mse_losses",
+    "optimizer_kwargs",
+    "portable_state_dict",
+    "read_checkpoint",
+    "save_checkpoint",
+    "seed_everything",
+    "steps_in_epoch",
+    "train_supervised",
+]

@@ -1,0 +1,97 @@
+"""The ``train:`` section, what a run gives back, and the error that stops a run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from recdistill.training.optim import EMBEDDING_OPTIMIZERS
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN or infinite loss or validation MSE).
+
+    The message names the loss, the epoch and step, and where the last good checkpoint is.
+    """
+
+
+@dataclass
+class TrainConfig:
+    """How to train one model on the ratings (the ``train:`` section of a job YAML).
+
+    Args:
+        epochs: upper bound on passes over the training split.
+        batch_size: global examples per step (split across ranks when sharded).
+        eval_batch_size: examples per step when evaluating.
+        dense_lr: Adam learning rate of every parameter outside an embedding table.
+        embedding_lr: Adagrad learning rate of the embedding tables.
+        embedding_optimizer: ``"adagrad"`` (a sum of squares per weight) or
+            ``"rowwise_adagrad"`` (one per table row: less state, the usual choice at scale).
+        dense_weight_decay: L2 penalty of the dense (Adam) parameters.
+        patience: stop after this many epochs without a better validation MSE.
+        seed: seed of shuffling and dropout (set it before building the model for its init).
+        checkpoint_dir: where ``best.pt`` and ``last.pt`` go after each epoch; None: no files.
+        max_steps_per_epoch: cut each epoch short (quick runs, tests); None: the whole split.
+        progress: show a tqdm progress bar.
+    """
+
+    epochs: int = 20
+    batch_size: int = 1024
+    eval_batch_size: int = 8192
+    dense_lr: float = 1e-3
+    embedding_lr: float = 0.02
+    embedding_optimizer: Literal["adagrad", "rowwise_adagrad"] = "adagrad"
+    dense_weight_decay: float = 0.0
+    patience: int = 2
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("dense_lr", "embedding_lr"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"train.{name} must be a positive number, got {value}")
+        if self.dense_weight_decay < 0:
+            raise ValueError(
+                f"train.dense_weight_decay must be non-negative, got {self.dense_weight_decay}"
+            )
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                f"train.embedding_optimizer must be one of {', '.join(EMBEDDING_OPTIMIZERS)}, "
+                f"got {self.embedding_optimizer!r}"
+            )
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(
+                f"train.max_steps_per_epoch must be at least 1 or null, got {self.max_steps_per_epoch}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """What a training run gives back.
+
+    Attributes:
+        history: one dict per epoch: ``epoch``, the epoch mean of every loss entry (supervised
+            training: ``train_loss``), ``valid_mse``, ``valid_rmse``, ``valid_mae``, ``seconds``,
+            ``examples_per_s``, and whatever the step adds (distillation:
+            ``teacher_passes_saved``).
+        best_epoch: the epoch whose weights the model holds now (1-based).
+        valid: ``{"mse", "rmse", "mae"}`` of the restored best weights on the validation split.
+        test: the same on the test split.
+        checkpoint: path of ``best.pt`` when a checkpoint directory was given.
+        stopped_early: whether patience ran out before ``epochs``.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    valid: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    stopped_early: bool = False

@@ -1,0 +1,132 @@
+"""Optimizers: Adagrad (or row-wise Adagrad) for embedding tables, Adam for the rest.
+
+Every optimizer is a TorchRec ``KeyedOptimizer`` (its ``state_dict`` keyed by parameter
+name), whether it runs fused inside a sharded model's backward or over plain tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+if TYPE_CHECKING:
+    from recdistill.training.config import TrainConfig
+
+#: Optimizers by config name. ``torch.optim.Adagrad`` and torchrec's ``RowWiseAdagrad`` are the
+#: classes TorchRec maps to FBGEMM's fused EXACT_ADAGRAD / EXACT_ROWWISE_ADAGRAD kernels.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+}
+EMBEDDING_OPTIMIZERS: tuple[str, ...] = ("adagrad", "rowwise_adagrad")
+#: FBGEMM's default epsilon; used on both paths so a single process and a sharded run agree.
+ADAGRAD_EPS = 1e-8
+
+
+def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters of every TorchRec embedding collection in ``model``, by name."""
+    found: dict[str, nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            for name, param in module.named_parameters(prefix=prefix):
+                if param.requires_grad:
+                    found[name] = param
+    return found
+
+
+def optimizer_kwargs(kind: str, lr: float, weight_decay: float = 0.0) -> dict[str, Any]:
+    """Constructor arguments of optimizer ``kind``; also what TorchRec hands to FBGEMM."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if kind == "adam":
+        return {"lr": lr, "weight_decay": weight_decay}
+    return {"lr": lr, "eps": ADAGRAD_EPS}
+
+
+def make_optimizer(
+    params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    kind: str,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> KeyedOptimizer:
+    """A keyed optimizer of type ``kind`` (``adam``, ``adagrad``, ``rowwise_adagrad``) over ``params``.
+
+    The building block of :func:`build_optimizer`, for any parameter set (the distillation
+    module's parameters, a projection head...). Its ``state_dict`` is keyed by parameter name.
+
+    Args:
+        params: named parameters (a mapping or ``named_parameters()``-style pairs).
+        kind: optimizer name, a key of ``OPTIMIZERS``.
+        lr: learning rate.
+        weight_decay: L2 penalty (Adam only).
+    """
+    named = dict(params)
+    if not named:
+        raise ValueError(f"make_optimizer({kind!r}): no parameters to optimize")
+    kwargs = optimizer_kwargs(kind, lr, weight_decay)
+    cls = OPTIMIZERS[kind]
+    return KeyedOptimizerWrapper(named, lambda ps: cls(ps, **kwargs))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
+    """Adagrad (or row-wise Adagrad) for the embedding tables, Adam for everything else.
+
+    Two paths, one result (a ``CombinedOptimizer`` with parts ``"embedding"`` and ``"dense"``;
+    a model without embedding tables, such as a language teacher, gets ``"dense"`` only):
+
+    - **Sharded** (``model`` is a ``DistributedModelParallel``): TorchRec's way.
+      :func:`recdistill.sharding.shard_model` attached the embedding optimizer with
+      ``apply_optimizer_in_backward`` before sharding, so DMP fused it into the FBGEMM
+      table-batched kernels: each table is updated inside ``backward`` and never materializes a
+      dense gradient. ``model.fused_optimizer`` exposes it (its ``step`` is a no-op that syncs
+      the learning rate) and the remaining parameters (``in_backward_optimizer_filter``) get Adam.
+    - **One process, no DMP**: the same optimizer classes over the unsharded EBC, wrapped in
+      ``KeyedOptimizerWrapper``. The tables get dense gradients whose untouched rows are zero,
+      and Adagrad leaves a row with a zero gradient exactly as it was (its sum of squares and its
+      weights do not move), so this equals the fused sparse update, with no process group and
+      no side effects inside ``backward``. We chose it over DMP with world size 1 (which needs a
+      global process group and changes the state dict into ShardedTensors) and over
+      ``apply_optimizer_in_backward`` without DMP (which would silently step the tables on
+      every backward that reaches them, including auxiliary losses in distillation).
+      ``tests/test_sharding.py`` checks that both paths give the same losses.
+
+    Args:
+        model: any ``nn.Module``; TorchRec ``EmbeddingBagCollection`` / ``EmbeddingCollection``
+            parameters are found wherever they sit.
+        cfg: learning rates and the embedding optimizer.
+    """
+    parts: list[tuple[str, KeyedOptimizer]] = []
+    fused = getattr(model, "fused_optimizer", None)
+    if fused is not None:  # DistributedModelParallel
+        if fused.params:
+            parts.append(("embedding", fused))
+        rest = {n: p for n, p in in_backward_optimizer_filter(model.named_parameters()) if p.requires_grad}
+        # data_parallel tables are replicated, not fused: DMP exposes them as table slices
+        replicated = {n: p for n, p in rest.items() if isinstance(p, TableBatchedEmbeddingSlice)}
+        if replicated:
+            parts.append(("embedding_replicated",
+                          make_optimizer(replicated, cfg.embedding_optimizer, cfg.embedding_lr)))  # fmt: skip
+        dense = {n: p for n, p in rest.items() if n not in replicated}
+    else:
+        tables = embedding_parameters(model)
+        if tables:
+            parts.append(("embedding", make_optimizer(tables, cfg.embedding_optimizer, cfg.embedding_lr)))
+        table_ids = {id(p) for p in tables.values()}
+        dense = {
+            name: p
+            for name, p in model.named_parameters()
+            if p.requires_grad and id(p) not in table_ids
+        }
+    if dense:
+        parts.append(("dense", make_optimizer(dense, "adam", cfg.dense_lr, cfg.dense_weight_decay)))
+    if not parts:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    return CombinedOptimizer(parts)

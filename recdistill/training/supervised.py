@@ -1,0 +1,69 @@
+"""Supervised training: the rating MSE as the step of the one training loop.
+
+Example::
+
+    prepared = prepare()
+    seed_everything(0)
+    model = build_model("mlp_s", prepared)
+    result = train_supervised(model, prepared, TrainConfig(epochs=5), model_name="mlp_s")
+    print(result.test["rmse"])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from features.batches import Batch, Prepared
+from recdistill.training.checkpoints import EpochCheckpoints
+from recdistill.training.config import TrainConfig, TrainResult
+from recdistill.training.loop import TrainStep, fit
+from recdistill.training.optim import build_optimizer
+
+
+def mse_losses(model: nn.Module) -> Callable[[Batch], dict[str, torch.Tensor]]:
+    """The supervised step's losses: ``{"train_loss": MSE of model(batch) against the labels}``."""
+
+    def losses(batch: Batch) -> dict[str, torch.Tensor]:
+        return {"train_loss": nn.functional.mse_loss(model(batch), batch.labels)}
+
+    return losses
+
+
+def train_supervised(
+    model: nn.Module,
+    prepared: Prepared,
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    *,
+    model_name: str | None = None,
+    model_config: Any = None,
+) -> TrainResult:
+    """Train ``model`` on the ratings with MSE, early-stopping on validation MSE.
+
+    The loop (:func:`recdistill.training.loop.fit`) shuffles each epoch, checks every loss,
+    keeps the best epoch's weights and, with ``cfg.checkpoint_dir``, writes ``best.pt`` and
+    ``last.pt``; a NaN or infinite loss raises :class:`TrainingError` before anything of that
+    epoch is written, so the files on disk stay those of the last good epoch.
+
+    Args:
+        model: a model mapping a :class:`features.batches.Batch` to ``[B]`` ratings (possibly
+            wrapped by :func:`recdistill.sharding.shard_model`).
+        prepared: the data.
+        cfg: the ``train:`` section.
+        on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch with ``train_loss``,
+            ``valid_mse``, ``valid_rmse``, ``valid_mae``, ``seconds``, ``examples_per_s``
+            (e.g. to log to MLflow).
+        model_name: registry name, needed for checkpoints (default: ``model.model_name``).
+        model_config: the model's config dataclass (default: ``model.config``).
+
+    Returns:
+        :class:`TrainResult` with the per-epoch history and final valid and test metrics.
+    """
+    checkpoints = EpochCheckpoints.for_run(model, prepared, cfg, model_name, model_config)
+    step = TrainStep(losses=mse_losses(model), optimizers=[build_optimizer(model, cfg)])
+    torch.manual_seed(cfg.seed)  # dropout
+    desc = checkpoints.model_name if checkpoints is not None else getattr(model, "model_name", "")
+    return fit(model, prepared.data, cfg, step, checkpoints=checkpoints, on_epoch=on_epoch, desc=desc)
