@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from recdistill.models import build_model, count_parameters
 from recdistill.tracking import PromotionDecision, TrackedRun, markdown_table, promote, start_run
 from recdistill.training import (
     TrainConfig,
+    TrainResult,
+    evaluate,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -40,6 +43,35 @@ from recdistill.training import (
 log = logging.getLogger("recdistill.jobs")
 
 METRIC_KEYS = ("mse", "rmse", "mae")
+#: Metrics whose key starts so are per-slice MSEs (``mse_item_cold``, ...): a column each.
+SLICE_PREFIX = "mse_"
+
+
+def slice_keys(metrics: dict[str, float]) -> list[str]:
+    """The per-slice MSE keys of ``metrics`` (none when the evaluation reports no slices)."""
+    return [k for k in metrics if k.startswith(SLICE_PREFIX)]
+
+
+def finite_metrics(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` renamed ``<prefix><key>``, without the non-finite values (an empty slice's
+    MSE is NaN: MLflow would store it, but it says nothing and clutters the run)."""
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+def distillation_verdict(distilled_valid_mse: float, alone_valid_mse: float) -> str:
+    """One plain line: did distilling beat training the student alone, on the validation split?"""
+    verdict = "helped" if distilled_valid_mse < alone_valid_mse else "did NOT help"
+    return (f"distillation {verdict}: valid MSE {distilled_valid_mse:.4f} distilled vs "
+            f"{alone_valid_mse:.4f} student alone")  # fmt: skip
+
+
+def results_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of every row in order of appearance, the slice MSEs right after ``test_mae``."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    slices = [k for k in keys if k.startswith(f"test_{SLICE_PREFIX}")]
+    rest = [k for k in keys if k not in slices]
+    cut = rest.index("test_mae") + 1 if "test_mae" in rest else len(rest)
+    return rest[:cut] + slices + rest[cut:]
 
 
 class NullRun:
@@ -62,14 +94,17 @@ class JobContext:
     prepared: Prepared | None = None
     committee: list[tuple[str, nn.Module]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    student_alone_valid: dict[str, float] | None = None
     resume: bool = False
     say: Callable[[str], None] = print
 
     def epoch_logger(self, stage: str | None) -> Callable[[int, dict[str, float]], None]:
-        """Log per-epoch metrics of one stage; the distillation stage's keys stay unprefixed."""
+        """Log per-epoch metrics of one stage; the distillation stage's keys stay unprefixed.
+        Non-finite values (an empty slice's MSE) are left out; training stops on a NaN loss."""
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            keys = {k: v for k, v in metrics.items() if k not in ("seconds", "examples_per_s")}
+            keys = {k: v for k, v in metrics.items()
+                    if k not in ("seconds", "examples_per_s") and math.isfinite(v)}  # fmt: skip
             if stage is not None:
                 keys = {f"{k}.{stage}": v for k, v in keys.items()}
             self.run.log_epoch(epoch, keys)
@@ -78,7 +113,8 @@ class JobContext:
 
     def add_row(self, model: str, role: str, test: dict[str, float], params: int | None = None,
                 **extra: Any) -> dict:  # fmt: skip
-        row = {"model": model, "role": role, **{f"test_{k}": test[k] for k in METRIC_KEYS}}
+        keys = [*METRIC_KEYS, *slice_keys(test)]
+        row = {"model": model, "role": role, **{f"test_{k}": test[k] for k in keys}}
         row["params"] = params
         row.update(extra)
         self.rows.append(row)
@@ -94,10 +130,26 @@ class JobResult:
     tracking_uri: str | None
     rows: list[dict[str, Any]]
     distill: DistillResult | None = None
+    student_alone_valid: dict[str, float] | None = None
     export: ExportReport | None = None
     version: str | None = None
     decision: PromotionDecision | None = None
     seconds: float = 0.0
+
+    @property
+    def distillation_helped(self) -> bool | None:
+        """Whether the distilled student has a lower validation MSE than the student trained
+        alone (``None`` when the job did not train it alone)."""
+        if self.distill is None or self.student_alone_valid is None:
+            return None
+        return self.distill.valid["mse"] < self.student_alone_valid["mse"]
+
+    @property
+    def distillation_verdict(self) -> str | None:
+        """:func:`distillation_verdict` of this job (``None`` without a student alone)."""
+        if self.distillation_helped is None:
+            return None
+        return distillation_verdict(self.distill.valid["mse"], self.student_alone_valid["mse"])
 
 
 # --------------------------------------------------------------------------- stages
@@ -142,8 +194,8 @@ def _fetch_checkpoint(uri: str) -> Path:
     raise ValueError(f"teacher checkpoint {uri}: no such file (nor an MLflow artifact URI)")
 
 
-def train_model(ctx: JobContext, name: str, train: TrainConfig, stage: str) -> tuple[nn.Module, dict]:
-    """Build model ``name`` and train it with ``train``; returns the model and test metrics."""
+def train_model(ctx: JobContext, name: str, train: TrainConfig, stage: str) -> tuple[nn.Module, TrainResult]:
+    """Build model ``name`` and train it with ``train``; returns the model and its result."""
     cfg = ctx.config
     model_cfg = cfg.model_config(name)
     seed_everything(train.seed)
@@ -156,7 +208,7 @@ def train_model(ctx: JobContext, name: str, train: TrainConfig, stage: str) -> t
         f"  {name}: best epoch {result.best_epoch}, valid MSE {result.valid['mse']:.4f}, "
         f"test MSE {result.test['mse']:.4f}"
     )
-    return model, result.test
+    return model, result
 
 
 def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
@@ -172,36 +224,41 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
         if ckpt is not None:
             path = _fetch_checkpoint(ckpt)
             teacher = load_checkpoint(path, ctx.prepared)
-            test = read_checkpoint(path)["extra"].get("test") or _evaluate_test(ctx, teacher, cfg.train)
+            test = read_checkpoint(path)["extra"].get("test") or _evaluate(ctx, teacher, "test")
             ctx.say(f"  {name}: reused {ckpt} (test MSE {test['mse']:.4f})")
         else:
-            teacher, test = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}")
-            path = finished
+            teacher, result = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}")
+            test, path = result.test, finished
         ctx.run.log_file(path, f"teachers/{name}")
         ctx.add_row(name, "teacher", test, count_parameters(teacher))
         ctx.committee.append((name, teacher))
     return ctx.committee
 
 
-def _evaluate_test(ctx: JobContext, model: nn.Module, train: TrainConfig) -> dict[str, float]:
-    from recdistill.training import evaluate
-
-    return evaluate(model, ctx.prepared.data, "test", train.eval_batch_size)
+def _evaluate(ctx: JobContext, model: nn.Module, split: str) -> dict[str, float]:
+    return evaluate(model, ctx.prepared.data, split, ctx.config.train.eval_batch_size)
 
 
 def stage_student_alone(ctx: JobContext) -> dict[str, float] | None:
-    """The student trained without teachers: the baseline the gap closed is measured from."""
+    """The student trained without teachers: the baseline the gap closed is measured from, and
+    the one the distilled student must beat on validation to be promoted. Returns its test
+    metrics (its validation metrics land in ``ctx.student_alone_valid``)."""
     cfg = ctx.config
     if not cfg.student_alone:
         return None
     finished = ctx.out / "student_alone" / "best.pt"
     if ctx.resume and finished.is_file():
         model = load_checkpoint(finished, ctx.prepared)
-        test = _evaluate_test(ctx, model, cfg.train)
-        ctx.say(f"  {cfg.student}: reused {finished} (test MSE {test['mse']:.4f})")
+        valid, test = _evaluate(ctx, model, "valid"), _evaluate(ctx, model, "test")
+        ctx.say(f"  {cfg.student}: reused {finished} (valid MSE {valid['mse']:.4f}, "
+                f"test MSE {test['mse']:.4f})")
     else:
-        model, test = train_model(ctx, cfg.student, cfg.train, "student_alone")
+        model, result = train_model(ctx, cfg.student, cfg.train, "student_alone")
+        valid, test = result.valid, result.test
     ctx.add_row(cfg.student, "student alone", test, count_parameters(model))
+    ctx.student_alone_valid = valid
+    ctx.run.log_baseline(f"{cfg.student} trained alone",
+                         {**finite_metrics("valid_", valid), **finite_metrics("test_", test)})  # fmt: skip
     return test
 
 
@@ -230,8 +287,10 @@ def stage_distill(ctx: JobContext) -> DistillResult:
     )
     ctx.add_row(cfg.student, f"distilled ({result.method})", result.test,
                 count_parameters(result.student), teacher_passes_saved=round(saved, 4))  # fmt: skip
-    ctx.run.log_metrics({f"test_{k}": v for k, v in result.test.items()})
-    ctx.run.log_metrics({f"valid_{k}": v for k, v in result.valid.items()})
+    ctx.run.log_metrics(finite_metrics("test_", result.test))
+    ctx.run.log_metrics(finite_metrics("valid_", result.valid))
+    if ctx.student_alone_valid is not None:
+        ctx.say(f"  {distillation_verdict(result.valid['mse'], ctx.student_alone_valid['mse'])}")
     ctx.run.log_metrics({"teacher_passes_saved": saved})
     if result.importance:
         scores = {k: v.numpy() for k, v in result.importance.items()}
@@ -327,9 +386,9 @@ def run_job(
         report = stage_export(ctx, result.student)
         say("[6/6] register and promote")
         version, decision = stage_register(ctx, report)
-        table = markdown_table(ctx.rows, list(dict.fromkeys(k for r in ctx.rows for k in r)))
-        (out / "results.md").write_text(table + "\n")
-        run.log_table(ctx.rows)
+        columns = results_columns(ctx.rows)
+        (out / "results.md").write_text(markdown_table(ctx.rows, columns) + "\n")
+        run.log_table(ctx.rows, columns=columns)
         run.log_learning_curves()
         return JobResult(
             output_dir=out,
@@ -337,6 +396,7 @@ def run_job(
             tracking_uri=_tracking_uri() if run.run_id else None,
             rows=ctx.rows,
             distill=result,
+            student_alone_valid=ctx.student_alone_valid,
             export=report,
             version=version,
             decision=decision,
@@ -350,4 +410,5 @@ def _tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-__all__ = ["JobContext", "JobResult", "NullRun", "run_job", "holdout_key", "gap_closed"]
+__all__ = ["JobContext", "JobResult", "NullRun", "run_job", "holdout_key", "gap_closed",
+           "distillation_verdict", "finite_metrics", "results_columns"]  # fmt: skip

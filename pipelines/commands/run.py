@@ -17,6 +17,8 @@ def print_summary(result: JobResult) -> None:
     columns = [c for c in SUMMARY_COLUMNS if any(r.get(c) is not None for r in result.rows)]
     print("\n== results (test split) ==")
     print(markdown_table(result.rows, columns))
+    if result.distillation_verdict is not None:
+        print(result.distillation_verdict)
     print(f"\n== where things are (job took {result.seconds / 60:.1f} min) ==")
     print(f"output folder      {result.output_dir}")
     if result.export is not None:
