@@ -49,10 +49,10 @@ class DistillResult:
             is dropped (``student.state_dict()`` holds the student's weights only).
         method: the method's registered name.
         history: one dict per epoch: ``epoch``, the epoch mean of every loss entry,
-            ``valid_mse`` / ``valid_rmse`` / ``valid_mae``, ``teacher_passes_saved`` (that
-            epoch's share), ``seconds``, ``examples_per_s``.
+            ``valid_mse`` / ``valid_rmse`` / ``valid_mae`` and the validation slices,
+            ``teacher_passes_saved`` (that epoch's share), ``seconds``, ``examples_per_s``.
         best_epoch: the epoch whose weights the student holds (1-based).
-        valid: ``{"mse", "rmse", "mae"}`` of the student on the validation split.
+        valid: :func:`recdistill.training.evaluate` of the student on the validation split.
         test: the same on the test split.
         teacher_passes: ``{teacher or "all": {"done", "full", "saved"}}`` over the whole run.
         importance: ``{teacher: [N_valid] scores}`` on the validation split at the end, for

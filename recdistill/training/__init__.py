@@ -7,7 +7,7 @@ several (each rank then takes its slice of every global batch). Rooms, one job e
 
 - :mod:`~recdistill.training.config`: the ``train:`` section, ``TrainResult``, ``TrainingError``.
 - :mod:`~recdistill.training.optim`: Adagrad for the tables, Adam for the rest.
-- :mod:`~recdistill.training.evaluation`: MSE / RMSE / MAE on a split.
+- :mod:`~recdistill.training.evaluation`: MSE / RMSE / MAE, clipped, and by cold / warm slice.
 - :mod:`~recdistill.training.checkpoints`: ``best.pt`` / ``last.pt``, written atomically.
 - :mod:`~recdistill.training.loop`: the one epoch loop (``fit``) and the ``TrainStep`` it runs.
 - :mod:`~recdistill.training.supervised`: ``train_supervised``, the MSE step.
@@ -21,7 +21,7 @@ Example::
     seed_everything(0)
     model = build_model("mlp_s", prepared)
     result = train_supervised(model, prepared, TrainConfig(epochs=5), model_name="mlp_s")
-    print(result.test["rmse"])
+    print(result.test["rmse"], result.test["mse_item_cold"])
 """
 
 from recdistill.training.checkpoints import (
@@ -32,7 +32,14 @@ from recdistill.training.checkpoints import (
     save_checkpoint,
 )
 from recdistill.training.config import TrainConfig, TrainingError, TrainResult
-from recdistill.training.evaluation import evaluate
+from recdistill.training.evaluation import (
+    DEFAULT_SLICE_EDGES,
+    SLICE_ENTITIES,
+    SLICE_NAMES,
+    evaluate,
+    label_range,
+    training_counts,
+)
 from recdistill.training.loop import EarlyStopping, TrainStep, backward_sum, fit, steps_in_epoch
 from recdistill.training.optim import (
     ADAGRAD_EPS,
@@ -49,8 +56,11 @@ from recdistill.training.supervised import mse_losses, train_supervised
 
 __all__ = [
     "ADAGRAD_EPS",
+    "DEFAULT_SLICE_EDGES",
     "EMBEDDING_OPTIMIZERS",
     "OPTIMIZERS",
+    "SLICE_ENTITIES",
+    "SLICE_NAMES",
     "EarlyStopping",
     "EpochCheckpoints",
     "TrainConfig",
@@ -62,6 +72,7 @@ __all__ = [
     "embedding_parameters",
     "evaluate",
     "fit",
+    "label_range",
     "load_checkpoint",
     "make_optimizer",
     "mse_losses",
@@ -72,4 +83,5 @@ __all__ = [
     "seed_everything",
     "steps_in_epoch",
     "train_supervised",
+    "training_counts",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from recdistill.training.evaluation import DEFAULT_SLICE_EDGES, check_slice_edges
 from recdistill.training.optim import EMBEDDING_OPTIMIZERS
 
 
@@ -35,6 +36,8 @@ class TrainConfig:
         checkpoint_dir: where ``best.pt`` and ``last.pt`` go after each epoch; None: no files.
         max_steps_per_epoch: cut each epoch short (quick runs, tests); None: the whole split.
         progress: show a tqdm progress bar.
+        slice_edges: ``[cold, warm]``: evaluation reports users and items with fewer than
+            ``cold`` training ratings as cold, more than ``warm`` as warm, the rest as medium.
     """
 
     epochs: int = 20
@@ -49,6 +52,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     max_steps_per_epoch: int | None = None
     progress: bool = True
+    slice_edges: list[int] = field(default_factory=lambda: list(DEFAULT_SLICE_EDGES))
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
@@ -71,6 +75,7 @@ class TrainConfig:
             raise ValueError(
                 f"train.max_steps_per_epoch must be at least 1 or null, got {self.max_steps_per_epoch}"
             )
+        check_slice_edges(self.slice_edges, "train.slice_edges")
 
 
 @dataclass
@@ -79,11 +84,13 @@ class TrainResult:
 
     Attributes:
         history: one dict per epoch: ``epoch``, the epoch mean of every loss entry (supervised
-            training: ``train_loss``), ``valid_mse``, ``valid_rmse``, ``valid_mae``, ``seconds``,
+            training: ``train_loss``), ``valid_<metric>`` for every metric of
+            :func:`~recdistill.training.evaluation.evaluate` but the row counts, ``seconds``,
             ``examples_per_s``, and whatever the step adds (distillation:
             ``teacher_passes_saved``).
         best_epoch: the epoch whose weights the model holds now (1-based).
-        valid: ``{"mse", "rmse", "mae"}`` of the restored best weights on the validation split.
+        valid: :func:`~recdistill.training.evaluation.evaluate` of the restored best weights
+            on the validation split (``mse``, ``rmse``, ``mae`` and the slices).
         test: the same on the test split.
         checkpoint: path of ``best.pt`` when a checkpoint directory was given.
         stopped_early: whether patience ran out before ``epochs``.

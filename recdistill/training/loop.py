@@ -156,7 +156,7 @@ def fit(
         model: what is evaluated on the validation split, early-stopped, restored and
             checkpointed (the student when distilling; possibly wrapped by DMP).
         data: the ratings.
-        cfg: the ``train:`` section (epochs, batch sizes, patience, seed, progress).
+        cfg: the ``train:`` section (epochs, batch sizes, patience, seed, progress, slices).
         step: the losses of one batch and how they update the parameters.
         checkpoints: where ``best.pt`` / ``last.pt`` go after each epoch (None: no files).
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch with the metrics
@@ -188,13 +188,14 @@ def fit(
         with bar:
             loss_means, seen = _train_epoch(model, data, cfg, step, epoch, steps_per_epoch, bar, where)
         seconds = time.perf_counter() - start
-        valid = evaluate(model, data, "valid", cfg.eval_batch_size)
-        if not math.isfinite(valid["mse"]):
+        valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+        if not math.isfinite(valid["mse"]):  # only the overall MSE: an empty slice is NaN
             raise TrainingError(f"validation MSE is {valid['mse']} after the last step, "
                                 f"{where(epoch, steps_per_epoch)}")  # fmt: skip
         metrics = {
             **loss_means,
-            **{f"valid_{k}": v for k, v in valid.items()},
+            # row counts describe the split, not the epoch
+            **{f"valid_{k}": v for k, v in valid.items() if not k.startswith("n_")},
             **(step.epoch_metrics() if step.epoch_metrics is not None else {}),
             "seconds": seconds,
             "examples_per_s": seen / seconds,
@@ -211,8 +212,8 @@ def fit(
 
     stopper.restore(model)
     result.best_epoch = stopper.best_epoch
-    result.valid = evaluate(model, data, "valid", cfg.eval_batch_size)
-    result.test = evaluate(model, data, "test", cfg.eval_batch_size)
+    result.valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+    result.test = evaluate(model, data, "test", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
     return result
 
 

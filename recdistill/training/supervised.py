@@ -54,8 +54,8 @@ def train_supervised(
         prepared: the data.
         cfg: the ``train:`` section.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch with ``train_loss``,
-            ``valid_mse``, ``valid_rmse``, ``valid_mae``, ``seconds``, ``examples_per_s``
-            (e.g. to log to MLflow).
+            ``valid_mse``, ``valid_rmse``, ``valid_mae``, the validation slices, ``seconds``,
+            ``examples_per_s`` (e.g. to log to MLflow).
         model_name: registry name, needed for checkpoints (default: ``model.model_name``).
         model_config: the model's config dataclass (default: ``model.config``).
 
