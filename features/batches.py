@@ -50,6 +50,14 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.sparse.to(device), self.labels.to(device), self.rows.to(device))
 
+    def ids(self, feature: str) -> torch.Tensor:
+        """``[B]`` vocabulary indices of a single-valued feature (``user_id``, ``item_id``, ...)."""
+        if feature not in SINGLE:
+            raise KeyError(f"{feature!r} is not a single-valued feature; expected one of {', '.join(SINGLE)}")
+        offsets = self.sparse.offset_per_key()
+        position = FEATURES.index(feature)
+        return self.sparse.values()[offsets[position] : offsets[position + 1]]
+
 
 class RatingsData:
     """All ratings of a source, encoded, with their splits.
@@ -170,6 +178,21 @@ class Prepared:
             "split_sizes": {name: len(self.data.splits[name]) for name in SPLITS},
             "vocab_sizes": self.vocabs.sizes,
         }
+
+
+def entity_frame(prepared: Prepared, part: str) -> pl.DataFrame:
+    """The user (``part="user"``) or item table in vocabulary order: row ``i`` is index ``i``.
+
+    Row 0 is the unknown entity (every attribute null); an id in the vocabulary that the table
+    lacks gets a row of nulls too, so the frame always has ``vocabs.sizes[key]`` rows.
+    """
+    if part not in ("user", "item"):
+        raise ValueError(f"part must be 'user' or 'item', got {part!r}")
+    key = f"{part}_id"
+    table = prepared.movielens.users if part == "user" else prepared.movielens.items
+    ids = [None] + [int(v) for v in prepared.vocabs[key].values]
+    order = pl.DataFrame({key: ids}, schema={key: table.schema[key]})
+    return order.join(table, on=key, how="left", maintain_order="left")
 
 
 def prepare(config: DataConfig | None = None, vocabs: FeatureVocabs | None = None) -> Prepared:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DEFAULT_TEMPLATE = (
-    "user u-{user_id}, a {age}-year-old {gender} {occupation}. "
-    "Watched movie '{title}' ({year}, {genres}), id m-{item_id}. Rating:"
-)
+#: A rating prompt is a user part followed by an item part (DESIGN.md section 2): the user part
+#: may name only user fields and the item part only item fields, so a language teacher can
+#: encode each part once per user and once per item, not once per rating.
+DEFAULT_USER_TEMPLATE = "user u-{user_id}, a {age}-year-old {gender} {occupation}."
+DEFAULT_ITEM_TEMPLATE = "Watched movie '{title}' ({year}, {genres}), id m-{item_id}. Rating:"
 
 
 @dataclass
@@ -28,7 +29,10 @@ class DataConfig:
         seed: the seed of the random split.
         zip_prefix_len: how many leading characters of the zip code form the zip feature.
         year_bucket: width in years of the release-year buckets.
-        template: the verbalizer's prompt; fields in braces are columns of the joined rows.
+        user_template: the user part of a prompt; fields in braces are user columns
+            (``user_id``, ``age``, ``gender``, ``occupation``, ``zip_code``).
+        item_template: the item part, which follows the user part after one space; fields
+            are item columns (``item_id``, ``title``, ``year``, ``genres``).
         genre_separator: how several genres are joined in a prompt.
     """
 
@@ -40,7 +44,8 @@ class DataConfig:
     seed: int = 0
     zip_prefix_len: int = 3
     year_bucket: int = 5
-    template: str = DEFAULT_TEMPLATE
+    user_template: str = DEFAULT_USER_TEMPLATE
+    item_template: str = DEFAULT_ITEM_TEMPLATE
     genre_separator: str = ", "
 
     def __post_init__(self) -> None:
@@ -54,3 +59,11 @@ class DataConfig:
             raise ValueError(f"zip_prefix_len must be at least 1, got {self.zip_prefix_len}")
         if self.year_bucket < 1:
             raise ValueError(f"year_bucket must be at least 1, got {self.year_bucket}")
+        from features.verbalizer import check_templates  # late: the verbalizer imports this
+
+        check_templates(self.user_template, self.item_template)
+
+    @property
+    def template(self) -> str:
+        """The whole prompt: the user part, one space, the item part."""
+        return f"{self.user_template} {self.item_template}"

@@ -1,22 +1,32 @@
 """Turn rating rows into prompts for the language teachers, with polars expressions.
 
-The default template (``DataConfig.template``) gives, in the style of the paper::
+A prompt is a **user part** and an **item part** (``DataConfig.user_template`` and
+``item_template``), joined by one space. The default gives, in the style of the paper::
 
     user u-196, a 49-year-old male writer. Watched movie 'Kolya' (1996, Comedy), id m-242. Rating:
 
-A template is parsed once into literal pieces and ``{field}`` columns and becomes one
-``concat_str`` expression, so all of ML-100K is verbalized without a Python loop.
+The user part may name only user fields and the item part only item fields. That is what
+lets a language teacher encode each part once per *entity* (943 users and 1,682 items for
+ML-100K) instead of once per rating (:func:`entity_prompts`). A template is parsed once into
+literal pieces and ``{field}`` columns and becomes one ``concat_str`` expression, so all of
+ML-100K is verbalized without a Python loop.
 """
 
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 
 import polars as pl
 
 from features.config import DataConfig
 
 UNKNOWN = "unknown"
+#: Fields each part of a prompt may name (columns of the user and item tables).
+USER_FIELDS: tuple[str, ...] = ("user_id", "age", "gender", "occupation", "zip_code")
+ITEM_FIELDS: tuple[str, ...] = ("item_id", "title", "year", "genres")
+FIELDS: tuple[str, ...] = USER_FIELDS + ITEM_FIELDS
+PARTS = {"user": USER_FIELDS, "item": ITEM_FIELDS}
 
 
 def _field_exprs(genre_separator: str) -> dict[str, pl.Expr]:
@@ -38,38 +48,108 @@ def _field_exprs(genre_separator: str) -> dict[str, pl.Expr]:
     }
 
 
-FIELDS: tuple[str, ...] = tuple(_field_exprs(", "))
-
-
-def prompt_expr(template: str, genre_separator: str = ", ") -> pl.Expr:
-    """The polars expression that renders ``template`` over a joined rating frame.
-
-    Raises:
-        ValueError: the template names a field that does not exist (or the label, ``rating``).
-    """
-    exprs = _field_exprs(genre_separator)
-    parts: list[pl.Expr] = []
+def _parse(template: str, part: str) -> list[tuple[str, str | None]]:
+    """``[(literal, field or None)]`` of one part's template, every field checked."""
+    key = f"data.{part}_template"
     try:
-        parsed = list(string.Formatter().parse(template))
+        parsed = [(literal, field) for literal, field, _spec, _conv in string.Formatter().parse(template)]
     except ValueError as err:
-        raise ValueError(f"data.template: cannot parse {template!r}: {err}") from err
-    for literal, field, _spec, _conv in parsed:
-        if literal:
-            parts.append(pl.lit(literal))
+        raise ValueError(f"{key}: cannot parse {template!r}: {err}") from err
+    allowed = PARTS[part]
+    for _literal, field in parsed:
         if field is None:
             continue
         if field == "rating":
-            raise ValueError("data.template: {rating} is the label and cannot be in a prompt")
-        if field not in exprs:
+            raise ValueError(f"{key}: {{rating}} is the label and cannot be in a prompt")
+        if field not in allowed:
+            other = "item" if part == "user" else "user"
+            hint = (f" ({{{field}}} is an {other} field: put it in data.{other}_template)"
+                    if field in PARTS[other] else "")  # fmt: skip
             raise ValueError(
-                f"data.template: unknown field {{{field}}}; allowed fields are "
-                f"{', '.join(FIELDS)}"
+                f"{key}: unknown field {{{field}}}{hint}; the {part} part may use "
+                f"{', '.join(allowed)}"
             )
-        parts.append(exprs[field])
-    return pl.concat_str(parts).alias("prompt")
+    return parsed
+
+
+def check_templates(user_template: str, item_template: str) -> None:
+    """Raise ``ValueError`` naming the key when either part's template is not valid."""
+    _parse(user_template, "user")
+    _parse(item_template, "item")
+
+
+def part_expr(template: str, part: str, genre_separator: str = ", ", upto: str | None = None) -> pl.Expr:
+    """The polars expression rendering one part's ``template`` (``part``: user or item).
+
+    Args:
+        template: the part's template.
+        part: ``"user"`` or ``"item"``: which fields it may name.
+        genre_separator: how several genres are joined.
+        upto: render only the text *before* this field's first occurrence (for the
+            character offset of a field, see :func:`field_spans`).
+    """
+    exprs = _field_exprs(genre_separator)
+    pieces: list[pl.Expr] = []
+    for literal, field in _parse(template, part):
+        if literal:
+            pieces.append(pl.lit(literal))
+        if field is None:
+            continue
+        if field == upto:
+            break
+        pieces.append(exprs[field])
+    return pl.concat_str(pieces) if pieces else pl.lit("")
+
+
+def prompt_expr(config: DataConfig) -> pl.Expr:
+    """The whole prompt (user part, a space, item part) over a joined rating frame."""
+    sep = config.genre_separator
+    return pl.concat_str(
+        [part_expr(config.user_template, "user", sep), pl.lit(" "),
+         part_expr(config.item_template, "item", sep)]
+    ).alias("prompt")  # fmt: skip
 
 
 def verbalize(joined: pl.DataFrame, config: DataConfig | None = None) -> pl.Series:
     """One prompt per row of a joined rating frame (``MovieLens.joined()``)."""
     config = config or DataConfig()
-    return joined.select(prompt_expr(config.template, config.genre_separator)).to_series()
+    return joined.select(prompt_expr(config)).to_series()
+
+
+@dataclass
+class EntityPrompts:
+    """The text of one part for every entity, in vocabulary order.
+
+    Attributes:
+        texts: ``texts[i]`` is the part of the entity with vocabulary index ``i``; index 0 is
+            the unknown entity (every field "unknown").
+        id_spans: ``[(start, end)]`` character span of the id field in each text, or None when
+            the template does not name the id.
+    """
+
+    texts: list[str]
+    id_spans: list[tuple[int, int]] | None
+
+
+def field_spans(frame: pl.DataFrame, template: str, part: str, field: str,
+                genre_separator: str = ", ") -> list[tuple[int, int]] | None:  # fmt: skip
+    """Character span of ``field`` in each rendered row of ``frame``, or None if not named."""
+    if field not in [f for _, f in _parse(template, part)]:
+        return None
+    spans = frame.select(
+        part_expr(template, part, genre_separator, upto=field).str.len_chars().alias("start"),
+        _field_exprs(genre_separator)[field].str.len_chars().alias("length"),
+    )
+    return [(s, s + n) for s, n in zip(spans["start"].to_list(), spans["length"].to_list())]
+
+
+def entity_prompts(frame: pl.DataFrame, config: DataConfig, part: str) -> EntityPrompts:
+    """The ``part`` ("user" or "item") text of every row of an entity frame in vocabulary order.
+
+    ``frame`` comes from :func:`features.batches.entity_frame` (row ``i`` is vocabulary index
+    ``i``; row 0 the unknown entity).
+    """
+    template = config.user_template if part == "user" else config.item_template
+    texts = frame.select(part_expr(template, part, config.genre_separator)).to_series().to_list()
+    id_field = "user_id" if part == "user" else "item_id"
+    return EntityPrompts(texts, field_spans(frame, template, part, id_field, config.genre_separator))

@@ -11,6 +11,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def entity_cache_dir(tmp_path_factory):
+    """Per-entity language-teacher caches go to a folder of this test session, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("entity_states")
+    previous = os.environ.get("RECDISTILL_CACHE_DIR")
+    os.environ["RECDISTILL_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("RECDISTILL_CACHE_DIR", None)
+    else:
+        os.environ["RECDISTILL_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def prepared():
     """The embedded ML-100K, encoded and split with the default config (random, seed 0)."""

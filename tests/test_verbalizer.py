@@ -20,20 +20,38 @@ def test_prompt_for_user_196_item_242_reads_as_in_the_paper(prepared):
     )
 
 
-def test_template_comes_from_config(prepared):
+def test_templates_come_from_config(prepared):
     joined = prepared.movielens.joined().head(2)
-    prompts = verbalize(joined, DataConfig(template="{title} for u{user_id}"))
-    assert prompts.to_list()[0] == "Kolya for u196"
+    prompts = verbalize(joined, DataConfig(user_template="u{user_id}", item_template="likes {title}?"))
+    assert prompts.to_list()[0] == "u196 likes Kolya?"
 
 
-def test_unknown_template_field_is_named():
-    with pytest.raises(ValueError, match=r"unknown field \{colour\}"):
-        verbalize(pl.DataFrame(), DataConfig(template="{colour}"))
+def test_unknown_template_field_is_named_with_its_key():
+    with pytest.raises(ValueError, match=r"data.item_template: unknown field \{colour\}"):
+        DataConfig(item_template="{colour}")
+
+
+def test_a_part_may_not_name_the_other_entitys_fields():
+    # What keeps each part a function of one entity, so it can be cached per entity.
+    with pytest.raises(ValueError, match=r"data.user_template: .*\{title\} is an item field"):
+        DataConfig(user_template="user {user_id} watched {title}")
 
 
 def test_the_label_cannot_leak_into_a_prompt():
     with pytest.raises(ValueError, match="label"):
-        verbalize(pl.DataFrame(), DataConfig(template="rated {rating}"))
+        DataConfig(user_template="rated {rating}")
+
+
+def test_entity_parts_render_in_vocabulary_order_with_the_id_span(prepared):
+    from features.batches import entity_frame
+    from features.verbalizer import entity_prompts
+
+    users = entity_prompts(entity_frame(prepared, "user"), prepared.config, "user")
+    index = prepared.vocabs["user_id"].index["196"]
+    assert users.texts[index] == "user u-196, a 49-year-old male writer."
+    start, end = users.id_spans[index]
+    assert users.texts[index][start:end] == "196"
+    assert users.texts[0] == "user u-unknown, a unknown-year-old unknown unknown."  # index 0
 
 
 def test_missing_attributes_read_unknown(prepared):

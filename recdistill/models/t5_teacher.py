@@ -15,8 +15,15 @@ Stages (DESIGN.md section 1), with one decoding position (the decoder start toke
 The decoder blocks are called directly (``T5Block`` in transformers 5.23: with a single
 decoding position, self-attention sees one key, and cross-attention takes the encoder mask
 built by ``create_bidirectional_mask`` like ``T5Stack`` does); a test pins the stages to the
-library's own forward. The encoder states depend only on the prompt, so a frozen teacher caches
-them per row (:mod:`recdistill.models.cache`) and a distillation step runs only decoder blocks.
+library's own forward.
+
+**Per-entity encoder states.** The encoder reads the user part and the item part of a prompt
+each on its own (T5's positions are relative, so a part's states do not depend on where it
+sits), and the decoder cross-attends to both joined. While the encoder trains, each distinct
+user and item of a batch is encoded once; once the encoder is frozen (``freeze()``, or
+``train_encoder: false`` for a pretrained T5 whose decoder alone is fine-tuned) its states are
+cached per entity on disk (:mod:`recdistill.models.entity_cache`) and a step runs only the
+decoder.
 
 Tokenizer: the WordPiece vocabulary of the shipped all-MiniLM-L6-v2 (uncased, 30,522 tokens),
 not one trained on the training prompts. Measured on ML-100K, a WordPiece or BPE tokenizer
@@ -38,15 +45,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from features.batches import Batch, Prepared
-from recdistill.models.cache import CachedContextTeacher
+from features.batches import Prepared
+from recdistill.models.entity_cache import ContextBatch, EntityStates, cache_key, default_cache_dir, encode_unique, weights_digest
 from recdistill.models.registry import register_model
-from recdistill.models.text import TokenTable, check_model_folder, load_tokenizer, minilm_path, prompt_token_table
+from recdistill.models.text import PromptParts, check_model_folder, load_tokenizer, minilm_path, prompt_parts, special_id
+from recdistill.stages import StagedModule
 
 if TYPE_CHECKING:
     from transformers import T5ForConditionalGeneration
@@ -70,10 +78,12 @@ class T5TeacherConfig:
         num_layers: encoder blocks.
         num_decoder_layers: decoder blocks; block 1 is in ``early``, so at least 2.
         dropout: dropout rate while training.
-        max_length: prompts are truncated to this many tokens.
+        max_length: the most tokens of one part (user or item), end token included.
         head: ``"regression"`` or ``"rating_tokens"`` (expected value over "1".."5").
-        cache_budget_bytes: memory for cached encoder states once frozen (fp16: 2 * d_model
-            bytes a token).
+        train_encoder: fine-tune the encoder too (needed from a config); ``false`` keeps a
+            pretrained encoder frozen and cached per entity while the decoder trains.
+        cache_dir: where frozen encoder states are cached; empty means
+            ``$RECDISTILL_CACHE_DIR`` or ``~/.cache/recdistill/entity_states``.
     """
 
     path: str = ""
@@ -84,9 +94,10 @@ class T5TeacherConfig:
     num_layers: int = 2
     num_decoder_layers: int = 2
     dropout: float = 0.1
-    max_length: int = 64
+    max_length: int = 48
     head: Literal["regression", "rating_tokens"] = "regression"
-    cache_budget_bytes: int = 1 << 30
+    train_encoder: bool = True
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_heads", "num_layers"):
@@ -104,8 +115,6 @@ class T5TeacherConfig:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.cache_budget_bytes < 0:
-            raise ValueError(f"cache_budget_bytes must be >= 0, got {self.cache_budget_bytes}")
 
 
 class RatingTokenHead(nn.Module):
@@ -142,36 +151,38 @@ class RegressionHead(nn.Module):
         return self.linear(z).squeeze(-1)
 
 
-class T5Teacher(CachedContextTeacher):
-    """T5 over the prompt, one decoding position, in three stages.
+class T5Teacher(StagedModule):
+    """T5 over the two parts of a prompt, one decoding position, in three stages.
 
     Args:
         t5: a ``T5ForConditionalGeneration`` with at least 2 decoder blocks.
-        tokens: the token table of every rating row, in ``t5``'s vocabulary.
+        parts: the tokenized user and item parts, in ``t5``'s vocabulary.
         head: ``"regression"`` or ``"rating_tokens"``.
         rating_offset: initial bias of the regression head (the training mean rating).
         rating_token_ids: vocabulary ids of "1".."5" (for ``"rating_tokens"``).
-        cache_budget_bytes: default memory for the encoder-state cache once frozen.
+        train_encoder: whether fine-tuning trains the encoder (else it is frozen and cached).
+        cache_dir: where frozen encoder states are cached.
     """
 
     def __init__(
         self,
         t5: "T5ForConditionalGeneration",
-        tokens: TokenTable,
+        parts: PromptParts,
         head: str = "regression",
         rating_offset: float = 0.0,
         rating_token_ids: list[int] | None = None,
-        cache_budget_bytes: int = 1 << 30,
+        train_encoder: bool = True,
+        cache_dir: str | Path = "",
     ):
         super().__init__()
         if len(t5.decoder.block) < 2:
             raise ValueError(f"the T5 decoder needs at least 2 blocks, has {len(t5.decoder.block)}")
-        if tokens.vocab_size > t5.config.vocab_size:
+        if parts.vocab_size > t5.config.vocab_size:
             raise ValueError(
-                f"tokenizer vocabulary ({tokens.vocab_size}) exceeds the model's ({t5.config.vocab_size})"
+                f"tokenizer vocabulary ({parts.vocab_size}) exceeds the model's ({t5.config.vocab_size})"
             )
         self.t5 = t5
-        self.tokens = tokens
+        self.parts = parts
         width = t5.config.d_model
         if head == "regression":
             self.rating_head: nn.Module = RegressionHead(width, rating_offset)
@@ -182,12 +193,98 @@ class T5Teacher(CachedContextTeacher):
             self.rating_head = RatingTokenHead(t5.lm_head, rating_token_ids, scale)
         else:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-        self.early_dim = self.hidden_dim = self.context_width = width
-        self.default_cache_budget_bytes = cache_budget_bytes
+        self.early_dim = self.hidden_dim = width
+        self.train_encoder = train_encoder
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.frozen = False
+        self._states: dict[str, EntityStates] = {}
+        if not train_encoder:
+            self.t5.encoder.requires_grad_(False)
 
-    def compute_context(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The encoder states of the prompt: ``[B, L, d_model]``."""
+    # ------------------------------------------------------------------ encoder states
+
+    def encode_part(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder over one part: ``[b, L] -> [b, L, d_model]``."""
         return self.t5.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return self.frozen or not self.train_encoder
+
+    def part_states(self, part: str) -> EntityStates:
+        """Cached encoder states of every user or item (only while the encoder is frozen)."""
+        if part not in self._states:
+            tokens = self.parts.users if part == "user" else self.parts.items
+            key = cache_key("t5_encoder", part, weights_digest([self.t5.encoder]), self.parts.digest())
+            mode = self.t5.encoder.training
+            self.t5.encoder.eval()
+            device = self._device()
+            try:
+                self._states[part] = EntityStates.load_or_build(
+                    tokens, lambda ids, mask: self.encode_part(ids.to(device), mask.to(device)),
+                    key, self.cache_dir, f"T5 encoder {part}s",
+                )  # fmt: skip
+            finally:
+                self.t5.encoder.train(mode)
+        return self._states[part]
+
+    def context(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states of each row's user and item parts, joined: ``[B, L, d]``, ``[B, L]``."""
+        if isinstance(batch, ContextBatch) and batch.owner == id(self):
+            return batch.states, batch.mask
+        device = self._device()
+        pieces, masks = [], []
+        for part in ("user", "item"):
+            index = batch.ids(f"{part}_id").cpu()
+            if self.encoder_frozen:
+                states, mask = self.part_states(part).gather(index)
+            else:
+                tokens = self.parts.users if part == "user" else self.parts.items
+                states, mask = encode_unique(tokens, index, self.encode_part, device)
+            pieces.append(states.to(device))
+            masks.append(mask.to(device))
+        return torch.cat(pieces, dim=1), torch.cat(masks, dim=1)
+
+    def with_context(self, batch: Any) -> ContextBatch:
+        """``batch`` carrying its encoder states, so ``early`` and ``middle`` fetch them once."""
+        if isinstance(batch, ContextBatch):
+            return batch
+        states, mask = self.context(batch)
+        return ContextBatch(batch, states, mask, id(self))
+
+    def freeze(self) -> "T5Teacher":
+        """Freeze as a committee teacher: eval mode, no gradients, encoder states cached."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def unfreeze(self) -> "T5Teacher":
+        """Back to trainable (the encoder only if ``train_encoder``); its cache is dropped."""
+        self.frozen = False
+        self.requires_grad_(True)
+        if self.train_encoder:
+            self._states = {}  # the encoder will change: cached states would be stale
+        else:
+            self.t5.encoder.requires_grad_(False)
+        return self.train()
+
+    def train(self, mode: bool = True) -> "T5Teacher":
+        # A frozen teacher stays in eval mode even when a module holding it is put in training.
+        super().train(mode and not self.frozen)
+        if not self.train_encoder:
+            self.t5.encoder.eval()
+        return self
+
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """Per part: entities, file, whether this process built it, and seconds taken."""
+        return {
+            part: {"entities": len(s.tokens), "path": str(s.path), "built": s.built,
+                   "seconds": round(s.seconds, 3), "bytes": s.states.numel() * 2}
+            for part, s in self._states.items()
+        }  # fmt: skip
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def _blocks(self, x: torch.Tensor, blocks, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decoder ``blocks`` at the single position ``x [B, 1, d]`` over encoder ``states``."""
@@ -214,11 +311,11 @@ class T5Teacher(CachedContextTeacher):
         x = self.t5.decoder.dropout(self.t5.decoder.final_layer_norm(x))
         return x[:, 0]
 
-    def early(self, batch: Batch) -> torch.Tensor:
+    def early(self, batch: Any) -> torch.Tensor:
         states, mask = self.context(batch)
         return self._decoder_early(states, mask)  # [B, d_model]
 
-    def middle(self, h: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+    def middle(self, h: torch.Tensor, batch: Any = None) -> torch.Tensor:
         if batch is None:
             raise ValueError("the T5 teacher's middle needs the batch (its encoder states)")
         states, mask = self.context(batch)
@@ -227,7 +324,7 @@ class T5Teacher(CachedContextTeacher):
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return self.rating_head(z)  # [B]
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Any) -> torch.Tensor:
         # head(middle(early(batch))) with the encoder run (or its states fetched) once.
         states, mask = self.context(batch)
         return self.head(self._decoder_middle(self._decoder_early(states, mask), states, mask))
@@ -275,7 +372,10 @@ def build_t5(config: T5TeacherConfig, prepared: Prepared) -> T5Teacher:
     rating_ids = [tokenizer.token_to_id(r) for r in RATINGS]
     if config.head == "rating_tokens" and any(i is None for i in rating_ids):
         raise ValueError(f"head 'rating_tokens': the tokenizer {str(tokenizer_file)!r} lacks one of {RATINGS}")
-    tokens = prompt_token_table(prepared, tokenizer_file, config.max_length)
-    teacher = T5Teacher(t5, tokens, config.head, _train_mean(prepared), rating_ids, config.cache_budget_bytes)
+    eos_id = special_id(tokenizer, "</s>", "[SEP]")
+    parts = prompt_parts(prepared, tokenizer_file, config.max_length,
+                         item_affixes=([], [] if eos_id is None else [eos_id]))  # fmt: skip
+    teacher = T5Teacher(t5, parts, config.head, _train_mean(prepared), rating_ids,
+                        config.train_encoder, config.cache_dir)  # fmt: skip
     teacher.model_name, teacher.config = "t5", config  # what checkpoints record
     return teacher
