@@ -88,7 +88,8 @@ def test_routed_backward_updates_student_and_module_from_their_own_losses(prepar
 def test_distillation_lowers_the_students_validation_mse(prepared, teacher):
     student = small_student(prepared)
     before = evaluate(student, prepared.data, "valid")["mse"]
-    result = distill(student, [("t", teacher)], prepared, DistillConfig(), QUICK)
+    # 30 steps: a light pull (the L2 is summed over the 16 hidden units) while the answers form
+    result = distill(student, [("t", teacher)], prepared, DistillConfig(kd_weight=0.1), QUICK)
     assert result.valid["mse"] < before - 0.05
     assert result.test["mse"] < before
 

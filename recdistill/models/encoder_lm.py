@@ -126,25 +126,31 @@ def bidirectional_mask(config: Any, x: torch.Tensor, mask: torch.Tensor) -> Any:
     return create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=mask)
 
 
-def cls_only_layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A BERT layer's output at position 0 only: ``[B, L, W] -> [B, W]``.
+def cls_only_layer(layer: nn.Module, first: torch.Tensor, rest: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's output at position 0 only: ``first [B, W]``, ``rest [B, L-1, W] -> [B, W]``.
 
-    The same arithmetic as ``layer(x)[:, 0]`` (a test pins it), but the query, the attention
-    output and the feed-forward run for one position; keys and values still span every token.
+    The same arithmetic as ``layer(cat([first, rest]))[:, 0]`` (a test pins it), but the query,
+    the attention output and the feed-forward run for one position; keys and values still span
+    every token. Position 0 and the rest come in apart, so when only position 0 carries a
+    gradient (a question asked of a frozen teacher) backward never runs through the others.
     """
     attention = layer.attention.self
-    b, length, width = x.shape
+    first = first.unsqueeze(1)  # [B, 1, W]
+    b, length = first.shape[0], rest.shape[1] + 1
     heads, size = attention.num_attention_heads, attention.attention_head_size
-    query = attention.query(x[:, :1]).view(b, 1, heads, size).transpose(1, 2)  # [B, H, 1, d]
-    key = attention.key(x).view(b, length, heads, size).transpose(1, 2)  # [B, H, L, d]
-    value = attention.value(x).view(b, length, heads, size).transpose(1, 2)
+
+    def project(linear: nn.Linear) -> torch.Tensor:  # [B, H, L, d]
+        both = torch.cat([linear(first), linear(rest)], dim=1)
+        return both.view(b, length, heads, size).transpose(1, 2)
+
+    query = attention.query(first).view(b, 1, heads, size).transpose(1, 2)  # [B, H, 1, d]
     attend = mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, L]
     context = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attend, scale=attention.scaling,
-        dropout_p=attention.dropout.p if attention.training else 0.0,
+        query, project(attention.key), project(attention.value), attn_mask=attend,
+        scale=attention.scaling, dropout_p=attention.dropout.p if attention.training else 0.0,
     )  # fmt: skip
     context = context.transpose(1, 2).reshape(b, 1, heads * size)
-    hidden = layer.attention.output(context, x[:, :1])  # [B, 1, W]
+    hidden = layer.attention.output(context, first)  # [B, 1, W]
     return layer.output(layer.intermediate(hidden), hidden)[:, 0]
 
 
@@ -294,12 +300,15 @@ class EncoderLMTeacher(StagedModule):
 
     def _upper(self, h: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Layers ``Q..L-1`` with [CLS] replaced by ``h``: ``[B, W]``."""
-        x = torch.cat([h.unsqueeze(1).to(states.dtype), states[:, 1:]], dim=1)  # [B, L, W]
         layers = self.encoder.encoder.layer[self.question_layer :]
-        additive = bidirectional_mask(self.encoder.config, x, mask)
-        for layer in layers[:-1]:
-            x = layer(x, additive)
-        return cls_only_layer(layers[-1], x, mask)
+        first, rest = h.to(states.dtype), states[:, 1:]
+        if len(layers) > 1:
+            x = torch.cat([first.unsqueeze(1), rest], dim=1)  # [B, L, W]
+            additive = bidirectional_mask(self.encoder.config, x, mask)
+            for layer in layers[:-1]:
+                x = layer(x, additive)
+            first, rest = x[:, 0], x[:, 1:]
+        return cls_only_layer(layers[-1], first, rest, mask)
 
     def early(self, batch: Any) -> torch.Tensor:
         states, _ = self.context(batch)
