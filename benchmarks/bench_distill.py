@@ -1,21 +1,24 @@
-"""DiverseDistill against the student alone, the teacher and LD; gating savings; step cost.
+"""DiverseDistill against the student alone, the teachers and LD; gating savings; step cost.
 
-Subcommands (every run appends one JSON line to ``--out``, so partial progress survives):
+Subcommands (every run appends one JSON line to ``--out``, so partial progress survives, and a
+run already in ``--out`` with the same name, teachers, split and seed is skipped):
 
-- ``teacher``: train MLP-L (or ``--model``) once and save a checkpoint for the others.
-- ``table``: for each seed: student alone, LD, DiverseDistill faithful and with residual
-  questions, each DiverseDistill variant at every ``--kd-weights`` value (lambda is chosen
-  afterwards on the VALIDATION split, by ``summarize``).
-- ``gating``: DiverseDistill with importance gating at each ``--thresholds`` value.
+- ``teacher``: train a teacher (``--model``) once and save a checkpoint for the others.
+- ``table``: for each seed, each ``--run NAME=JSON``: ``alone`` (the student trained without a
+  teacher) or a ``distill:`` section as JSON (method, kd_weight, residual_questions, gating...),
+  e.g. ``--run 'ld=\{"method": "ld", "kd_weight": 3\}'``. Choices (lambda, variants) are made
+  afterwards on the VALIDATION split, by ``summarize``; the test split only reports.
 - ``cost``: seconds of one distillation step against the sum of its parts, each timed alone.
-- ``summarize``: the markdown tables of docs/results/diverse_distill.md from the JSON lines.
+- ``summarize``: markdown tables from the JSON lines: mean ± std over seeds of valid and test
+  MSE, per-slice test MSE, gap closed against the best teacher, passes saved.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_distill.py teacher --out runs/bench_distill/mlp_l.pt
-    .venv/bin/python benchmarks/bench_distill.py table --teacher-ckpt runs/bench_distill/mlp_l.pt \\
-        --seeds 0 --epochs 3 --kd-weights 1 10 --out runs/bench_distill/table.jsonl
-    .venv/bin/python benchmarks/bench_distill.py summarize runs/bench_distill/*.jsonl
+    B=".venv/bin/python benchmarks/bench_distill.py"
+    $B teacher --model mlp_l --out runs/bench_distill/mlp_l.pt
+    $B table --teacher-ckpt runs/bench_distill/mlp_l.pt --seeds 0 1 2 --epochs 30 --patience 4 \\
+        --run alone --run 'ld3={"method": "ld", "kd_weight": 3}' --out runs/bench_distill/t.jsonl
+    $B summarize runs/bench_distill/t.jsonl
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from features.batches import prepare  # noqa: E402
-from recdistill.distill import DistillConfig, GatingConfig, build_method  # noqa: E402
+from features.config import DataConfig  # noqa: E402
+from recdistill.distill import DistillConfig, build_method  # noqa: E402
 from recdistill.distill.trainer import distill, module_optimizer  # noqa: E402
-from recdistill.models import build_model, model_config  # noqa: E402
+from recdistill.models import build_model  # noqa: E402
 from recdistill.training import (  # noqa: E402
     TrainConfig,
     build_optimizer,
@@ -70,75 +74,86 @@ def load_avg() -> float:
 
 
 def cmd_teacher(args) -> None:
-    prepared = prepare()
-    train = TrainConfig(epochs=args.epochs, seed=args.seed, progress=False)
+    torch.set_num_threads(args.threads)
+    prepared = prepare(DataConfig(split=args.split))
+    train = TrainConfig(**{"progress": False, **(args.train or {})})
     seed_everything(train.seed)
-    model = build_model(args.model, prepared)
+    model = build_model(args.model, prepared, args.options)
+    start = time.perf_counter()
     result = train_supervised(model, prepared, train)
-    save_checkpoint(args.out, model, args.model, model_config(args.model),
-                    {"vocab_sizes": prepared.vocabs.sizes, "test": result.test,
-                     "valid": result.valid})  # fmt: skip
-    print(json.dumps({"model": args.model, "valid": result.valid, "test": result.test}))
+    save_checkpoint(args.out, model, args.model, model.config,
+                    {"vocab_sizes": prepared.vocabs.sizes, "test": result.test, "valid": result.valid,
+                     "history": result.history, "seconds": time.perf_counter() - start})  # fmt: skip
+    print(json.dumps({"model": args.model, "best_epoch": result.best_epoch, "valid": result.valid,
+                      "test": result.test, "seconds": time.perf_counter() - start}))  # fmt: skip
 
 
-def student_alone(prepared, train: TrainConfig) -> dict:
-    seed_everything(train.seed)
-    student = build_model("mlp_s", prepared)
-    start = time.perf_counter()
-    result = train_supervised(student, prepared, train)
+def _metrics(result) -> dict:
     return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+            "epochs_run": len(result.history), "stopped_early": result.stopped_early}  # fmt: skip
 
 
-def distilled(prepared, committee, train: TrainConfig, config: DistillConfig) -> dict:
+def student_alone(prepared, train: TrainConfig, student: str) -> dict:
     seed_everything(train.seed)
-    student = build_model("mlp_s", prepared)
+    model = build_model(student, prepared)
     start = time.perf_counter()
-    result = distill(student, committee, prepared, config, train)
+    result = train_supervised(model, prepared, train)
+    return {**_metrics(result), "seconds": time.perf_counter() - start}
+
+
+def distilled(prepared, committee, train: TrainConfig, config: DistillConfig, student: str) -> dict:
+    seed_everything(train.seed)
+    model = build_model(student, prepared)
+    start = time.perf_counter()
+    result = distill(model, committee, prepared, config, train)
     importance = None
     if result.importance:
-        importance = {k: {"mean": float(v.mean()), "share_above_0.6": float((v > 0.6).float().mean())}
+        tau = config.gating.threshold
+        importance = {k: {"mean": float(v.mean()), f"share_above_{tau}": float((v > tau).float().mean())}
                       for k, v in result.importance.items()}  # fmt: skip
-    return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
-            "passes": result.teacher_passes["all"], "importance": importance,
+    return {**_metrics(result), "passes": result.teacher_passes, "importance": importance,
             "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def parse_run(text: str) -> tuple[str, dict | None]:
+    """``alone`` or ``NAME=JSON`` (a ``distill:`` section)."""
+    if text == "alone":
+        return "alone", None
+    name, _, spec = text.partition("=")
+    if not spec:
+        raise SystemExit(f"--run {text!r}: expected 'alone' or NAME=JSON")
+    return name, json.loads(spec)
+
+
+def done_runs(out: str) -> set[tuple]:
+    if not Path(out).is_file():
+        return set()
+    records = [json.loads(line) for line in open(out) if line.strip()]
+    return {(r["run"], r["teachers"], r["split"], r["seed"]) for r in records if "run" in r}
 
 
 def cmd_table(args) -> None:
-    prepared = prepare()
+    torch.set_num_threads(args.threads)
+    prepared = prepare(DataConfig(split=args.split))
     committee = load_committee(prepared, args.teacher_ckpt)
     teachers = "+".join(n for n, _ in committee)
+    names = [n for n, _ in committee]
+    runs = [parse_run(r) for r in args.run]
+    done = done_runs(args.out)
     for seed in args.seeds:
         train = TrainConfig(epochs=args.epochs, patience=args.patience, seed=seed, progress=False)
-        base = {"seed": seed, "teachers": teachers, "epochs": args.epochs, "load": load_avg()}
-        if "alone" in args.variants:
-            emit(args.out, {**base, "variant": "student alone", **student_alone(prepared, train)})
-        if "ld" in args.variants:
-            cfg = DistillConfig(method="ld", teachers=[n for n, _ in committee], kd_weight=args.ld_weight)
-            emit(args.out, {**base, "variant": "LD", "kd_weight": args.ld_weight,
-                            **distilled(prepared, committee, train, cfg)})  # fmt: skip
-        for variant, residual in (("faithful", False), ("residual", True)):
-            if variant not in args.variants:
+        for name, spec in runs:
+            if (name, teachers, args.split, seed) in done:
+                print(f"skip {name} seed {seed}: already in {args.out}", flush=True)
                 continue
-            for weight in args.kd_weights:
-                cfg = DistillConfig(teachers=[n for n, _ in committee], kd_weight=weight,
-                                    residual_questions=residual)  # fmt: skip
-                emit(args.out, {**base, "variant": f"DiverseDistill {variant}", "kd_weight": weight,
-                                **distilled(prepared, committee, train, cfg)})  # fmt: skip
-
-
-def cmd_gating(args) -> None:
-    prepared = prepare()
-    committee = load_committee(prepared, args.teacher_ckpt)
-    train = TrainConfig(epochs=args.epochs, patience=args.patience, seed=args.seed, progress=False)
-    for tau in args.thresholds:
-        cfg = DistillConfig(teachers=[n for n, _ in committee], kd_weight=args.kd_weight,
-                            residual_questions=args.residual,
-                            gating=GatingConfig(enabled=True, threshold=tau,
-                                                warmup_steps=args.warmup))  # fmt: skip
-        emit(args.out, {"seed": args.seed, "threshold": tau, "kd_weight": args.kd_weight,
-                        "residual": args.residual, "warmup": args.warmup, "load": load_avg(),
-                        **distilled(prepared, committee, train, cfg)})  # fmt: skip
+            base = {"run": name, "seed": seed, "teachers": teachers, "split": args.split,
+                    "epochs": args.epochs, "patience": args.patience, "load": load_avg(),
+                    "threads": args.threads, "spec": spec}  # fmt: skip
+            if spec is None:
+                emit(args.out, {**base, **student_alone(prepared, train, args.student)})
+                continue
+            cfg = DistillConfig(**{"teachers": names, **spec})
+            emit(args.out, {**base, **distilled(prepared, committee, train, cfg, args.student)})
 
 
 def _timed(fn, steps: int) -> tuple[float, float]:
@@ -222,46 +237,45 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+SLICES = ("item_cold", "item_medium", "item_warm", "user_cold", "user_medium", "user_warm")
+
+
 def cmd_summarize(args) -> None:
     records = [json.loads(line) for path in args.files for line in open(path) if line.strip()]
-    table = [r for r in records if "variant" in r]
+    table = [r for r in records if "run" in r]
     groups = defaultdict(list)
     for r in table:
-        groups[(r["teachers"], r["variant"], r.get("kd_weight"))].append(r)
-    # lambda per (teachers, variant): the best mean VALID MSE over seeds
-    chosen = {}
-    for (teachers, variant, weight), rs in groups.items():
-        key = (teachers, variant)
-        mean_valid = statistics.mean(r["valid"]["mse"] for r in rs)
-        if key not in chosen or mean_valid < chosen[key][1]:
-            chosen[key] = (weight, mean_valid)
-    print("| teachers | variant | lambda (chosen on valid) | seeds | valid MSE | test MSE | gap closed |")
-    print("|---|---|---|---|---|---|---|")
-    for (teachers, variant), (weight, _) in sorted(chosen.items()):
-        rs = groups[(teachers, variant, weight)]
-        alone = {r["seed"]: r["test"]["mse"] for r in groups.get((teachers, "student alone", None), [])}
-        teacher_mse = args.teacher_mse.get(teachers) if args.teacher_mse else None
+        groups[(r["split"], r["teachers"], r["run"])].append(r)
+    teacher_mse = args.teacher_mse or {}
+    print("| split | teachers | run | seeds | epochs (best) | valid MSE | test MSE | gap closed | passes saved |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (split, teachers, run), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                             statistics.mean(r["valid"]["mse"] for r in kv[1]))):  # fmt: skip
+        alone = {r["seed"]: r["test"]["mse"] for key, group in groups.items()
+                 if key[0] == split and key[2] == "alone" for r in group}  # fmt: skip
+        best = min((teacher_mse[t] for t in teachers.split("+") if t in teacher_mse), default=None)
         gap = ""
-        if alone and teacher_mse is not None:
-            closed = [(alone[r["seed"]] - r["test"]["mse"]) / (alone[r["seed"]] - teacher_mse)
+        if alone and best is not None and run != "alone":
+            closed = [(alone[r["seed"]] - r["test"]["mse"]) / (alone[r["seed"]] - best)
                       for r in rs if r["seed"] in alone]  # fmt: skip
             gap = f"{100 * statistics.mean(closed):.0f}%" if closed else ""
-        print(f"| {teachers} | {variant} | {weight if weight is not None else '-'} | "
-              f"{len(rs)} | {_fmt([r['valid']['mse'] for r in rs])} | "
-              f"{_fmt([r['test']['mse'] for r in rs])} | {gap} |")
-    print("\n| all runs | lambda | seed | valid MSE | test MSE | best epoch | load |")
-    print("|---|---|---|---|---|---|---|")
-    for r in table:
-        print(f"| {r['teachers']} {r['variant']} | {r.get('kd_weight', '-')} | {r['seed']} | "
-              f"{r['valid']['mse']:.4f} | {r['test']['mse']:.4f} | {r['best_epoch']} | {r['load']:.1f} |")
-    gating = [r for r in records if "threshold" in r]
-    if gating:
-        print("\n| threshold | passes done / full | saved | valid MSE | test MSE |")
-        print("|---|---|---|---|---|")
-        for r in gating:
-            p = r["passes"]
-            print(f"| {r['threshold']} | {p['done']:,} / {p['full']:,} | {100 * p['saved']:.1f}% | "
-                  f"{r['valid']['mse']:.4f} | {r['test']['mse']:.4f} |")
+        saved = [r["passes"]["all"]["saved"] for r in rs if r.get("passes")]
+        epochs = "/".join(str(r["best_epoch"]) for r in rs)
+        print(f"| {split} | {teachers if run != 'alone' else '-'} | {run} | {len(rs)} | {epochs} | "
+              f"{_fmt([r['valid']['mse'] for r in rs])} | {_fmt([r['test']['mse'] for r in rs])} | "
+              f"{gap} | {f'{100 * statistics.mean(saved):.1f}%' if saved and max(saved) > 0 else ''} |")
+    print("\n| split | teachers | run | " + " | ".join(SLICES) + " |")
+    print("|---|---|---|" + "---|" * len(SLICES))
+    for (split, teachers, run), rs in sorted(groups.items()):
+        cells = []
+        for s in SLICES:
+            values = [r["test"].get(f"mse_{s}") for r in rs]
+            values = [v for v in values if v is not None and v == v]
+            cells.append(f"{statistics.mean(values):.4f}" if values else "")
+        print(f"| {split} | {teachers if run != 'alone' else '-'} | {run} | " + " | ".join(cells) + " |")
+    if table:
+        counts = table[0]["test"]
+        print("\ntest rows per slice: " + ", ".join(f"{s} {counts.get(f'n_{s}', '?')}" for s in SLICES))
     for r in records:
         if r.get("kind") == "cost":
             for clock in ("cpu", "wall"):
@@ -278,39 +292,36 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("teacher")
     p.add_argument("--model", default="mlp_l")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--options", type=json.loads, default=None, help="model config overrides (JSON)")
+    p.add_argument("--train", type=json.loads, default=None, help="train: overrides (JSON)")
+    p.add_argument("--split", choices=["random", "temporal"], default="random")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_teacher)
-    for name, func in (("table", cmd_table), ("gating", cmd_gating), ("cost", cmd_cost)):
+    for name, func in (("table", cmd_table), ("cost", cmd_cost)):
         p = sub.add_parser(name)
         p.add_argument("--teacher-ckpt", action="append", required=True)
-        p.add_argument("--out", required=True)
-        p.add_argument("--epochs", type=int, default=3)
-        p.add_argument("--patience", type=int, default=1)
+        p.add_argument("--threads", type=int, default=1)
         p.set_defaults(func=func)
         if name == "table":
+            p.add_argument("--out", required=True)
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-            p.add_argument("--kd-weights", type=float, nargs="+", default=[1.0, 10.0])
-            p.add_argument("--ld-weight", type=float, default=1.0)
-            p.add_argument("--variants", nargs="+",
-                           default=["alone", "ld", "faithful", "residual"])  # fmt: skip
-        if name == "gating":
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7])
-            p.add_argument("--kd-weight", type=float, default=10.0)
-            p.add_argument("--residual", action="store_true")
-            p.add_argument("--warmup", type=int, default=40)
+            p.add_argument("--epochs", type=int, default=30)
+            p.add_argument("--patience", type=int, default=4)
+            p.add_argument("--split", choices=["random", "temporal"], default="random")
+            p.add_argument("--student", default="mlp_s")
+            p.add_argument("--run", action="append", required=True,
+                           help="'alone' or NAME=JSON (a distill: section); repeatable")  # fmt: skip
         if name == "cost":
+            p.add_argument("--out", required=True)
             p.add_argument("--batch-size", type=int, default=1024)
             p.add_argument("--steps", type=int, default=5)
             p.add_argument("--rounds", type=int, default=3)
-            p.add_argument("--threads", type=int, default=1)
             p.add_argument("--residual", action="store_true")
     p = sub.add_parser("summarize")
     p.add_argument("files", nargs="+")
     p.add_argument("--teacher-mse", type=json.loads, default=None,
-                   help='test MSE of each committee alone, e.g. \'{"mlp_l": 0.85}\'')  # fmt: skip
+                   help='test MSE of each teacher alone, e.g. \'{"mlp_l": 0.85}\'')  # fmt: skip
     p.set_defaults(func=cmd_summarize)
     args = parser.parse_args()
     args.func(args)

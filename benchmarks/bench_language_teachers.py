@@ -1,32 +1,33 @@
-"""Measure the language teachers on the embedded ML-100K (issues 3 and 4.5).
+"""Measure the language teachers on the embedded ML-100K (issue 9: per-entity cache).
 
 Parts (each prints one JSON line, with the load average next to every time):
 
-- ``tokens``: verbalize and tokenize all 100K rating rows into the token table.
-- ``epoch``: seconds per training step of a teacher (plain Adam, MSE), after warm-up,
-  extrapolated to one epoch of the 80K training rows.
-- ``cache``: speed of a frozen teacher's ``middle(question, batch)`` with its context cache
-  (warm) against recomputing the context (cache off), on the same batches; and the largest
-  difference between the two answers.
-- ``train``: ``recdistill.training.train_supervised`` with the given budget; valid and test
-  MSE/RMSE, and the checkpoint path (``<checkpoint-dir>/best.pt``, loadable with
-  ``recdistill.training.load_checkpoint(path, prepared)``).
+- ``cache``: build the per-entity cache of a teacher's frozen part in a fresh folder (users and
+  items, once each), then time the same frozen layers run per rating row, as the old per-row
+  cache had to (on ``--rows`` training rows, extrapolated to the whole data set), and load the
+  built cache again (a later job).
+- ``epoch``: seconds per training step of a teacher (the job's optimizers: Adam for the upper
+  layers and head at ``--lr``, Adagrad for the id vectors), after warm-up, extrapolated to one
+  epoch of the 80K training rows; with ``--full`` a whole epoch is run and timed instead.
+- ``middle``: a frozen teacher's ``middle(question, batch)`` forward + backward to the question
+  (what a distillation step asks of it), rows per second.
+
+Training a teacher to convergence is ``benchmarks/bench_distill.py teacher --model minilm``.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_language_teachers.py tokens
-    .venv/bin/python benchmarks/bench_language_teachers.py epoch --teacher t5 --steps 40
-    .venv/bin/python benchmarks/bench_language_teachers.py cache --teacher t5 --batches 10
-    .venv/bin/python benchmarks/bench_language_teachers.py train --teacher t5 --epochs 2 \\
-        --lr 1e-3 --checkpoint-dir checkpoints/t5
+    B=".venv/bin/python benchmarks/bench_language_teachers.py"
+    $B cache --teacher minilm --threads 2
+    $B epoch --teacher minilm --steps 20 --threads 2
+    $B middle --teacher minilm --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,9 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import torch  # noqa: E402
 
-from features.batches import RatingsData, prepare  # noqa: E402
+from features.batches import prepare  # noqa: E402
 from recdistill.models import build_model, count_parameters  # noqa: E402
-from recdistill.models.text import minilm_path, prompt_token_table  # noqa: E402
 
 
 def load() -> float:
@@ -47,145 +47,120 @@ def emit(**fields) -> None:
     print(json.dumps({**fields, "load_avg_1m": load(), "threads": torch.get_num_threads()}), flush=True)
 
 
-def teacher_options(args) -> dict:
+def options(args) -> dict:
     return json.loads(args.options) if args.options else {}
 
 
-def bench_tokens(args) -> None:
+def bench_cache(args) -> None:
     prepared = prepare()
-    start = time.perf_counter()
-    table = prompt_token_table(prepared, minilm_path() / "tokenizer.json", 64)
-    seconds = time.perf_counter() - start
-    emit(part="tokens", rows=len(table), seconds=round(seconds, 2), max_length=table.max_length,
-         mean_tokens=round(float(table.lengths.float().mean()), 1))  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        model = build_model(args.teacher, prepared, {**options(args), "cache_dir": folder}).freeze()
+        parts = {}
+        for part in ("user", "item"):
+            states = model.part_states(part)
+            tokens = model.parts.users if part == "user" else model.parts.items
+            parts[part] = {"entities": len(tokens), "seconds": round(states.seconds, 2),
+                           "mean_tokens": round(float(tokens.lengths.float().mean()), 1),
+                           "mib": round(states.states.numel() * 2 / 2**20, 1)}  # fmt: skip
+        build_s = sum(p["seconds"] for p in parts.values())
+        # The same frozen layers once per rating row (both parts of each row), as a per-row
+        # cache must: timed on a sample of training rows and extrapolated to every row.
+        rows = prepared.data.splits["train"][: args.rows]
+        batch_size = 256
+        start = time.perf_counter()
+        with torch.no_grad():
+            for chunk in rows.split(batch_size):
+                batch = prepared.data.batch(chunk)
+                for part, tokens in (("user", model.parts.users), ("item", model.parts.items)):
+                    ids, mask = tokens.lookup(batch.ids(f"{part}_id"))
+                    if args.teacher == "minilm":
+                        model.encode_part(ids, mask, model.first_position(part))
+                    else:
+                        model.encode_part(ids, mask)
+        per_row_s = (time.perf_counter() - start) / len(rows)
+        all_rows = len(prepared.data)
+        start = time.perf_counter()
+        again = build_model(args.teacher, prepared, {**options(args), "cache_dir": folder}).freeze()
+        reload_s = sum(again.part_states(p).seconds for p in ("user", "item"))
+        assert not any(again.part_states(p).built for p in ("user", "item"))
+    entities = sum(p["entities"] for p in parts.values())
+    emit(part="cache", teacher=args.teacher, options=options(args), parts=parts,
+         entities=entities, build_s=round(build_s, 2), s_per_entity=round(build_s / entities, 5),
+         per_row_s=round(per_row_s, 5), rows=all_rows,
+         per_row_all_rows_s=round(per_row_s * all_rows, 1),
+         per_row_over_per_entity=round(per_row_s * all_rows / build_s, 1),
+         reload_s=round(reload_s, 3), reload_build_model_s=round(time.perf_counter() - start, 2))  # fmt: skip
+
+
+def _optimizer(model, lr: float):
+    from recdistill.training import TrainConfig, build_optimizer
+
+    return build_optimizer(model, TrainConfig(dense_lr=lr))
 
 
 def bench_epoch(args) -> None:
     prepared = prepare()
     torch.manual_seed(0)
-    model = build_model(args.teacher, prepared, teacher_options(args)).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model = build_model(args.teacher, prepared, options(args)).train()
+    optimizer = _optimizer(model, args.lr)
+    with torch.no_grad():  # the frozen part's cache is built (or loaded) before timing
+        model(prepared.data.batch(prepared.data.splits["train"][:8]))
+    steps_per_epoch = prepared.data.num_batches("train", args.batch_size)
     batches = prepared.data.batches("train", args.batch_size, shuffle=True, seed=0)
+    timed = steps_per_epoch if args.full else args.steps
     times = []
-    for step, batch in zip(range(args.steps + args.warmup), batches):
+    for step, batch in zip(range(timed + args.warmup), batches):
         start = time.perf_counter()
         loss = torch.nn.functional.mse_loss(model(batch), batch.labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step >= args.warmup or args.full:
+            times.append(time.perf_counter() - start)
+    per_step = sum(times) / len(times)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    emit(part="epoch", teacher=args.teacher, options=options(args), params=count_parameters(model),
+         trainable=trainable, batch_size=args.batch_size, steps_timed=len(times),
+         s_per_step=round(per_step, 4), rows_per_s=round(args.batch_size / per_step, 1),
+         epoch_minutes=round(per_step * steps_per_epoch / 60, 2), full_epoch=bool(args.full))  # fmt: skip
+
+
+def bench_middle(args) -> None:
+    prepared = prepare()
+    torch.manual_seed(0)
+    model = build_model(args.teacher, prepared, options(args)).freeze()
+    batches = [prepared.data.batch(rows) for rows in
+               prepared.data.splits["train"][: args.batch_size * (args.steps + args.warmup)].split(args.batch_size)]  # fmt: skip
+    times = []
+    for step, batch in enumerate(batches):
+        question = torch.randn(len(batch), model.early_dim, requires_grad=True)
+        start = time.perf_counter()
+        model.head(model.middle(question, batch)).sum().backward()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     per_step = sum(times) / len(times)
-    steps_per_epoch = prepared.data.num_batches("train", args.batch_size)
-    emit(part="epoch", teacher=args.teacher, options=teacher_options(args), params=count_parameters(model),
-         batch_size=args.batch_size, steps_timed=len(times), s_per_step=round(per_step, 4),
+    emit(part="middle", teacher=args.teacher, options=options(args), batch_size=args.batch_size,
+         steps_timed=len(times), s_per_step=round(per_step, 4),
          rows_per_s=round(args.batch_size / per_step, 1),
-         epoch_minutes_extrapolated=round(per_step * steps_per_epoch / 60, 1))  # fmt: skip
-
-
-def bench_cache(args) -> None:
-    prepared = prepare()
-    torch.manual_seed(0)
-    model = build_model(args.teacher, prepared, teacher_options(args)).freeze()
-    batches = list(zip(range(args.batches), prepared.data.batches("train", args.batch_size, seed=0)))
-    questions = [torch.randn(len(b), model.early_dim) for _, b in batches]
-
-    def run() -> tuple[float, list[torch.Tensor]]:
-        outs = []
-        start = time.perf_counter()
-        with torch.no_grad():
-            for (_, batch), q in zip(batches, questions):
-                outs.append(model.middle(q, batch))
-        return time.perf_counter() - start, outs
-
-    fill_s, _ = run()  # first pass: misses, the cache fills
-    warm = model.context_cache
-    cached, fresh = [], []
-    for _ in range(args.repeats):  # alternate, so both modes see the same machine load
-        model.context_cache = warm
-        cached.append(run())
-        model.context_cache = None  # the same frozen teacher, recomputing its context
-        fresh.append(run())
-    stats = warm.stats()
-    budget = warm.budget_bytes
-    cached_s = min(t for t, _ in cached)
-    fresh_s = min(t for t, _ in fresh)
-    diff = max((a - b).abs().max().item() for a, b in zip(cached[0][1], fresh[0][1]))
-    rows = args.batches * args.batch_size
-    emit(part="cache", teacher=args.teacher, options=teacher_options(args), batch_size=args.batch_size,
-         batches=args.batches, fill_s=round(fill_s, 3), cached_s=round(cached_s, 3),
-         recompute_s=round(fresh_s, 3), speedup=round(fresh_s / cached_s, 2),
-         max_abs_diff=diff, cache_bytes=stats["bytes_used"], budget_bytes=budget,
-         bytes_per_row=round(stats["bytes_used"] / rows), hits=stats["hits"], misses=stats["misses"])  # fmt: skip
-
-
-def subsample(prepared, eval_rows: int | None):
-    """The same data with valid and test cut to ``eval_rows`` random rows each (seed 0).
-
-    For teachers too slow to score 10K rows per split on a shared CPU; the training split and
-    the tensors are untouched.
-    """
-    if not eval_rows:
-        return prepared
-    data = prepared.data
-    gen = torch.Generator().manual_seed(0)
-    splits = dict(data.splits)
-    for name in ("valid", "test"):
-        rows = splits[name]
-        splits[name] = rows[torch.randperm(len(rows), generator=gen)[:eval_rows]]
-    cut = RatingsData(data.single, data.genres, data.genre_lengths, data.labels, splits, data.sizes)
-    return dataclasses.replace(prepared, data=cut)
-
-
-def bench_train(args) -> None:
-    from recdistill.training import TrainConfig, seed_everything, train_supervised
-
-    prepared = prepare()
-    seed_everything(args.seed)
-    model = build_model(args.teacher, prepared, teacher_options(args))
-    prepared = subsample(prepared, args.eval_rows)
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        dense_lr=args.lr, patience=args.patience, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
-        max_steps_per_epoch=args.max_steps, progress=False,
-    )  # fmt: skip
-    start = time.perf_counter()
-    result = train_supervised(
-        model, prepared, cfg,
-        on_epoch=lambda epoch, m: emit(part="train_epoch", teacher=args.teacher, epoch=epoch,
-                                       **{k: round(v, 4) for k, v in m.items()}),
-    )  # fmt: skip
-    emit(part="train", teacher=args.teacher, options=teacher_options(args), params=count_parameters(model),
-         epochs=args.epochs, max_steps=args.max_steps, eval_rows=args.eval_rows or "all", batch_size=args.batch_size, lr=args.lr,
-         best_epoch=result.best_epoch, valid=result.valid, test=result.test,
-         minutes=round((time.perf_counter() - start) / 60, 1),
-         checkpoint=str(result.checkpoint) if result.checkpoint else None)  # fmt: skip
+         epoch_seconds=round(per_step * prepared.data.num_batches("train", args.batch_size), 1))  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["tokens", "epoch", "cache", "train"])
-    parser.add_argument("--teacher", choices=["t5", "minilm"], default="t5")
-    parser.add_argument("--options", default="", help='model config overrides as JSON, e.g. {"d_model": 256}')
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--eval-batch-size", type=int, default=1024)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=30, help="epoch: timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="epoch: untimed first steps")
-    parser.add_argument("--batches", type=int, default=10, help="cache: batches per pass")
-    parser.add_argument("--repeats", type=int, default=3, help="cache: passes per mode (min taken)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=None, help="train: steps per epoch cap")
-    parser.add_argument("--eval-rows", type=int, default=None,
-                        help="train: score a random subset of this many valid and test rows")
-    parser.add_argument("--patience", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-dir", default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine, 2 threads spin-wait)")
+    parser.add_argument("part", choices=["cache", "epoch", "middle"])
+    parser.add_argument("--teacher", choices=["t5", "minilm"], default="minilm")
+    parser.add_argument("--options", default="", help='model config overrides as JSON, e.g. {"frozen_layers": 4}')
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=20, help="epoch/middle: timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="epoch/middle: untimed first steps")
+    parser.add_argument("--full", action="store_true", help="epoch: run and time a whole epoch")
+    parser.add_argument("--rows", type=int, default=2048, help="cache: rows timed per row")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"tokens": bench_tokens, "epoch": bench_epoch, "cache": bench_cache, "train": bench_train}[args.part](args)
+    {"cache": bench_cache, "epoch": bench_epoch, "middle": bench_middle}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from recdistill.training import (
     evaluate,
     load_checkpoint,
     read_checkpoint,
-    save_checkpoint,
     seed_everything,
     train_supervised,
 )
@@ -275,10 +274,10 @@ def stage_distill(ctx: JobContext) -> DistillResult:
     model_cfg = cfg.model_config(cfg.student)
     seed_everything(cfg.train.seed)
     student = build_model(cfg.student, ctx.prepared, model_cfg)
-    result = distill(student, committee, ctx.prepared, cfg.distill, cfg.train, ctx.epoch_logger(None))
-    save_checkpoint(ctx.out / "student" / "best.pt", result.student, cfg.student, model_cfg,
-                    {"test": result.test, "valid": result.valid,
-                     "vocab_sizes": ctx.prepared.vocabs.sizes})  # fmt: skip
+    # The loop writes student/best.pt and last.pt after every epoch, like teacher training.
+    train = dataclasses.replace(cfg.train, checkpoint_dir=str(ctx.out / "student"))
+    result = distill(student, committee, ctx.prepared, cfg.distill, train, ctx.epoch_logger(None),
+                     model_name=cfg.student, model_config=model_cfg)  # fmt: skip
     passes = result.teacher_passes.get("all", {})
     saved = passes.get("saved", 0.0)
     ctx.say(
