@@ -352,3 +352,26 @@ def test_a_t5_checkpoint_stores_its_tied_embedding_once(prepared, batch, tmp_pat
     weight_bytes = 4 * sum(p.numel() for p in model.parameters())
     assert os.path.getsize(path) < 1.1 * weight_bytes  # the shared embedding is not repeated
     assert torch.equal(load_checkpoint(path, prepared)(batch), model(batch))
+
+
+def test_a_frozen_teacher_answers_from_per_entity_keys_and_values_like_the_layer(prepared, batch):
+    # The default shape (5 layers cached, the question at layer 6): once frozen, the last
+    # layer's keys and values of every token but the question come per entity.
+    torch.manual_seed(0)
+    teacher = build_model("minilm", prepared, {"dropout": 0.0}).eval()
+    with torch.no_grad():  # id vectors that are not zero, so their keys are exercised too
+        for weight in teacher.id_vectors.parameters():
+            weight.normal_(0, 0.5)
+    question = torch.randn(len(ROWS), teacher.early_dim)
+    with torch.no_grad():
+        expected, expected_early = teacher.middle(question, batch), teacher.early(batch)
+    teacher.freeze()
+    assert teacher.keys_values_per_entity
+    asked = question.clone().requires_grad_(True)
+    answer = teacher.middle(asked, batch)
+    torch.testing.assert_close(answer, expected, atol=2e-3, rtol=1e-2)  # fp16 keys and values
+    torch.testing.assert_close(teacher.early(batch), expected_early)
+    teacher.head(answer).sum().backward()
+    assert asked.grad is not None and asked.grad.abs().sum() > 0
+    teacher.unfreeze()
+    assert not teacher.keys_values_per_entity and not teacher._keys_values

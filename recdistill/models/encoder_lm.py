@@ -126,6 +126,39 @@ def bidirectional_mask(config: Any, x: torch.Tensor, mask: torch.Tensor) -> Any:
     return create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=mask)
 
 
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, H*d] -> [B, H, L, d]``."""
+    b, length, width = x.shape
+    return x.view(b, length, heads, width // heads).transpose(1, 2)
+
+
+def cls_attend(layer: nn.Module, first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The rest of a BERT layer at position 0, given every position's keys and values.
+
+    Args:
+        layer: the BERT layer.
+        first: ``[B, W]`` the layer's input at position 0.
+        keys, values: ``[B, L, W]`` key and value projections of every position (0 included).
+        mask: ``[B, L]`` 1 on real tokens.
+
+    Returns:
+        ``[B, W]``: the layer's output at position 0.
+    """
+    attention = layer.attention.self
+    heads = attention.num_attention_heads
+    first = first.unsqueeze(1)  # [B, 1, W]
+    query = split_heads(attention.query(first), heads)  # [B, H, 1, d]
+    attend = mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, L]
+    context = F.scaled_dot_product_attention(
+        query, split_heads(keys, heads), split_heads(values, heads), attn_mask=attend,
+        scale=attention.scaling, dropout_p=attention.dropout.p if attention.training else 0.0,
+    )  # fmt: skip
+    context = context.transpose(1, 2).reshape(first.shape)
+    hidden = layer.attention.output(context, first)  # [B, 1, W]
+    return layer.output(layer.intermediate(hidden), hidden)[:, 0]
+
+
 def cls_only_layer(layer: nn.Module, first: torch.Tensor, rest: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A BERT layer's output at position 0 only: ``first [B, W]``, ``rest [B, L-1, W] -> [B, W]``.
 
@@ -135,23 +168,10 @@ def cls_only_layer(layer: nn.Module, first: torch.Tensor, rest: torch.Tensor, ma
     gradient (a question asked of a frozen teacher) backward never runs through the others.
     """
     attention = layer.attention.self
-    first = first.unsqueeze(1)  # [B, 1, W]
-    b, length = first.shape[0], rest.shape[1] + 1
-    heads, size = attention.num_attention_heads, attention.attention_head_size
-
-    def project(linear: nn.Linear) -> torch.Tensor:  # [B, H, L, d]
-        both = torch.cat([linear(first), linear(rest)], dim=1)
-        return both.view(b, length, heads, size).transpose(1, 2)
-
-    query = attention.query(first).view(b, 1, heads, size).transpose(1, 2)  # [B, H, 1, d]
-    attend = mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, L]
-    context = F.scaled_dot_product_attention(
-        query, project(attention.key), project(attention.value), attn_mask=attend,
-        scale=attention.scaling, dropout_p=attention.dropout.p if attention.training else 0.0,
-    )  # fmt: skip
-    context = context.transpose(1, 2).reshape(b, 1, heads * size)
-    hidden = layer.attention.output(context, first)  # [B, 1, W]
-    return layer.output(layer.intermediate(hidden), hidden)[:, 0]
+    first_row = first.unsqueeze(1)
+    keys = torch.cat([attention.key(first_row), attention.key(rest)], dim=1)  # [B, L, W]
+    values = torch.cat([attention.value(first_row), attention.value(rest)], dim=1)
+    return cls_attend(layer, first, keys, values, mask)
 
 
 class EncoderLMTeacher(StagedModule):
@@ -214,6 +234,9 @@ class EncoderLMTeacher(StagedModule):
         self.description = description
         self.frozen = False
         self._states: dict[str, EntityStates] = {}
+        # Once frozen with the question at the last layer, that layer's keys and values of
+        # every token but the question are fixed per entity: computed once, [N, L, W] fp16 each.
+        self._keys_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in self.lower_modules():
             module.requires_grad_(False)
 
@@ -291,10 +314,75 @@ class EncoderLMTeacher(StagedModule):
             x = layer(x, additive)
         return x, mask
 
-    def with_context(self, batch: Any) -> ContextBatch:
+    @property
+    def keys_values_per_entity(self) -> bool:
+        """Frozen, question at the last layer, nothing between the cache and it: the last
+        layer's keys and values of every other token are a fixed function of one entity."""
+        layers = len(self.encoder.encoder.layer)
+        return self.frozen and self.frozen_layers == self.question_layer == layers - 1
+
+    def entity_keys_values(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, H, L, d]`` fp16 keys and values of the last layer for every entity of ``part``
+        (heads first, so a gathered batch is already in the layout attention reads)."""
+        if part not in self._keys_values:
+            attention = self.encoder.encoder.layer[-1].attention.self
+            states = self.part_states(part)
+            tokens = states.tokens
+            vectors = None
+            if self.id_vectors is not None:
+                vectors = self.id_vectors.embedding_bags[f"t_{part}_vector"].weight
+            n, length, width = states.states.shape
+            heads = attention.num_attention_heads
+            keys = torch.empty(n, heads, length, width // heads, dtype=torch.float16)
+            values = torch.empty_like(keys)
+            with torch.no_grad():
+                for index in torch.arange(len(tokens)).split(512):
+                    x = states.states[index].float()  # [b, L, W]
+                    if vectors is not None:
+                        x = x + tokens.id_mask[index].unsqueeze(-1) * vectors[index].unsqueeze(1)
+                    keys[index] = split_heads(attention.key(x), heads).to(torch.float16)
+                    values[index] = split_heads(attention.value(x), heads).to(torch.float16)
+            self._keys_values[part] = (keys, values)
+        return self._keys_values[part]
+
+    def _middle_per_entity(self, h: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``middle`` of a frozen teacher from per-entity keys and values: ``[B, W]``.
+
+        Attention is written out so that the question's own score and every cached token's
+        score stay apart: backward then runs through the question only (SDPA's backward would
+        compute gradients for every cached key and value too).
+        """
+        layer = self.encoder.encoder.layer[-1]
+        attention = layer.attention.self
+        heads, device = attention.num_attention_heads, h.device
+        query = split_heads(attention.query(h).unsqueeze(1), heads)  # [B, H, 1, d]
+        own_key = split_heads(attention.key(h).unsqueeze(1), heads)
+        own_value = split_heads(attention.value(h).unsqueeze(1), heads)
+        scores, values = [(query * own_key).sum(-1, keepdim=True) * attention.scaling], [own_value]
+        for part, skip in (("user", 1), ("item", 0)):  # the user part's [CLS] is the question
+            index = batch.ids(f"{part}_id").cpu()
+            tokens = self.parts.users if part == "user" else self.parts.items
+            width = int(tokens.lengths[index].max()) if len(index) else 1
+            part_keys, part_values = self.entity_keys_values(part)
+            keys = part_keys[index, :, skip:width].to(device).float()  # [B, H, L, d]
+            score = (query @ keys.transpose(-1, -2)) * attention.scaling  # [B, H, 1, L]
+            real = (torch.arange(skip, width) < tokens.lengths[index].unsqueeze(1)).to(device)
+            scores.append(score.masked_fill(~real[:, None, None, :], float("-inf")))
+            values.append(part_values[index, :, skip:width].to(device).float())
+        weights = torch.softmax(torch.cat(scores, dim=-1), dim=-1)  # [B, H, 1, 1 + L_u + L_i]
+        weights = attention.dropout(weights)
+        context, start = 0, 0
+        for value in values:  # [B, H, L_part, d]
+            context = context + weights[..., start : start + value.shape[2]] @ value
+            start += value.shape[2]
+        context = context.transpose(1, 2).reshape(len(h), 1, -1)  # [B, 1, W]
+        hidden = layer.attention.output(context, h.unsqueeze(1))
+        return layer.output(layer.intermediate(hidden), hidden)[:, 0]
+
+    def with_context(self, batch: Any) -> ContextBatch | Any:
         """``batch`` carrying its context, so ``early`` and ``middle`` fetch it once."""
-        if isinstance(batch, ContextBatch):
-            return batch
+        if isinstance(batch, ContextBatch) or self.keys_values_per_entity:
+            return batch  # per-entity keys and values: nothing per row to share
         states, mask = self.context(batch)
         return ContextBatch(batch, states, mask, id(self))
 
@@ -311,12 +399,17 @@ class EncoderLMTeacher(StagedModule):
         return cls_only_layer(layers[-1], first, rest, mask)
 
     def early(self, batch: Any) -> torch.Tensor:
+        if self.keys_values_per_entity and not isinstance(batch, ContextBatch):
+            index = batch.ids("user_id").cpu()  # [CLS] is the user part's first token
+            return self.part_states("user").states[index, 0].float().to(self.rating_head.weight.device)
         states, _ = self.context(batch)
         return states[:, 0]  # [B, W]: [CLS] where the question enters
 
     def middle(self, h: torch.Tensor, batch: Any = None) -> torch.Tensor:
         if batch is None:
             raise ValueError("the encoder LM teacher's middle needs the batch (its user and item parts)")
+        if self.keys_values_per_entity and not isinstance(batch, ContextBatch):
+            return self._middle_per_entity(h, batch)
         states, mask = self.context(batch)
         return self._upper(h, states, mask)  # [B, W]
 
@@ -324,6 +417,8 @@ class EncoderLMTeacher(StagedModule):
         return self.rating_head(z).squeeze(-1)  # [B]
 
     def forward(self, batch: Any) -> torch.Tensor:
+        if self.keys_values_per_entity:
+            return self.head(self.middle(self.early(batch), batch))
         states, mask = self.context(batch)  # once for early and middle
         return self.head(self._upper(states[:, 0], states, mask))
 
@@ -346,6 +441,7 @@ class EncoderLMTeacher(StagedModule):
     def unfreeze(self) -> "EncoderLMTeacher":
         """Back to fine-tuning: the upper layers, id vectors and head get gradients again."""
         self.frozen = False
+        self._keys_values = {}  # the last layer and the id vectors will change
         self.requires_grad_(True)
         for module in self.lower_modules():
             module.requires_grad_(False)
