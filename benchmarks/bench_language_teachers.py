@@ -81,7 +81,9 @@ def bench_cache(args) -> None:
         per_row_s = (time.perf_counter() - start) / len(rows)
         all_rows = len(prepared.data)
         start = time.perf_counter()
-        again = build_model(args.teacher, prepared, {**options(args), "cache_dir": folder}).freeze()
+        again = build_model(args.teacher, prepared, {**options(args), "cache_dir": folder})
+        again.load_state_dict(model.state_dict())  # the same weights: a later job's teacher
+        again.freeze()
         reload_s = sum(again.part_states(p).seconds for p in ("user", "item"))
         assert not any(again.part_states(p).built for p in ("user", "item"))
     entities = sum(p["entities"] for p in parts.values())

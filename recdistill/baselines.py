@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from features.batches import SINGLE, RatingsData
+from recdistill.training.evaluation import label_range
 
 #: The lambdas :func:`choose_bias_model` tries, on the validation split.
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)
@@ -50,9 +51,11 @@ class BiasModel:
     lam: float
 
     def predict(self, data: RatingsData, rows: torch.Tensor) -> torch.Tensor:
-        """``[N]`` predicted ratings of the given row ids."""
+        """``[N]`` predicted ratings of the given row ids, clipped to the training labels' range
+        as every learned model's are at evaluation."""
         users, items = _ids(data, rows)
-        return self.mu + self.user_bias[users] + self.item_bias[items]
+        low, high = label_range(data)
+        return (self.mu + self.user_bias[users] + self.item_bias[items]).clamp(low, high)
 
 
 def _ids(data: RatingsData, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

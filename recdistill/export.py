@@ -41,6 +41,7 @@ from torch import nn
 
 from features.batches import Batch, Prepared
 from features.vocab import AGE_BUCKETS, FEATURES, MULTI_HOT, OLDEST_BUCKET, FeatureVocabs
+from recdistill.training.evaluation import label_range
 
 #: What a missing integer attribute (age, release year) is passed as; it encodes to unknown (0).
 MISSING_INT = -1
@@ -83,11 +84,9 @@ class ExportParityError(ValueError):
 
 
 def training_rating_range(prepared: Prepared) -> Tuple[float, float]:
-    """The lowest and highest rating of the training split: what the served student clips to."""
-    labels = prepared.data.labels[prepared.data.splits["train"]]
-    if labels.numel() == 0:
-        raise ValueError("the training split is empty: no rating range to clip served ratings to")
-    return float(labels.min()), float(labels.max())
+    """The lowest and highest rating of the training split: what the served student clips to,
+    the same range evaluation clips to (:func:`recdistill.training.label_range`)."""
+    return label_range(prepared.data)
 
 
 class ServingInputs(NamedTuple):

@@ -84,6 +84,10 @@ class DistillConfig:
             It trains their ratios only (``s~`` is normalized): with a single teacher
             ``s~ = 1``, so the importance of a lone teacher moves only through the teacher
             embedding it shares with the questions, and gating it is not a learned choice.
+        prediction_weight: (ours) ``mu``, the weight of a prediction-level term beside the
+            answers in DiverseDistill's student loss: the student's prediction matches the mean
+            of the asked teachers' own predictions (LD's target) on the rows they were asked
+            about. 0 (the default) is the paper's method.
         d_e: width of the teacher embeddings ``E`` [K, d_e].
         d_q: width of a question's hidden state ``u_k``.
         module_hidden: hidden widths of each question MLP (``d_q -> d_k``) and answer MLP
@@ -102,6 +106,7 @@ class DistillConfig:
     question_form: Literal["bilinear", "simple"] = "bilinear"
     residual_questions: bool = False
     importance_regularizer: bool = True
+    prediction_weight: float = 0.0
     d_e: int = 8
     d_q: int = 32
     module_hidden: list[int] = field(default_factory=lambda: [128])
@@ -139,6 +144,8 @@ class DistillConfig:
             raise ValueError("teachers: the committee is empty; name at least one teacher")
         if not self.kd_weight >= 0:  # also refuses NaN
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
+        if not self.prediction_weight >= 0:
+            raise ValueError(f"prediction_weight must be >= 0, got {self.prediction_weight}")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         for name in ("d_e", "d_q"):

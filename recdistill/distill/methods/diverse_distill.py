@@ -9,6 +9,7 @@ One training step, with ``sg`` = detach (DESIGN.md section 2)::
     a_k = act_s(AnswerAugmenter_k(r_k))                   # [B, d_z], in the range of z
 
     student: L = task(y_hat, y) + lambda * sum_k mean_b[ sg(s_k) * D(z, sg(a_k)) ]
+                 + mu * mean_b[ (y_hat - mean_k teacher_k(batch))^2 ]     # (ours) prediction_weight
     module:  R = sum_k task(teacher_k.head(r_k), y) + sum_k task(head_s(a_k), y)
                  + task(head_s(sum_k s~_k a_k), y)        # last term: importance_regularizer
 
@@ -102,6 +103,8 @@ class DiverseDistill(DistillMethod):
         reg_teacher = z.new_zeros(())
         reg_answer = z.new_zeros(())
         answers = []  # K x [B, d_z], zero on rows a teacher was not asked about
+        predicted = z.new_zeros(size)  # sum of the asked teachers' own predictions per row
+        asked_count = z.new_zeros(size)
         for k, (name, teacher) in enumerate(self.committee):
             rows = asked[:, k].nonzero().squeeze(1)  # [b]
             self.passes.add(name, done=rows.numel(), full=size)
@@ -124,6 +127,10 @@ class DiverseDistill(DistillMethod):
             )  # [b]
             kd = kd + (importance[rows, k].detach() * gap).sum() / size
             answers.append(answer if everyone else _scatter(answer, rows, size))
+            if self.config.prediction_weight > 0:
+                with torch.no_grad():  # the teacher's own rating of the row, as LD uses it
+                    predicted.index_add_(0, rows, teacher(sub).reshape(-1).to(predicted.dtype))
+                asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype))
 
         losses = {
             "loss_task": task_loss(prediction, labels),
@@ -131,6 +138,11 @@ class DiverseDistill(DistillMethod):
             "loss_reg_teacher": reg_teacher,
             "loss_reg_answer": reg_answer,
         }
+        if self.config.prediction_weight > 0:
+            answered = asked_count > 0
+            target = predicted[answered] / asked_count[answered]  # mean over the asked teachers
+            gap = (prediction[answered] - target).pow(2).sum() / size if answered.any() else kd * 0
+            losses["loss_kd_prediction"] = self.config.prediction_weight * gap
         if self.config.importance_regularizer:
             losses["loss_reg_importance"] = self._importance_term(
                 importance, asked, torch.stack(answers, dim=1), labels
