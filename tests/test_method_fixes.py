@@ -199,7 +199,7 @@ def test_auto_answer_activation_refuses_a_student_activation_it_cannot_apply():
         hidden_activation = "tanh"
 
     with pytest.raises(ValueError, match=r"hidden_activation 'tanh'"):
-        method_for([("t", ContextTeacher())], DistillConfig(), TanhStudent())
+        method_for([("t", ContextTeacher())], DistillConfig(answer_activation="auto"), TanhStudent())
 
 
 def test_auto_answer_activation_on_the_mlp_student_is_relu(prepared):
@@ -209,7 +209,8 @@ def test_auto_answer_activation_on_the_mlp_student_is_relu(prepared):
     torch.manual_seed(0)
     student = build_model("mlp_s", prepared, small)
     teacher = build_model("mlp_m", prepared, small)
-    method = build_method("diverse_distill", student, [("t", teacher)], DistillConfig())
+    method = build_method("diverse_distill", student, [("t", teacher)],
+                          DistillConfig(answer_activation="auto"))  # fmt: skip
     assert student.hidden_activation == "relu" and method.module.answer.activation == "relu"
     batch = prepared.data.batch(prepared.data.splits["train"][:64])
     with torch.no_grad():

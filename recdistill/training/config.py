@@ -47,7 +47,7 @@ class TrainConfig:
     embedding_lr: float = 0.02
     embedding_optimizer: Literal["adagrad", "rowwise_adagrad"] = "adagrad"
     dense_weight_decay: float = 0.0
-    patience: int = 2
+    patience: int = 4
     seed: int = 0
     checkpoint_dir: str | None = None
     max_steps_per_epoch: int | None = None
