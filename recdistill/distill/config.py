@@ -96,6 +96,17 @@ class DistillConfig:
         module_hidden: hidden widths of each question MLP (``d_q -> d_k``) and answer MLP
             (``m_k -> d_z``); empty means a single linear map.
         module_lr: Adam learning rate of the distillation module.
+        sckd_form: (SCKD) the distillation term SCKD gates: ``"ld"`` (predictions) or ``"fd"``
+            (hidden states through a projection).
+        hint_weight: (AMTML) weight of the hint regressors' loss (student feature mapped to
+            each teacher's hidden state).
+        autoskd_lr: (AutoSKD) learning rate of the logits of the teacher-sampling distribution.
+        aekd_cap: (AEKD) the most weight one teacher may get, in ``[1/K, 1]`` (1: no cap).
+        cache_teacher_outputs: keep each frozen teacher's own prediction (and hidden state, for
+            methods that match it) per training row after its first pass, for methods that
+            never question a teacher (LD, FD, MT, ...): a frozen teacher says the same every
+            epoch. Costs ``4 * (1 + m_k)`` bytes per row and teacher in memory; off for logs
+            too large for that. DiverseDistill's questions are never cached.
         gating: importance gating.
     """
 
@@ -114,6 +125,11 @@ class DistillConfig:
     d_q: int = 32
     module_hidden: list[int] = field(default_factory=lambda: [128])
     module_lr: float = 1e-3
+    sckd_form: Literal["ld", "fd"] = "ld"
+    hint_weight: float = 1.0
+    autoskd_lr: float = 0.01
+    aekd_cap: float = 1.0
+    cache_teacher_outputs: bool = True
     gating: GatingConfig = field(default_factory=GatingConfig)
 
     def __post_init__(self) -> None:
@@ -149,6 +165,13 @@ class DistillConfig:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if not self.prediction_weight >= 0:
             raise ValueError(f"prediction_weight must be >= 0, got {self.prediction_weight}")
+        if self.sckd_form not in ("ld", "fd"):
+            raise ValueError(f"sckd_form must be 'ld' or 'fd', got {self.sckd_form!r}")
+        for name in ("hint_weight", "autoskd_lr"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.aekd_cap <= 1.0:
+            raise ValueError(f"aekd_cap must be in (0, 1], got {self.aekd_cap}")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         for name in ("d_e", "d_q"):

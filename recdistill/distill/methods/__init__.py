@@ -42,7 +42,16 @@ def build_method(name: str, student: Any, committee: Any, config: Any, probe_bat
     return method_class(name)(student, committee, config, probe_batch=probe_batch)
 
 
-# Importing the method files registers them.
-from recdistill.distill.methods import diverse_distill, ld  # noqa: E402,F401
+def _import_methods() -> None:
+    """Import every method file of this package: importing one registers it."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_methods()
 
 __all__ = ["METHODS", "build_method", "method_class", "register_method"]

@@ -13,13 +13,14 @@ training mode, ``method.parameters()`` never lists them, and no optimizer can re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from recdistill.distill.config import DistillConfig
-from recdistill.distill.gating import TeacherPasses
+from recdistill.distill.gating import TeacherPasses, slice_batch
 from recdistill.distill.module import check_committee, check_model
 
 
@@ -40,6 +41,71 @@ def freeze(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
+@dataclass
+class TeacherOutput:
+    """What a frozen teacher says about a batch when it is not asked a question.
+
+    Attributes:
+        prediction: ``[B]`` ratings (or ``[B, C]`` logits): ``head(middle(early(batch)))``.
+        hidden: ``[B, m_k]``: ``middle(early(batch))``, the teacher's last hidden state (None
+            when it was not asked for).
+    """
+
+    prediction: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+class RowCache:
+    """A frozen teacher's outputs per data row, filled the first time a row is seen.
+
+    A frozen teacher in eval mode gives the same output for a row every epoch, so methods that
+    never question it (LD, FD, MT, ...) need one pass per row for the whole run, not one per
+    epoch: for a language teacher that is most of a step's cost. Rows are the batch's ``rows``
+    (ids in the full data), so the cache is ``[max row + 1, ...]`` on the CPU, in float32:
+    ``4 * (1 + m_k)`` bytes per training row with hidden states (1.6 KB for a MiniLM teacher,
+    so 130 MB for ML-100K; turn it off with ``distill.cache_teacher_outputs: false`` for logs
+    of tens of millions of rows).
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+        self.known = torch.zeros(0, dtype=torch.bool)
+        self.hits = 0
+        self.misses = 0
+
+    def _grow(self, size: int) -> None:
+        if size <= self.known.numel():
+            return
+        size = max(size, 2 * self.known.numel())
+        known = torch.zeros(size, dtype=torch.bool)
+        known[: self.known.numel()] = self.known
+        self.known = known
+        for name, old in self.values.items():
+            new = old.new_zeros(size, *old.shape[1:])
+            new[: old.shape[0]] = old
+            self.values[name] = new
+
+    def get(self, rows: torch.Tensor, compute) -> dict[str, torch.Tensor]:
+        """``{name: [b, ...]}`` for ``rows``; ``compute(positions)`` fills the rows not seen yet.
+
+        ``compute`` takes the positions (in ``rows``) of the missing rows and returns
+        ``{name: [len(positions), ...]}``, always with the same names.
+        """
+        rows = rows.cpu()
+        self._grow(int(rows.max()) + 1)
+        missing = (~self.known[rows]).nonzero().squeeze(1)
+        self.hits += rows.numel() - missing.numel()
+        self.misses += missing.numel()
+        if missing.numel():
+            fresh = compute(missing)
+            for name, value in fresh.items():
+                if name not in self.values:
+                    self.values[name] = value.new_zeros(self.known.numel(), *value.shape[1:]).cpu()
+                self.values[name][rows[missing]] = value.detach().cpu()
+            self.known[rows[missing]] = True
+        return {name: value[rows] for name, value in self.values.items()}
+
+
 class DistillMethod(nn.Module):
     """Base class of distillation methods.
 
@@ -55,8 +121,13 @@ class DistillMethod(nn.Module):
     """
 
     name: ClassVar[str] = "base"
+    #: Whether :meth:`teacher_output` should also return the teachers' hidden states.
+    teacher_hidden: ClassVar[bool] = False
     #: Losses that train only ``learnable_parameters()``; every other loss trains the student.
     module_losses: ClassVar[tuple[str, ...]] = ()
+    #: Losses that train the student *and* ``learnable_parameters()`` (FD's projection, AMTML's
+    #: hint regressors: trained jointly with the student by the same term).
+    joint_losses: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -73,6 +144,7 @@ class DistillMethod(nn.Module):
         self.config = config
         self.passes = TeacherPasses(self.teacher_names)
         self.step = 0
+        self._caches = [RowCache() for _ in self._committee]
 
     @property
     def committee(self) -> tuple[tuple[str, nn.Module], ...]:
@@ -87,6 +159,42 @@ class DistillMethod(nn.Module):
         for _, teacher in self._committee:
             teacher.eval()  # frozen teachers stay in eval mode (no dropout, fixed norms)
         return self
+
+    def teacher_output(self, k: int, batch: Any) -> TeacherOutput:
+        """Teacher ``k``'s own prediction (and hidden state, if the method's ``teacher_hidden``)
+        for ``batch``, without gradients, counted as a pass on every row.
+
+        With ``distill.cache_teacher_outputs`` (the default) a row's output is computed the
+        first time the row is seen and looked up after (:class:`RowCache`); a batch without
+        ``rows`` is always computed.
+        """
+        name, teacher = self._committee[k]
+        size = _batch_size(batch)
+        self.passes.add(name, done=size, full=size)
+
+        def compute(sub: Any) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                context = teacher.with_context(sub) if callable(
+                    getattr(teacher, "with_context", None)
+                ) else sub
+                hidden = teacher.middle(teacher.early(context), context)
+                out = {"prediction": teacher.head(hidden)}
+                if self.teacher_hidden:
+                    out["hidden"] = hidden
+                return out
+
+        rows = getattr(batch, "rows", None)
+        if not getattr(self.config, "cache_teacher_outputs", False) or rows is None:
+            out = compute(batch)
+        else:
+            device = _batch_device(batch)
+            out = self._caches[k].get(rows, lambda missing: compute(slice_batch(batch, missing.to(device))))
+            out = {key: value.to(device) for key, value in out.items()}
+        return TeacherOutput(prediction=out["prediction"], hidden=out.get("hidden"))
+
+    def teacher_outputs(self, batch: Any) -> list[TeacherOutput]:
+        """:meth:`teacher_output` of every teacher, in committee order."""
+        return [self.teacher_output(k, batch) for k in range(len(self._committee))]
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(student prediction [B], {loss name: scalar})`` for one training batch."""
@@ -104,21 +212,43 @@ class DistillMethod(nn.Module):
         return [p for p in self.student.parameters() if p.requires_grad]
 
     def backward(self, losses: dict[str, torch.Tensor]) -> None:
-        """Student losses into the student only; ``module_losses`` into the method's modules only."""
+        """Student losses into the student only; ``module_losses`` into the method's modules only;
+        ``joint_losses`` into both."""
         # A term can be a constant: when gating asks no teacher about any row of a batch, the
         # distillation loss and every module term are zeros with no graph behind them.
+        module_params = self.learnable_parameters()
+        student_params = self.student_parameters()
         student_terms = [
-            v for k, v in losses.items() if k not in self.module_losses and v.requires_grad
+            v for k, v in losses.items()
+            if k not in self.module_losses and k not in self.joint_losses and v.requires_grad
         ]
-        if student_terms:
-            sum(student_terms).backward(inputs=self.student_parameters())
+        joint_terms = [losses[k] for k in self.joint_losses if k in losses and losses[k].requires_grad]
         module_terms = [
             losses[k] for k in self.module_losses if k in losses and losses[k].requires_grad
         ]
-        module_params = self.learnable_parameters()
+        if not module_params:
+            module_terms = []
+        more = bool(joint_terms or module_terms)
+        if student_terms:
+            sum(student_terms).backward(inputs=student_params, retain_graph=more)
+        if joint_terms:
+            sum(joint_terms).backward(
+                inputs=student_params + module_params, retain_graph=bool(module_terms)
+            )
         if module_terms and module_params:
             sum(module_terms).backward(inputs=module_params)
 
     def importance(self, batch: Any) -> torch.Tensor | None:
         """``[B, K]`` importance of each teacher per row, for methods that have one."""
         return None
+
+
+def _batch_size(batch: Any) -> int:
+    labels = getattr(batch, "labels", None)
+    return int(labels.shape[0]) if labels is not None else len(batch)
+
+
+def _batch_device(batch: Any) -> torch.device:
+    labels = getattr(batch, "labels", None)
+    return labels.device if isinstance(labels, torch.Tensor) else torch.device("cpu")
+

@@ -26,12 +26,7 @@ class LD(DistillMethod):
 
     def teacher_prediction(self, batch: Any) -> torch.Tensor:
         """Mean prediction of the committee, ``[B]`` (or ``[B, C]`` logits), without gradients."""
-        with torch.no_grad():
-            predictions = []
-            for name, teacher in self.committee:
-                predictions.append(teacher(batch))
-                self.passes.add(name, done=len(batch.labels), full=len(batch.labels))
-            return torch.stack(predictions).mean(dim=0)
+        return torch.stack([out.prediction for out in self.teacher_outputs(batch)]).mean(dim=0)
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prediction = self.student(batch)
