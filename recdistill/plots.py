@@ -114,6 +114,66 @@ def plot_importance(
     return _save(fig, path)
 
 
+def plot_importance_heatmap(
+    scores: Sequence[Sequence[float]],
+    teachers: Sequence[str],
+    rows: Sequence[str],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Heat map of importance scores: one column per data row, one line per teacher (the
+    paper's Figure 4), each cell printed with its value.
+
+    Args:
+        scores: ``[R][K]`` scores in [0, 1] of R rows for K teachers.
+        teachers: the K teacher names.
+        rows: the R row labels.
+        path: the PNG to write.
+        title: a title over the map.
+    """
+    grid = np.asarray(scores, dtype=float)
+    if grid.ndim != 2 or grid.shape != (len(rows), len(teachers)):
+        raise ValueError(
+            f"plot_importance_heatmap: scores of shape {grid.shape}, expected "
+            f"({len(rows)}, {len(teachers)}) rows x teachers"
+        )
+    fig, ax = plt.subplots(figsize=(0.8 * len(rows) + 2.5, 0.6 * len(teachers) + 1.6))
+    image = ax.imshow(grid.T, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, k), value in np.ndenumerate(grid):
+        ax.text(i, k, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if value < 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(rows)), rows, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(teachers)), teachers)
+    fig.colorbar(image, ax=ax, label="importance s_k")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_gating_sweep(points: Sequence[tuple[float | None, float, float, str]], path: str | Path) -> Path:
+    """Teacher passes saved and test MSE per gating threshold, side by side.
+
+    Args:
+        points: ``(threshold or None for ungated, share of passes saved, test MSE, label)``.
+        path: the PNG to write.
+    """
+    if not points:
+        raise ValueError("plot_gating_sweep: no points")
+    ordered = sorted(points, key=lambda p: -1.0 if p[0] is None else p[0])
+    labels = [p[3] for p in ordered]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.bar(labels, [100 * p[1] for p in ordered], color="tab:green")
+    left.set_ylabel("% of teacher passes saved")
+    left.set_title("passes saved")
+    right.plot(labels, [p[2] for p in ordered], marker="o", color="tab:blue")
+    right.set_ylabel("test MSE")
+    right.set_title("test MSE (mean over seeds)")
+    right.grid(alpha=0.3)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=20)
+    return _save(fig, path)
+
+
 def _array(values: Any) -> np.ndarray:
     if hasattr(values, "detach"):  # a torch tensor
         values = values.detach().cpu().numpy()

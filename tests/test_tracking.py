@@ -9,7 +9,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from features.config import DataConfig
-from recdistill.plots import plot_importance, plot_learning_curves, share_above
+from recdistill.plots import (
+    plot_gating_sweep,
+    plot_importance,
+    plot_importance_heatmap,
+    plot_learning_curves,
+    share_above,
+)
 from recdistill.tracking import (
     TrackingConfig,
     flatten_params,
@@ -74,6 +80,18 @@ def test_importance_share_and_png(tmp_path):
     assert share_above(scores, 0.6) == {"mlp_l": 0.5, "minilm": 0.25}
     path = plot_importance(scores, 0.6, tmp_path / "importance.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_importance_heatmap_and_gating_sweep_pngs(tmp_path):
+    scores = [[0.9, 0.1, 0.5], [0.2, 0.8, 0.7]]  # 2 rows x 3 teachers
+    path = plot_importance_heatmap(scores, ["MiniLM", "MLP-L", "MLP-M"], ["row 1", "row 2"],
+                                   tmp_path / "figure4.png")  # fmt: skip
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match=r"expected \(3, 3\) rows x teachers"):
+        plot_importance_heatmap(scores, ["a", "b", "c"], ["r1", "r2", "r3"], tmp_path / "x.png")
+    sweep = plot_gating_sweep([(None, 0.0, 0.84, "ungated"), (0.6, 0.26, 0.841, "tau 0.6")],
+                              tmp_path / "sweep.png")  # fmt: skip
+    assert sweep.read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow

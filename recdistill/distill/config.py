@@ -58,7 +58,8 @@ class DistillConfig:
     """What a distillation run adds to supervised training.
 
     Args:
-        method: registered method name (``diverse_distill``, ``ld``).
+        method: registered method name: ``diverse_distill``, ``ld``, ``fd``, ``sckd``, ``mt``,
+            ``amtml``, ``autoskd``, ``aekd`` (``recdistill.distill.METHODS``).
         teachers: model names of the committee; the job resolves each to a checkpoint.
         kd_weight: ``lambda``, the weight of the distillation loss in the student's loss.
         divergence: ``"l2"`` (squared L2 between hidden states, the paper's) or ``"kl"``
@@ -96,12 +97,24 @@ class DistillConfig:
         module_hidden: hidden widths of each question MLP (``d_q -> d_k``) and answer MLP
             (``m_k -> d_z``); empty means a single linear map.
         module_lr: Adam learning rate of the distillation module.
-        sckd_form: (SCKD) the distillation term SCKD gates: ``"ld"`` (predictions) or ``"fd"``
-            (hidden states through a projection).
-        hint_weight: (AMTML) weight of the hint regressors' loss (student feature mapped to
-            each teacher's hidden state).
-        autoskd_lr: (AutoSKD) learning rate of the logits of the teacher-sampling distribution.
-        aekd_cap: (AEKD) the most weight one teacher may get, in ``[1/K, 1]`` (1: no cap).
+        sckd_form: (SCKD) the distillation term SCKD gates: ``"ld"`` (LD's: the student's
+            prediction vs the committee's mean prediction) or ``"fd"`` (FD's: the student's
+            hidden state, through a learnable linear projection per teacher, vs each teacher's
+            hidden state, reduced by ``divergence_reduction``). In the ``fd`` form the
+            projections learn only on the steps whose term is applied.
+        hint_weight: (AMTML) weight of the hint regressors' loss: the student's hidden state
+            mapped to each teacher's hidden state, squared L2 reduced over the units by
+            ``divergence_reduction`` as FD's.
+        autoskd_lr: (AutoSKD) step of the REINFORCE update of the logits of the
+            teacher-sampling distribution. The advantage is scaled by the moving spread of the
+            rewards (at most ~3.2 in size), so this is a step in logits per training step,
+            whatever the scale of the task loss: 0.01 moves a teacher's logit by about 1 in a
+            few hundred steps of consistent advantage.
+        aekd_cap: (AEKD) the most weight one teacher may get; a cap below ``1/K`` is raised to
+            ``1/K`` (uniform weights), as the paper's code does. 0.6 is that code's default
+            (``-C 0.6``); 1 is no cap, with which, for ratings, the min-norm point is the mix
+            of teachers closest to the student's own predictions (the weakest pull), and a
+            single teacher whose gradient is smallest can take all the weight.
         cache_teacher_outputs: keep each frozen teacher's own prediction (and hidden state, for
             methods that match it) per training row after its first pass, for methods that
             never question a teacher (LD, FD, MT, ...): a frozen teacher says the same every
@@ -128,7 +141,7 @@ class DistillConfig:
     sckd_form: Literal["ld", "fd"] = "ld"
     hint_weight: float = 1.0
     autoskd_lr: float = 0.01
-    aekd_cap: float = 1.0
+    aekd_cap: float = 0.6
     cache_teacher_outputs: bool = True
     gating: GatingConfig = field(default_factory=GatingConfig)
 

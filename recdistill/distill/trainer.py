@@ -60,6 +60,8 @@ class DistillResult:
         stopped_early: whether patience ran out before ``epochs``.
         steps: training steps taken.
         checkpoint: the student's ``best.pt`` when ``train.checkpoint_dir`` was given.
+        distiller: the trained method (student and module), e.g. for
+            ``distiller.importance(batch)`` on other rows; not what is served.
     """
 
     student: nn.Module
@@ -73,6 +75,7 @@ class DistillResult:
     stopped_early: bool = False
     steps: int = 0
     checkpoint: Path | None = None
+    distiller: DistillMethod | None = field(default=None, repr=False)
 
 
 def module_optimizer(method: DistillMethod, config: DistillConfig):
@@ -194,4 +197,5 @@ def distill(
         stopped_early=trained.stopped_early,
         steps=runner.step,
         checkpoint=trained.checkpoint,
+        distiller=runner.eval(),
     )

@@ -1,0 +1,78 @@
+"""``recdistill bench paper``: the paper's recommendation experiments (Tables 3-5, gating, Figure 4).
+
+    recdistill bench paper [--quick] [--config default] [--out runs/bench_paper] [--seeds 0 1 2]
+                           [--tables t3 t4 t5 gating] [--workers 2] [--rerun] [--report-only]
+                           [--tracking-uri URI]
+
+Teachers are trained once into ``OUT/teachers/``; each cell's result lands in
+``OUT/cells/`` as soon as it finishes, so a killed bench resumes with the same command. The
+report is ``OUT/paper_tables.md`` with ``paper_cells.csv`` and the PNGs beside it
+(:mod:`pipelines.bench_paper`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from pathlib import Path
+
+DEFAULT_OUT = "runs/bench_paper"
+
+
+def cmd_bench_paper(args: argparse.Namespace) -> int:
+    from pipelines.bench_paper import mlflow_logger, paper_plan, run_bench, write_report
+    from pipelines.config import load_config
+
+    config = load_config(args.config)
+    if args.source:
+        config.data.source = args.source
+    plan = paper_plan(quick=args.quick, seeds=args.seeds, tables=args.tables)
+    out = Path(args.out or (DEFAULT_OUT + ("_quick" if args.quick else "")))
+    command = _command(args)
+    if not args.report_only:
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        on_cell = mlflow_logger(uri) if uri else None
+        print(f"bench paper: {len(plan.rows)} rows x seeds {plan.seeds} -> {out} "
+              f"({args.workers} worker(s){'; MLflow ' + uri if uri else ''})", flush=True)  # fmt: skip
+        run_bench(config, plan, out, workers=args.workers, rerun=args.rerun,
+                  say=lambda line: print(line, flush=True), on_cell=on_cell)  # fmt: skip
+    report = write_report(out, plan, command)
+    print(f"report {report}")
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this bench, for the report."""
+    parts = ["recdistill", "bench", "paper"]
+    if args.quick:
+        parts.append("--quick")
+    if args.config != "default":
+        parts += ["--config", args.config]
+    if args.source:
+        parts += ["--source", args.source]
+    if args.seeds:
+        parts += ["--seeds", *map(str, args.seeds)]
+    if args.tables:
+        parts += ["--tables", *args.tables]
+    if args.out:
+        parts += ["--out", args.out]
+    parts += ["--workers", str(args.workers)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def add_commands(sub, with_config) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: the paper's experiments")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    cmd = with_config(kinds.add_parser("paper", help="the paper's recommendation tables, resumable"))
+    cmd.add_argument("--quick", action="store_true",
+                     help="one seed, 25%% of the training split, short budgets (~15 min)")  # fmt: skip
+    cmd.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}, or {DEFAULT_OUT}_quick)")
+    cmd.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; quick: 0)")
+    cmd.add_argument("--tables", nargs="+", choices=["t3", "t4", "t5", "gating"],
+                     help="run only these tables (the student alone always runs)")  # fmt: skip
+    cmd.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
+    cmd.add_argument("--rerun", action="store_true", help="rerun finished cells too")
+    cmd.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
+    cmd.add_argument("--tracking-uri", help="log one MLflow run per cell (default $MLFLOW_TRACKING_URI)")
+    cmd.set_defaults(func=cmd_bench_paper)
