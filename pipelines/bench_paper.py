@@ -37,7 +37,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -264,7 +264,6 @@ class Environment:
     prepared: Any
     teachers: dict[str, Any]
     train: Any
-    teacher_mse: dict[str, dict[str, float]]
 
 
 _ENV: Environment | None = None
@@ -288,18 +287,17 @@ def prepare_data(config: Any, plan: BenchPlan) -> Any:
     return _subset(prepare(config.data), plan.subset)
 
 
-def train_teachers(config: Any, plan: BenchPlan, out: Path,
-                   say: Callable[[str], None] = print) -> dict[str, dict[str, float]]:  # fmt: skip
+def train_teachers(config: Any, plan: BenchPlan, out: Path, say: Callable[[str], None] = print) -> None:
     """Train every teacher of the plan once (``out/teachers/NAME.pt``) or reuse it; build the
-    language teacher's per-entity cache. Returns ``{teacher: {"valid": mse, "test": mse}}``."""
+    language teacher's per-entity cache."""
     import torch
 
+    from recdistill.distill.methods.base import freeze
     from recdistill.models import build_model, count_parameters
-    from recdistill.training import load_checkpoint, read_checkpoint, save_checkpoint
+    from recdistill.training import load_checkpoint, save_checkpoint
     from recdistill.training import seed_everything, train_supervised
 
     prepared = None
-    scores = {}
     for name in plan.teachers:
         path = out / "teachers" / f"{name}.pt"
         if not path.is_file():
@@ -319,14 +317,22 @@ def train_teachers(config: Any, plan: BenchPlan, out: Path,
                              "seconds": time.perf_counter() - start})  # fmt: skip
             say(f"teacher {name}: valid MSE {result.valid['mse']:.4f}, test MSE "
                 f"{result.test['mse']:.4f} ({time.perf_counter() - start:.0f} s)")  # fmt: skip
-        extra = read_checkpoint(path)["extra"]
-        scores[name] = {"valid": extra["valid"]["mse"], "test": extra["test"]["mse"],
-                        "test_metrics": extra["test"]}  # fmt: skip
         if name == LANGUAGE:  # build its per-entity cache on disk once, for every worker
             prepared = prepared or prepare_data(config, plan)
-            freeze = getattr(load_checkpoint(path, prepared), "freeze", None)
-            if callable(freeze):
-                freeze()
+            freeze(load_checkpoint(path, prepared))
+
+
+def teacher_scores(out: Path, names: Iterable[str]) -> dict[str, dict[str, float | None]]:
+    """``{teacher: {"valid", "test", "cold"}}`` MSEs saved with each trained teacher."""
+    from recdistill.training import read_checkpoint
+
+    scores = {}
+    for name in names:
+        path = out / "teachers" / f"{name}.pt"
+        if path.is_file():
+            extra = read_checkpoint(path)["extra"]
+            scores[name] = {"valid": extra["valid"]["mse"], "test": extra["test"]["mse"],
+                            "cold": extra["test"].get("mse_item_cold")}  # fmt: skip
     return scores
 
 
@@ -335,27 +341,22 @@ def _init_worker(config: Any, plan: BenchPlan, out: Path, threads: int) -> None:
     global _ENV
     import torch
 
-    from recdistill.training import load_checkpoint, read_checkpoint
+    from recdistill.distill.methods.base import freeze
+    from recdistill.training import load_checkpoint
 
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     prepared = prepare_data(config, plan)
-    teachers, mse = {}, {}
+    teachers = {}
     for name in plan.teachers:
         path = out / "teachers" / f"{name}.pt"
-        teacher = load_checkpoint(path, prepared)
-        freeze = getattr(teacher, "freeze", None)
-        teachers[name] = freeze() if callable(freeze) else teacher.eval().requires_grad_(False)
-        extra = read_checkpoint(path)["extra"]
-        mse[name] = {"valid": extra["valid"]["mse"], "test": extra["test"]["mse"]}
+        teachers[name] = freeze(load_checkpoint(path, prepared))
     train = dataclasses.replace(config.train, progress=False, checkpoint_dir=None, **plan.train)
-    _ENV = Environment(config, prepared, teachers, train, mse)
+    _ENV = Environment(config, prepared, teachers, train)
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Train one student for ``cell`` in this process's environment; its JSON record."""
-    import torch
-
     from recdistill.distill import DistillConfig
     from recdistill.distill.trainer import distill
     from recdistill.models import build_model
@@ -481,15 +482,14 @@ def run_bench(config: Any, plan: BenchPlan, out: Path, workers: int = 1, rerun: 
     done = read_cells(out)
     started = time.perf_counter()
     threads = 1 if workers > 1 else max(1, min(2, os.cpu_count() or 1))
-    total = None
-    pool = None
     if workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                    initializer=_init_worker, initargs=(config, plan, out, threads))  # fmt: skip
     else:
         _init_worker(config, plan, out, threads)
+        pool = _InProcess()
     try:
-        running: dict[Any, Cell] = {}
+        running: dict[Future, Cell] = {}
         while True:
             cells, waiting = planned_cells(plan, done)
             total = len(cells) + sum(len(plan.seeds) - 1 for _ in waiting)
@@ -498,28 +498,29 @@ def run_bench(config: Any, plan: BenchPlan, out: Path, workers: int = 1, rerun: 
                           key=_cost, reverse=True)  # fmt: skip
             if not todo and not running:
                 break
-            if pool is None:
-                if not todo:
-                    break
-                cell = todo[0]
-                _announce(say, cell, len(done), total)
-                record = _run_in_worker(cell, out)
-                done[cell.key] = record
-                _finished(say, record, on_cell, started)
-                continue
             for cell in todo[: max(0, workers - len(running))]:
                 _announce(say, cell, len(done) + len(running), total)
                 running[pool.submit(_run_in_worker, cell, out)] = cell
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished:
                 cell = running.pop(future)
-                record = future.result()
-                done[cell.key] = record
-                _finished(say, record, on_cell, started)
+                done[cell.key] = future.result()
+                _finished(say, done[cell.key], on_cell, started)
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)
     return done
+
+
+class _InProcess:
+    """The executor of ``workers=1``: runs a cell in this process when it is submitted."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        pass
 
 
 def _announce(say: Callable[[str], None], cell: Cell, index: int, total: int | None) -> None:
@@ -648,15 +649,7 @@ def write_report(out: Path, plan: BenchPlan, command: str = "recdistill bench pa
                  done: dict[str, dict[str, Any]] | None = None) -> Path:  # fmt: skip
     """``paper_tables.md``, ``paper_cells.csv`` and the PNGs, rebuilt from the cell files."""
     done = read_cells(out) if done is None else done
-    teacher_mse = {}
-    for name in plan.teachers:
-        path = out / "teachers" / f"{name}.pt"
-        if path.is_file():
-            from recdistill.training import read_checkpoint
-
-            extra = read_checkpoint(path)["extra"]
-            teacher_mse[name] = {"valid": extra["valid"]["mse"], "test": extra["test"]["mse"],
-                                 "cold": extra["test"].get("mse_item_cold")}  # fmt: skip
+    teacher_mse = teacher_scores(out, plan.teachers)
     rows = summarize(plan, done, teacher_mse)
     _write_csv(out / "paper_cells.csv", done)
     figure = _figure4(out, done, plan)

@@ -24,17 +24,11 @@ from recdistill.distill.trainer import distill, module_optimizer
 from recdistill.models import build_model
 from recdistill.stages import StagedModule
 from recdistill.training import TrainConfig, build_optimizer
+from tests.test_distill_trainer import SMALL_TEACHER, small_student
 
-SMALL_STUDENT = {"id_embedding_dim": 16, "side_embedding_dim": 4, "hidden": [32, 16]}
-SMALL_TEACHER = {"id_embedding_dim": 24, "side_embedding_dim": 8, "hidden": [64, 40]}
 #: (registered method, sckd_form): FD, and SCKD gating each of its two terms
 METHODS = [("fd", "ld"), ("sckd", "ld"), ("sckd", "fd")]
 IDS = ["fd", "sckd-ld", "sckd-fd"]
-
-
-def small_student(prepared, seed=0):
-    torch.manual_seed(seed)
-    return build_model("mlp_s", prepared, SMALL_STUDENT)
 
 
 def make_method(prepared, committee, name, form, **config):

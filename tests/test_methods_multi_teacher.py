@@ -19,9 +19,8 @@ from recdistill.distill.trainer import distill, module_optimizer
 from recdistill.models import build_model
 from recdistill.stages import StagedModule
 from recdistill.training import TrainConfig, TrainStep, build_optimizer
+from tests.test_distill_trainer import SMALL_TEACHER, small_student
 
-SMALL_STUDENT = {"id_embedding_dim": 16, "side_embedding_dim": 4, "hidden": [32, 16]}
-SMALL_TEACHER = {"id_embedding_dim": 24, "side_embedding_dim": 8, "hidden": [64, 40]}
 MEDIUM_TEACHER = {"id_embedding_dim": 8, "side_embedding_dim": 2, "hidden": [24]}
 METHODS = ["mt", "amtml", "autoskd", "aekd"]
 LOSSES = {
@@ -44,11 +43,6 @@ def one_thread():
 
 
 # ---- ratings on ML-100K ------------------------------------------------------------------------
-
-
-def small_student(prepared, seed=0):
-    torch.manual_seed(seed)
-    return build_model("mlp_s", prepared, SMALL_STUDENT)
 
 
 @pytest.fixture(scope="module")

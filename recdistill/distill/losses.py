@@ -63,6 +63,39 @@ def divergence(
     return per_unit.sum(dim=-1) if reduction == "sum" else per_unit.mean(dim=-1)
 
 
+def soft_target(teacher_prediction: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A teacher's soft target: the ``[B]`` ratings themselves, or ``softmax(t / T)`` ``[B, C]``
+    for logits."""
+    if teacher_prediction.dim() == 2:
+        return F.softmax(teacher_prediction / temperature, dim=-1)
+    return teacher_prediction
+
+
+def soft_target_loss(
+    prediction: torch.Tensor, target: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The student's distance to a soft target, a scalar.
+
+    Ratings: ``mean_b (y_hat - target)^2``. Logits: ``T^2 * KL(target || softmax(y_hat / T))``
+    averaged over rows (Hinton's convention: ``T^2`` keeps gradients comparable across
+    temperatures), the target being a ``[B, C]`` distribution.
+
+    Args:
+        prediction: ``[B]`` student ratings or ``[B, C]`` student logits.
+        target: ``[B]`` ratings or ``[B, C]`` probabilities (see :func:`soft_target`).
+        temperature: ``T``, used for logits only.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"soft target of shape {tuple(target.shape)} for a prediction of shape "
+            f"{tuple(prediction.shape)}"
+        )
+    if prediction.dim() == 2:
+        log_student = F.log_softmax(prediction / temperature, dim=-1)
+        return F.kl_div(log_student, target, reduction="batchmean") * temperature**2
+    return F.mse_loss(prediction, target)
+
+
 def normalized_importance(importance: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
     """``s~ = s / sum(s)`` over the teachers asked about each row.
 

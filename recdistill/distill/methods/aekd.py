@@ -37,10 +37,9 @@ from typing import Any
 
 import torch
 
-from recdistill.distill.losses import task_loss
+from recdistill.distill.losses import soft_target, soft_target_loss, task_loss
 from recdistill.distill.methods import register_method
 from recdistill.distill.methods.base import DistillMethod
-from recdistill.distill.methods.mt import soft_target, soft_target_loss
 
 #: Solver iterations at most. Each moves weight between two teachers, costs O(K) and is exact
 #: along its pair: two teachers need one, a few well-separated ones a few dozen. Gradients that

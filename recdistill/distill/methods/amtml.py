@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recdistill.distill.losses import divergence, task_loss
+from recdistill.distill.losses import soft_target, soft_target_loss, task_loss
 from recdistill.distill.methods import register_method
 from recdistill.distill.methods.base import DistillMethod
-from recdistill.distill.methods.mt import soft_target, soft_target_loss
+from recdistill.distill.methods.fd import HiddenProjection
 
 
 class TeacherWeights(nn.Module):
@@ -96,7 +96,8 @@ class AMTML(DistillMethod):
 
     Attributes:
         teacher_weights: :class:`TeacherWeights` (``theta``, ``W``).
-        regressors: ``K`` linear maps ``d_z -> m_k``.
+        hints: the hint regressors, FD's :class:`~recdistill.distill.methods.fd.HiddenProjection`
+            (``regressors``: its ``K`` linear maps ``d_z -> m_k``).
 
     Example::
 
@@ -113,12 +114,17 @@ class AMTML(DistillMethod):
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)
         self.teacher_weights = TeacherWeights(len(self.committee), student.hidden_dim)
-        self.regressors = nn.ModuleList(
-            nn.Linear(student.hidden_dim, teacher.hidden_dim) for _, teacher in self.committee
+        self.hints = HiddenProjection(
+            student.hidden_dim, [teacher.hidden_dim for _, teacher in self.committee]
         )
 
+    @property
+    def regressors(self) -> nn.ModuleList:
+        """The hint regressors, one linear map ``d_z -> m_k`` per teacher (FD's projection)."""
+        return self.hints.maps
+
     def learnable_parameters(self) -> list[nn.Parameter]:
-        return list(self.teacher_weights.parameters()) + list(self.regressors.parameters())
+        return list(self.teacher_weights.parameters()) + list(self.hints.parameters())
 
     def importance(self, batch: Any) -> torch.Tensor:
         """``[B, K]`` teacher weights of each row (rows sum to 1), without gradients."""
@@ -137,11 +143,9 @@ class AMTML(DistillMethod):
         if targets.dim() == 3:
             weights = weights.unsqueeze(-1)
         kd = soft_target_loss(prediction, (weights * targets).sum(dim=1), temperature)
-        hint = torch.stack([
-            divergence(regressor(z), out.hidden, "l2",
-                       reduction=self.config.divergence_reduction).mean()
-            for regressor, out in zip(self.regressors, outputs)
-        ]).mean()  # fmt: skip
+        hint = self.hints.distance(
+            z, [out.hidden for out in outputs], self.config.divergence_reduction
+        )
         if self.training:
             self.step += 1
         return prediction, {

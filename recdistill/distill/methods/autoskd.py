@@ -34,10 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from recdistill.distill.losses import task_loss
+from recdistill.distill.losses import soft_target, soft_target_loss, task_loss
 from recdistill.distill.methods import register_method
 from recdistill.distill.methods.base import DistillMethod
-from recdistill.distill.methods.mt import soft_target, soft_target_loss
 
 #: Decay of the moving mean and spread of the rewards: about the last ten steps, since the
 #: loss decrease a step achieves shrinks as training goes on.

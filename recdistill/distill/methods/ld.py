@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from recdistill.distill.losses import task_loss
+from recdistill.distill.losses import soft_target, soft_target_loss, task_loss
 from recdistill.distill.methods import register_method
 from recdistill.distill.methods.base import DistillMethod
 
@@ -30,17 +29,8 @@ class LD(DistillMethod):
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prediction = self.student(batch)
-        target = self.teacher_prediction(batch)
-        if prediction.dim() == 2:
-            t = self.config.kl_temperature
-            kd = F.kl_div(
-                F.log_softmax(prediction / t, dim=-1),
-                F.log_softmax(target / t, dim=-1),
-                log_target=True,
-                reduction="batchmean",
-            ) * t**2
-        else:
-            kd = F.mse_loss(prediction, target)
+        t = self.config.kl_temperature
+        kd = soft_target_loss(prediction, soft_target(self.teacher_prediction(batch), t), t)
         if self.training:
             self.step += 1
         return prediction, {

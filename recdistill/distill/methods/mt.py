@@ -13,9 +13,9 @@ averages the *logits* and softens the mean, ``softmax(mean_k t_k / T)``, which i
 renormalized geometric mean of the teachers' distributions; MT averages the *distributions*
 themselves, an arithmetic mean. Where the teachers disagree the two targets differ.
 
-The two helpers below, :func:`soft_target` and :func:`soft_target_loss`, are the soft-target
-vocabulary every multi-teacher method here shares (AMTML weights soft targets per row, AutoSKD
-takes one teacher's, AEKD weights the per-teacher losses).
+The soft-target vocabulary, :func:`~recdistill.distill.losses.soft_target` and
+:func:`~recdistill.distill.losses.soft_target_loss`, is in ``losses.py``: LD, AMTML (soft
+targets weighted per row), AutoSKD (one teacher's) and AEKD (weighted per-teacher losses) share it.
 """
 
 from __future__ import annotations
@@ -23,44 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from recdistill.distill.losses import task_loss
+from recdistill.distill.losses import soft_target, soft_target_loss, task_loss
 from recdistill.distill.methods import register_method
 from recdistill.distill.methods.base import DistillMethod
-
-
-def soft_target(teacher_prediction: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A teacher's soft target: the ``[B]`` ratings themselves, or ``softmax(t / T)`` ``[B, C]``
-    for logits."""
-    if teacher_prediction.dim() == 2:
-        return F.softmax(teacher_prediction / temperature, dim=-1)
-    return teacher_prediction
-
-
-def soft_target_loss(
-    prediction: torch.Tensor, target: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """The student's distance to a soft target, a scalar.
-
-    Ratings: ``mean_b (y_hat - target)^2``. Logits: ``T^2 * KL(target || softmax(y_hat / T))``
-    averaged over rows (Hinton's convention: ``T^2`` keeps gradients comparable across
-    temperatures), the target being a ``[B, C]`` distribution.
-
-    Args:
-        prediction: ``[B]`` student ratings or ``[B, C]`` student logits.
-        target: ``[B]`` ratings or ``[B, C]`` probabilities (see :func:`soft_target`).
-        temperature: ``T``, used for logits only.
-    """
-    if prediction.shape != target.shape:
-        raise ValueError(
-            f"soft target of shape {tuple(target.shape)} for a prediction of shape "
-            f"{tuple(prediction.shape)}"
-        )
-    if prediction.dim() == 2:
-        log_student = F.log_softmax(prediction / temperature, dim=-1)
-        return F.kl_div(log_student, target, reduction="batchmean") * temperature**2
-    return F.mse_loss(prediction, target)
 
 
 @register_method("mt")
