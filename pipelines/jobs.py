@@ -3,8 +3,11 @@
 Each stage is a function over a :class:`JobContext`, so a stage can be run alone by the
 commands in ``pipelines/commands/`` and the whole job by ``recdistill run CONFIG``. Everything a
 stage produces lands in the job's output folder first (checkpoints, vocabularies, the
-TorchScript student) and then in MLflow; a job killed half-way is rerun with ``--resume`` and
-reuses the teachers it had finished.
+TorchScript student) and then in MLflow; a job killed half-way is rerun with ``--resume``: each
+model (teacher, student alone, distilled student) continues from its ``resume.pt``, mid-epoch,
+as if never stopped, and a finished one gives its result again without training. A failed job
+registers nothing (registering is the last stage), and a tracking server that does not answer
+stops the job before any work.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from recdistill.training import (
     seed_everything,
     train_supervised,
 )
+from recdistill.training.checkpoints import BEST, RESUME
 
 log = logging.getLogger("recdistill.jobs")
 
@@ -193,16 +197,35 @@ def _fetch_checkpoint(uri: str) -> Path:
     raise ValueError(f"teacher checkpoint {uri}: no such file (nor an MLflow artifact URI)")
 
 
+def _resume_point(ctx: JobContext, folder: Path, name: str) -> Path | None:
+    """``folder/resume.pt`` when the job resumes and an earlier run left one (said), else None."""
+    path = folder / RESUME
+    if not (ctx.resume and path.is_file()):
+        return None
+    ctx.say(f"  {name}: resuming from {path}")
+    return path
+
+
+def _finished_without_resume_point(ctx: JobContext, folder: Path) -> Path | None:
+    """``folder/best.pt`` of a run that left no ``resume.pt`` (one written before resume
+    checkpoints existed, or planted by hand): reused as finished under ``--resume``."""
+    best = folder / BEST
+    return best if ctx.resume and best.is_file() and not (folder / RESUME).is_file() else None
+
+
 def train_model(ctx: JobContext, name: str, train: TrainConfig, stage: str) -> tuple[nn.Module, TrainResult]:
-    """Build model ``name`` and train it with ``train``; returns the model and its result."""
+    """Build model ``name`` and train it with ``train`` (resuming its ``resume.pt`` under
+    ``--resume``); returns the model and its result."""
     cfg = ctx.config
     model_cfg = cfg.model_config(name)
     seed_everything(train.seed)
     model = build_model(name, ctx.prepared, model_cfg)
     ctx.say(f"  {name}: {count_parameters(model):,} parameters")
-    train = dataclasses.replace(train, checkpoint_dir=str(ctx.out / stage))
+    folder = ctx.out / stage
+    train = dataclasses.replace(train, checkpoint_dir=str(folder))
     result = train_supervised(model, ctx.prepared, train, ctx.epoch_logger(stage),
-                              model_name=name, model_config=model_cfg)  # fmt: skip
+                              model_name=name, model_config=model_cfg,
+                              resume_from=_resume_point(ctx, folder, name))  # fmt: skip
     ctx.say(
         f"  {name}: best epoch {result.best_epoch}, valid MSE {result.valid['mse']:.4f}, "
         f"test MSE {result.test['mse']:.4f}"
@@ -211,14 +234,16 @@ def train_model(ctx: JobContext, name: str, train: TrainConfig, stage: str) -> t
 
 
 def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
-    """Train each committee member, or reuse its checkpoint (config, or ``--resume``)."""
+    """Train each committee member (resuming it under ``--resume``), or reuse the checkpoint
+    its config names."""
     cfg = ctx.config
     ctx.committee = []
     for name in cfg.distill.teachers:
         source = cfg.teachers.get(name)
-        finished = ctx.out / f"teacher_{name}" / "best.pt"
+        folder = ctx.out / f"teacher_{name}"
         ckpt = source.checkpoint if source and source.checkpoint else None
-        if ckpt is None and ctx.resume and finished.is_file():
+        finished = _finished_without_resume_point(ctx, folder)
+        if ckpt is None and finished is not None:
             ckpt = str(finished)
         if ckpt is not None:
             path = _fetch_checkpoint(ckpt)
@@ -227,7 +252,7 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
             ctx.say(f"  {name}: reused {ckpt} (test MSE {test['mse']:.4f})")
         else:
             teacher, result = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}")
-            test, path = result.test, finished
+            test, path = result.test, folder / BEST
         ctx.run.log_file(path, f"teachers/{name}")
         ctx.add_row(name, "teacher", test, count_parameters(teacher))
         ctx.committee.append((name, teacher))
@@ -245,8 +270,8 @@ def stage_student_alone(ctx: JobContext) -> dict[str, float] | None:
     cfg = ctx.config
     if not cfg.student_alone:
         return None
-    finished = ctx.out / "student_alone" / "best.pt"
-    if ctx.resume and finished.is_file():
+    finished = _finished_without_resume_point(ctx, ctx.out / "student_alone")
+    if finished is not None:
         model = load_checkpoint(finished, ctx.prepared)
         valid, test = _evaluate(ctx, model, "valid"), _evaluate(ctx, model, "test")
         ctx.say(f"  {cfg.student}: reused {finished} (valid MSE {valid['mse']:.4f}, "
@@ -274,10 +299,13 @@ def stage_distill(ctx: JobContext) -> DistillResult:
     model_cfg = cfg.model_config(cfg.student)
     seed_everything(cfg.train.seed)
     student = build_model(cfg.student, ctx.prepared, model_cfg)
-    # The loop writes student/best.pt and last.pt after every epoch, like teacher training.
-    train = dataclasses.replace(cfg.train, checkpoint_dir=str(ctx.out / "student"))
+    # The loop writes student/best.pt and last.pt after every epoch, like teacher training,
+    # and student/resume.pt, which --resume continues from.
+    folder = ctx.out / "student"
+    train = dataclasses.replace(cfg.train, checkpoint_dir=str(folder))
     result = distill(student, committee, ctx.prepared, cfg.distill, train, ctx.epoch_logger(None),
-                     model_name=cfg.student, model_config=model_cfg)  # fmt: skip
+                     model_name=cfg.student, model_config=model_cfg,
+                     resume_from=_resume_point(ctx, folder, f"{cfg.student} (distilled)"))  # fmt: skip
     passes = result.teacher_passes.get("all", {})
     saved = passes.get("saved", 0.0)
     ctx.say(
@@ -354,11 +382,16 @@ def run_job(
 ) -> JobResult:
     """Run the whole job and return where everything went.
 
+    A failed stage raises before anything is registered (the MLflow run ends FAILED); a
+    tracking server that does not answer raises :class:`recdistill.tracking.TrackingUnavailable`
+    before any work.
+
     Args:
         cfg: a validated job config (:func:`pipelines.config.load_config`).
         tracking_uri: the ``--tracking-uri`` override (else ``MLFLOW_TRACKING_URI``, else config).
-        resume: reuse teachers (and the student-alone baseline) finished by an earlier run of
-            the same job in the same output folder.
+        resume: continue an earlier run of the same job in the same output folder: each
+            teacher, the student alone and the distilled student resume from their
+            ``resume.pt`` (a finished one is not trained again).
         output_dir: overrides ``cfg.output_dir``.
         say: where progress lines go.
     """

@@ -12,7 +12,12 @@ TorchScript export passed the parity check, it beats the baseline its own run re
 student trained alone, on a validation metric; :meth:`TrackedRun.log_baseline`) AND it beats the
 current champion on the same holdout metric (each strictly; lower is better unless
 ``greater_is_better``). Otherwise the champion stays where it was and the version is tagged with
-why it lost.
+why it lost. Moving the alias is all or nothing: if any write of a promotion fails, the alias
+goes back to the old champion, which keeps serving.
+
+A tracking server that does not answer is found before a job starts (:func:`connect` probes it
+with a short timeout) and named in one :class:`TrackingUnavailable` error, rather than by
+MLflow's retries after the first epoch.
 
 Example::
 
@@ -63,6 +68,13 @@ TAG_PROMOTION = "promotion"
 TAG_REASON = "promotion_reason"
 #: MLflow keeps param values up to this many characters.
 MAX_PARAM_CHARS = 6000
+#: Seconds a tracking server has to answer :func:`probe` before a job gives up on it.
+PROBE_TIMEOUT_S = 5.0
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking server at the configured URI does not answer (the command line prints it
+    as one line, like a bad config)."""
 
 
 @dataclass
@@ -127,12 +139,44 @@ def _local_artifact_root(uri: str) -> str | None:
     return (db.parent / "artifacts").resolve().as_uri()
 
 
+def probe(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Check that the tracking server at an ``http(s)://`` ``uri`` answers within ``timeout_s``.
+
+    Any HTTP answer will do (a server behind a login answers 401); other URIs (a local sqlite
+    or file store) are not probed.
+
+    Raises:
+        TrackingUnavailable: no answer (connection refused, unknown host, timeout), naming ``uri``.
+    """
+    import urllib.error
+    import urllib.request
+
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except OSError as err:  # URLError, socket timeouts
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} does not answer ({reason}); start it, or point "
+            "--tracking-uri, MLFLOW_TRACKING_URI or tracking.tracking_uri at one that runs"
+        ) from None
+
+
 def connect(config: TrackingConfig, override: str | None = None) -> MlflowClient:
-    """Point MLflow at the resolved tracking URI (creating a local store's folder); a client."""
+    """Point MLflow at the resolved tracking URI (creating a local store's folder, probing a
+    server: :func:`probe`); a client.
+
+    Raises:
+        TrackingUnavailable: the tracking server does not answer.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(config, override)
+    probe(uri)
     if uri.startswith("sqlite:///"):
         Path(urlparse(uri).path).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -257,18 +301,15 @@ class TrackedRun:
             self.log_file(path)
 
     def log_learning_curves(self, name: str = "learning_curves.png") -> Path | None:
-        """Plot every metric logged with :meth:`log_epoch` (validation metrics in their own
-        panel) and log the PNG; ``None`` when nothing was logged per epoch."""
-        from recdistill.plots import plot_learning_curves
+        """Plot every metric logged with :meth:`log_epoch`, one panel per model (teachers, the
+        student alone, the distilled student; :func:`recdistill.plots.plot_model_curves`) and
+        log the PNG; ``None`` when nothing was logged per epoch."""
+        from recdistill.plots import plot_model_curves
 
         if not self.history:
             return None
-        panels: dict[str, dict[str, list[float]]] = {}
-        for key, points in self.history.items():
-            panel = "validation" if key.startswith(("valid", "val_")) else "training"
-            panels.setdefault(panel, {})[key] = points
         with tempfile.TemporaryDirectory() as tmp:
-            path = plot_learning_curves(panels, Path(tmp) / name)
+            path = plot_model_curves(self.history, Path(tmp) / name)
             self.log_file(path, "plots")
         return Path("plots") / name
 
@@ -300,10 +341,10 @@ class TrackedRun:
         import mlflow
         import torch
 
+        from recdistill.export import load_served_student
+
         path = Path(torchscript_path)
-        if not path.is_file():
-            raise ValueError(f"TorchScript student {path}: no such file")
-        scripted = torch.jit.load(str(path))
+        scripted = load_served_student(path)  # a missing or truncated file fails naming it
         torch_version = torch.__version__.split("+")[0]
         # pt2 cannot hold a ScriptModule; MLflow warns about pickle on every call, but the
         # pickled object is our own scripted module, so the warning says nothing new.
@@ -344,6 +385,9 @@ def start_run(
 ) -> Iterator[TrackedRun]:
     """Open an MLflow run in ``config.experiment`` (created on first use); a failed job ends
     its run as FAILED.
+
+    Raises:
+        TrackingUnavailable: the tracking server does not answer (checked first).
 
     Args:
         config: the tracking config.
@@ -450,9 +494,12 @@ def promote(
     :meth:`TrackedRun.log_student`); a run that recorded no finite baseline skips that rule. The
     decision and its reason are written as version tags (``promotion``, ``promotion_reason``); a
     promoted version also gets the alias, and the previous champion a ``superseded_by`` tag.
+    Those three writes are all or nothing (:func:`_move_champion`).
 
     Raises:
         PromotionError: the registered model or version does not exist.
+        MlflowException: the registry failed while promoting; the old champion still has the
+            alias.
     """
     from mlflow.exceptions import MlflowException
 
@@ -533,17 +580,50 @@ def promote(
         value_vs_baseline=base_own,
         beats_baseline=beats_baseline,
     )
-    client.set_model_version_tag(name, version, TAG_PROMOTION, "champion" if promoted else "rejected")
-    client.set_model_version_tag(name, version, TAG_REASON, reason)
     client.set_model_version_tag(name, version, f"holdout.{metric}", _fmt(value))
     if baseline:
         client.set_model_version_tag(name, version, f"{BASELINE_PREFIX}{base_metric}", _fmt(base_value))
     if promoted and decision.champion_before != version:
-        client.set_registered_model_alias(name, alias, version)
-        if champion is not None:
-            client.set_model_version_tag(name, str(champion.version), "superseded_by", version)
+        _move_champion(client, decision, alias)
+    else:
+        _tag_decision(client, decision)
     log.info(decision.message)
     return decision
+
+
+def _tag_decision(client: MlflowClient, decision: PromotionDecision) -> None:
+    """The ``promotion`` and ``promotion_reason`` tags of the decided version."""
+    verdict = "champion" if decision.promoted else "rejected"
+    client.set_model_version_tag(decision.name, decision.version, TAG_PROMOTION, verdict)
+    client.set_model_version_tag(decision.name, decision.version, TAG_REASON, decision.reason)
+
+
+def _move_champion(client: MlflowClient, decision: PromotionDecision, alias: str) -> None:
+    """Give the alias to the decided version, tag it champion and the old one superseded.
+
+    All or nothing: if any of these writes fails, the alias goes back to the old champion (or
+    is removed when there was none), the tags written are removed, and the error is raised.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, version, before = decision.name, decision.version, decision.champion_before
+    client.set_registered_model_alias(name, alias, version)
+    try:
+        _tag_decision(client, decision)
+        if before is not None:
+            client.set_model_version_tag(name, before, "superseded_by", version)
+    except Exception:
+        if before is None:
+            client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, before)
+        for tagged, key in ((version, TAG_PROMOTION), (version, TAG_REASON), (before, "superseded_by")):
+            try:
+                if tagged is not None:
+                    client.delete_model_version_tag(name, tagged, key)
+            except MlflowException:  # a tag the failure kept from being written
+                pass
+        raise
 
 
 def version_of_run(config: TrackingConfig, run_id: str, client: MlflowClient | None = None) -> str:
@@ -572,7 +652,7 @@ def version_of_run(config: TrackingConfig, run_id: str, client: MlflowClient | N
 
 
 __all__ = [
-    "BASELINE_PREFIX", "PromotionDecision", "PromotionError", "TrackedRun", "TrackingConfig", "connect",
-    "flatten_params", "markdown_table", "promote", "resolve_tracking_uri", "start_run",
-    "version_of_run",
+    "BASELINE_PREFIX", "PROBE_TIMEOUT_S", "PromotionDecision", "PromotionError", "TrackedRun",
+    "TrackingConfig", "TrackingUnavailable", "connect", "flatten_params", "markdown_table", "probe",
+    "promote", "resolve_tracking_uri", "start_run", "version_of_run",
 ]  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -22,9 +22,10 @@ from pipelines.commands.run import print_summary
 from pipelines.config import JobConfig, TeacherSource, load_config
 from pipelines.jobs import JobResult, run_job
 from recdistill.export import ParityRows
-from recdistill.tracking import TAG_REASON, connect
-from recdistill.training import read_checkpoint, save_checkpoint
-from tests.mlflow_server import MlflowServer
+from recdistill.tracking import TAG_REASON, TrackingUnavailable, connect
+from recdistill.training import TrainingError, read_checkpoint, save_checkpoint
+from recdistill.training import loop as loop_module
+from tests.mlflow_server import MlflowServer, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -187,3 +188,76 @@ def test_a_bad_config_fails_before_any_work_naming_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "distill.gating" in err and "threshold" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_job_registers_nothing_and_its_run_ends_failed(first_run, server, tmp_path):
+    cfg = _reusing_teachers(first_run, "student-failed")
+    cfg.student_alone = False
+    cfg.distill = dataclasses.replace(cfg.distill, kd_weight=math.inf)  # a real infinite loss
+    with pytest.raises(TrainingError, match="loss_kd is (inf|nan) at epoch 1, step 1"):
+        run_job(cfg, tracking_uri=server.uri, output_dir=tmp_path, say=lambda line: None)
+    client = connect(cfg.tracking, server.uri)
+    assert not client.search_model_versions("name = 'student-failed'")
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    assert latest.info.status == "FAILED"
+
+
+def test_a_tracking_server_that_is_down_stops_the_job_before_any_work_naming_it(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"tracking server {uri} does not answer"):
+        run_job(load_config("quick"), tracking_uri=uri, output_dir=tmp_path, say=lambda line: None)
+    assert time.monotonic() - start < 30
+    assert not list((tmp_path / "quick").iterdir())  # nothing prepared, nothing trained
+
+
+# ---------------------------------------------------------------- --resume
+
+
+class Killed(Exception):
+    """Stands for the job's process dying."""
+
+
+def tiny_job() -> JobConfig:
+    """The quick job with one MLP teacher, 6-step epochs, resume.pt every 4 steps, no tracking."""
+    cfg = load_config("quick")
+    cfg.distill = dataclasses.replace(cfg.distill, teachers=["mlp_l"])
+    cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
+    cfg.train = dataclasses.replace(cfg.train, max_steps_per_epoch=6, checkpoint_every_steps=4)
+    return cfg
+
+
+def _same_floats(rows: list[dict]) -> list[dict]:
+    """NaN (an empty slice) as None, so that == on the rows compares every value bitwise."""
+    return [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+            for row in rows]  # fmt: skip
+
+
+def test_a_job_killed_while_distilling_resumes_every_model_where_it_stopped(tmp_path, monkeypatch):
+    whole = run_job(tiny_job(), output_dir=tmp_path / "whole", say=lambda line: None)
+    write = loop_module.write_atomically
+
+    def die_mid_distillation(payload, path):
+        write(payload, path)
+        if path.parent.name == "student":  # its first resume.pt: step 4 of epoch 1
+            raise Killed
+
+    monkeypatch.setattr(loop_module, "write_atomically", die_mid_distillation)
+    with pytest.raises(Killed):
+        run_job(tiny_job(), output_dir=tmp_path / "killed", say=lambda line: None)
+    monkeypatch.undo()
+    said: list[str] = []
+    resumed = run_job(tiny_job(), resume=True, output_dir=tmp_path / "killed", say=said.append)
+    resuming = [line.split(":")[0].strip() for line in said if "resuming from" in line]
+    assert resuming == ["mlp_l", "mlp_s", "mlp_s (distilled)"]
+    assert _same_floats(resumed.rows) == _same_floats(whole.rows)
+    assert resumed.distill.history[0]["valid_mse"] == whole.distill.history[0]["valid_mse"]
+
+
+def test_a_tracking_server_that_is_down_is_one_error_line_on_the_command_line(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    code = main(["run", "quick", "--tracking-uri", uri, "--output", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("recdistill: error: ") and uri in err[0]

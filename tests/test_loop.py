@@ -1,4 +1,4 @@
-"""The one training loop: loss logging, NaN checks, early stopping, checkpoints, ranks.
+"""The one training loop: loss logging, NaN checks, early stopping, checkpoints, progress, ranks.
 
 A one-parameter model (a learned constant rating) keeps each run to a fraction of a second,
 so every test pins the loop's own behaviour, not a model's.
@@ -6,8 +6,10 @@ so every test pins the loop's own behaviour, not a model's.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,9 @@ from recdistill.training import (
     evaluate,
     fit,
     read_checkpoint,
+    read_resume,
 )
+from recdistill.training.progress import Progress
 
 START = 3.5
 QUICK = dict(batch_size=100, max_steps_per_epoch=2, progress=False)
@@ -89,6 +93,37 @@ def test_a_nan_loss_entry_stops_the_run_before_the_update(prepared):
     assert model.rating.item() == calls[-1]  # the NaN step changed nothing
 
 
+def test_a_nan_loss_names_every_loss_term_and_keeps_the_last_good_resume_checkpoint(prepared, tmp_path):
+    model = ConstantRating()
+    step = rising_step(model)
+    calls = []
+
+    def losses(batch):
+        calls.append(model.rating.item())
+        bad = len(calls) == 4  # epoch 2, step 2
+        return {"push": -model.rating, "bad": torch.tensor(math.nan if bad else 0.0),
+                "worse": torch.tensor(math.inf if bad else 0.0)}  # fmt: skip
+
+    step.losses = losses
+    cfg = TrainConfig(epochs=3, checkpoint_every_steps=1, **QUICK)
+    checkpoints = EpochCheckpoints(tmp_path, "constant", {"start": START})
+    with pytest.raises(TrainingError) as caught:
+        fit(model, prepared.data, cfg, step, checkpoints=checkpoints)
+    message = str(caught.value)
+    assert message.startswith("bad is nan at epoch 2, step 2 (global step 4)")
+    assert f"resume from {checkpoints.resume} (epoch 2, step 1)" in message
+    assert message.endswith(f"the loss terms at that step: push {-calls[-1]:.6g}, bad nan, worse inf")
+    kept = read_resume(checkpoints.resume, cfg)
+    assert (kept["position"]["epoch"], kept["position"]["step"]) == (2, 1)
+    assert kept["model"]["rating"].item() == calls[-1]  # the state before the bad step
+
+
+def test_checkpoint_and_progress_intervals_must_be_positive():
+    for name in ("checkpoint_every_steps", "progress_every_steps"):
+        with pytest.raises(ValueError, match=f"train.{name} must be at least 1 or null, got 0"):
+            TrainConfig(**{name: 0})
+
+
 def test_a_nan_validation_mse_stops_the_run_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
     model = ConstantRating()
 
@@ -129,11 +164,45 @@ def test_best_and_last_checkpoints_are_written_after_every_epoch(prepared, tmp_p
     assert not list(tmp_path.glob("*.tmp"))  # written atomically, nothing half-done left
 
 
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_in_a_log_is_plain_lines_one_per_epoch(prepared, capsys):
+    model = ConstantRating()
+    cfg = TrainConfig(epochs=3, batch_size=100, max_steps_per_epoch=10, progress=True,
+                      progress_every_steps=4)  # fmt: skip
+    fit(model, prepared.data, cfg, mse_step(model), desc="constant")
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err
+    lines = err.splitlines()
+    for epoch in (1, 2, 3):
+        ends = [line for line in lines if line.startswith(f"constant epoch {epoch}/3:")]
+        assert len(ends) == 1 and re.search(r"mse \d+\.\d{4}, valid_mse \d+\.\d{4}; [\d,]+ rows/s", ends[0])
+        steps = [line for line in lines if line.startswith(f"constant epoch {epoch}/3 step")]
+        assert [line.split()[4] for line in steps] == ["4/10:", "8/10:"]
+    assert len(lines) == 3 * 3
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = Progress(TrainConfig(epochs=1), steps_per_epoch=4, desc="m", stream=stream)
+    progress.start_epoch(1)
+    for number in range(1, 5):
+        progress.step(number, {"loss": 1.0}, rows_per_s=10.0)
+    progress.end_epoch({"loss": 1.0}, valid_mse=1.0, rows_per_s=10.0, seconds=1.0)
+    assert "\r" in stream.getvalue() and "m epoch 1" in stream.getvalue()
+
+
 # ---------------------------------------------------------------- two ranks
 
 
 def _rank_main(rank: int, init_file: str, out: str) -> None:
-    """One of two gloo ranks: a 1-epoch fit at lr 0 (ranks keep equal weights), rows recorded."""
+    """One of two gloo ranks: a 1-epoch fit at lr 0 (ranks keep equal weights) with checkpoints,
+    rows recorded; then an attempt to resume."""
     import torch.distributed as dist
 
     from features.batches import prepare
@@ -150,9 +219,16 @@ def _rank_main(rank: int, init_file: str, out: str) -> None:
         return base(batch)
 
     step.losses = losses
-    result = fit(model, prepared.data, TrainConfig(epochs=1, **QUICK), step)
+    checkpoints = EpochCheckpoints(Path(out, "checkpoints"), "constant", {"start": START})
+    cfg = TrainConfig(epochs=1, checkpoint_every_steps=1, **QUICK)
+    result = fit(model, prepared.data, cfg, step, checkpoints=checkpoints)
+    try:
+        fit(model, prepared.data, cfg, step, resume_from=checkpoints.last)
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
     Path(out, f"rank{rank}.json").write_text(json.dumps(
-        {"rows": rows, "history": result.history, "valid": result.valid}))  # fmt: skip
+        {"rows": rows, "history": result.history, "valid": result.valid, "refused": refused}))  # fmt: skip
     dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
@@ -161,7 +237,7 @@ def _rank_main(rank: int, init_file: str, out: str) -> None:
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     torch.multiprocessing.spawn(_rank_main, args=(str(out / "init"), str(out)), nprocs=2)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [{**json.loads((out / f"rank{r}.json").read_text()), "out": str(out)} for r in range(2)]
 
 
 @pytest.mark.slow
@@ -183,3 +259,12 @@ def test_two_ranks_report_the_metrics_of_one_process(prepared, two_ranks):
         assert two_ranks[rank]["history"][0]["mse"] == pytest.approx(single.history[0]["mse"])
         for key, value in evaluate(model, prepared.data, "valid").items():  # slices included
             assert two_ranks[rank]["valid"][key] == pytest.approx(value, nan_ok=True), key
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_epoch_checkpoints_and_no_resume_checkpoint(two_ranks):
+    folder = Path(two_ranks[0]["out"], "checkpoints")
+    assert (folder / "best.pt").is_file() and (folder / "last.pt").is_file()
+    assert not (folder / "resume.pt").exists()  # sharded state: resuming is single-process only
+    for rank in range(2):
+        assert two_ranks[rank]["refused"].startswith("resume_from: resuming is single-process only")

@@ -2,7 +2,8 @@
 
 A version becomes champion only if its TorchScript export passed the parity check, it beats the
 baseline its run recorded (the student trained alone, on valid) AND it beats the champion on the
-same holdout metric; otherwise the champion stays and the version says why.
+same holdout metric; otherwise the champion stays and the version says why. A registry that
+fails half-way through a promotion leaves the old champion serving.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features.vocab import FeatureVocabs, Vocabulary
@@ -192,3 +194,53 @@ def test_a_run_without_a_baseline_skips_the_baseline_rule(server, good_export):
     _, version = _candidate(server, cfg, good_export, test_mse=0.85, valid_mse=0.99)
     decision = promote(cfg, version, client)
     assert decision.promoted and decision.beats_baseline is None and decision.baseline is None
+
+
+class RegistryDown(MlflowException):
+    def __init__(self) -> None:
+        super().__init__("registry unavailable")
+
+
+def _promoted_then_better(server, good_export, name: str):
+    """(config, client, champion version, a better version registered after it, not promoted)."""
+    cfg = _config(name)
+    client = MlflowClient(server.uri, server.uri)
+    _, champion = _candidate(server, cfg, good_export, test_mse=0.95)
+    assert promote(cfg, champion, client).promoted
+    _, better = _candidate(server, cfg, good_export, test_mse=0.90)
+    return cfg, client, champion, better
+
+
+def test_a_registry_failure_setting_the_alias_leaves_the_old_champion_serving(
+    server, good_export, monkeypatch
+):  # fmt: skip
+    cfg, client, champion, better = _promoted_then_better(server, good_export, "alias-fails")
+
+    def fail(*args, **kwargs):
+        raise RegistryDown()
+
+    monkeypatch.setattr(client, "set_registered_model_alias", fail)
+    with pytest.raises(RegistryDown):
+        promote(cfg, better, client)
+    monkeypatch.undo()
+    assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == champion
+    assert "promotion" not in client.get_model_version(cfg.registered_model, better).tags
+    assert "superseded_by" not in client.get_model_version(cfg.registered_model, champion).tags
+
+
+def test_a_registry_failure_after_moving_the_alias_moves_it_back(server, good_export, monkeypatch):
+    cfg, client, champion, better = _promoted_then_better(server, good_export, "tag-fails")
+    tag = client.set_model_version_tag
+
+    def fail_on_superseded(name, version, key, value):
+        if key == "superseded_by":  # the last write of a promotion
+            raise RegistryDown()
+        tag(name, version, key, value)
+
+    monkeypatch.setattr(client, "set_model_version_tag", fail_on_superseded)
+    with pytest.raises(RegistryDown):
+        promote(cfg, better, client)
+    monkeypatch.undo()
+    assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == champion
+    tags = client.get_model_version(cfg.registered_model, better).tags
+    assert "promotion" not in tags and "promotion_reason" not in tags

@@ -99,20 +99,26 @@ def importance_scores(
     return {name: scores[:, k] for k, name in enumerate(method.teacher_names)}
 
 
-def passes_saved(method: DistillMethod) -> Callable[[], dict[str, float]]:
-    """Per-epoch metric: ``teacher_passes_saved``, the share of passes saved since the last call."""
-    def counts() -> tuple[int, int]:
-        return sum(method.passes.done.values()), sum(method.passes.full.values())
+class PassesSaved:
+    """Per-epoch metric: ``teacher_passes_saved``, the share of passes saved since the last call.
 
-    before = dict(zip(("done", "full"), counts()))
+    Its baseline (the counts at the last call) is part of a resumed run's state, so an epoch
+    resumed half-way reports the share over the whole epoch.
+    """
 
-    def metric() -> dict[str, float]:
-        done, full = counts()
-        epoch_done, epoch_full = done - before["done"], full - before["full"]
-        before.update(done=done, full=full)
-        return {"teacher_passes_saved": 1.0 - epoch_done / epoch_full if epoch_full else 0.0}
+    def __init__(self, method: DistillMethod):
+        self.method = method
+        self.before = self.counts()
 
-    return metric
+    def counts(self) -> dict[str, int]:
+        passes = self.method.passes
+        return {"done": sum(passes.done.values()), "full": sum(passes.full.values())}
+
+    def __call__(self) -> dict[str, float]:
+        now = self.counts()
+        done, full = now["done"] - self.before["done"], now["full"] - self.before["full"]
+        self.before = now
+        return {"teacher_passes_saved": 1.0 - done / full if full else 0.0}
 
 
 def module_state(method: DistillMethod) -> dict[str, Any]:
@@ -133,6 +139,7 @@ def distill(
     method: str | None = None,
     model_name: str | None = None,
     model_config: Any = None,
+    resume_from: str | Path | None = None,
 ) -> DistillResult:
     """Distil ``committee`` into ``student`` with ``method`` (default ``config.method``).
 
@@ -141,7 +148,9 @@ def distill(
     best epoch's student weights are restored at the end. With ``train.checkpoint_dir`` the
     student's ``best.pt`` and ``last.pt`` are written after every epoch (rebuildable with
     :func:`recdistill.training.load_checkpoint`; ``last.pt`` also carries the method's own
-    weights in ``extra["method_state"]``).
+    weights in ``extra["method_state"]``), and ``resume.pt`` every
+    ``train.checkpoint_every_steps`` steps: with ``resume_from`` a killed run continues where it
+    stopped, the method's module, step count, gate generator and teacher passes included.
 
     Args:
         student: the student (stage API), trained in place.
@@ -156,6 +165,8 @@ def distill(
         model_name: the student's registry name, for checkpoints (default
             ``student.model_name``).
         model_config: the student's config, for checkpoints (default ``student.config``).
+        resume_from: a ``resume.pt`` of an interrupted run with the same arguments, to continue
+            from (``student`` freshly built as for that run).
 
     Raises:
         TrainingError: a loss entry or the validation MSE is NaN or infinite; the message names
@@ -175,15 +186,23 @@ def distill(
     module_opt = module_optimizer(runner, config)
     if module_opt is not None:  # LD trains nothing besides the student
         optimizers.append(module_opt)
+    passes_saved = PassesSaved(runner)
+
+    def load_state(state: dict[str, Any]) -> None:
+        runner.load_resume_state(state["method"])
+        passes_saved.before = state["passes_before"]
+
     step = TrainStep(
         losses=lambda batch: runner.forward_train(batch)[1],  # (prediction, losses)
         optimizers=optimizers,
         backward=runner.backward,
         module=runner,
-        epoch_metrics=passes_saved(runner),
+        epoch_metrics=passes_saved,
+        state=lambda: {"method": runner.resume_state(), "passes_before": passes_saved.before},
+        load_state=load_state,
     )
     trained = fit(student, data, train, step, checkpoints=checkpoints, on_epoch=on_epoch,
-                  desc=runner.name)  # fmt: skip
+                  desc=runner.name, resume_from=resume_from)  # fmt: skip
     student.eval()
     return DistillResult(
         student=student,

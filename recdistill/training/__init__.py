@@ -9,6 +9,9 @@ several (each rank then takes its slice of every global batch). Rooms, one job e
 - :mod:`~recdistill.training.optim`: Adagrad for the tables, Adam for the rest.
 - :mod:`~recdistill.training.evaluation`: MSE / RMSE / MAE, clipped, and by cold / warm slice.
 - :mod:`~recdistill.training.checkpoints`: ``best.pt`` / ``last.pt``, written atomically.
+- :mod:`~recdistill.training.resume`: ``resume.pt``, the loop's whole state, to continue a
+  killed run exactly where it stopped.
+- :mod:`~recdistill.training.progress`: a bar on a terminal, plain lines in logs.
 - :mod:`~recdistill.training.loop`: the one epoch loop (``fit``) and the ``TrainStep`` it runs.
 - :mod:`~recdistill.training.supervised`: ``train_supervised``, the MSE step.
 - :mod:`~recdistill.training.ranks`, :mod:`~recdistill.training.seeding`: ranks and seeds.
@@ -30,6 +33,7 @@ from recdistill.training.checkpoints import (
     portable_state_dict,
     read_checkpoint,
     save_checkpoint,
+    write_atomically,
 )
 from recdistill.training.config import TrainConfig, TrainingError, TrainResult
 from recdistill.training.evaluation import (
@@ -50,7 +54,9 @@ from recdistill.training.optim import (
     make_optimizer,
     optimizer_kwargs,
 )
+from recdistill.training.progress import Progress
 from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
+from recdistill.training.resume import Position, read_resume
 from recdistill.training.seeding import seed_everything
 from recdistill.training.supervised import mse_losses, train_supervised
 
@@ -59,6 +65,8 @@ __all__ = [
     "DEFAULT_SLICE_EDGES",
     "EMBEDDING_OPTIMIZERS",
     "OPTIMIZERS",
+    "Position",
+    "Progress",
     "SLICE_ENTITIES",
     "SLICE_NAMES",
     "EarlyStopping",
@@ -79,9 +87,11 @@ __all__ = [
     "optimizer_kwargs",
     "portable_state_dict",
     "read_checkpoint",
+    "read_resume",
     "save_checkpoint",
     "seed_everything",
     "steps_in_epoch",
     "train_supervised",
     "training_counts",
+    "write_atomically",
 ]

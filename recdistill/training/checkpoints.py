@@ -2,12 +2,15 @@
 
 A checkpoint is a dict ``{model_name, model_config, state_dict, extra}``; ``load_checkpoint``
 rebuilds the model from the first two and loads the third. :class:`EpochCheckpoints` is what
-the training loop uses to keep ``best.pt`` and ``last.pt`` up to date after each epoch.
+the training loop uses to keep ``best.pt`` and ``last.pt`` up to date after each epoch, and
+where it keeps ``resume.pt`` (:mod:`recdistill.training.resume`). Every file is written by
+:func:`write_atomically`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,25 @@ from recdistill.training.ranks import _world
 if TYPE_CHECKING:
     from recdistill.training.config import TrainConfig
 
-BEST, LAST = "best.pt", "last.pt"
+BEST, LAST, RESUME = "best.pt", "last.pt", "resume.pt"
+
+
+def write_atomically(payload: Any, path: str | Path) -> Path:
+    """``torch.save(payload)`` to ``path`` so that ``path`` is always a whole file.
+
+    The bytes go to ``<path>.tmp``, are flushed to the disk, and the file is renamed over
+    ``path`` (``os.replace`` is atomic): a process killed at any moment, even by SIGKILL, leaves
+    either the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -75,8 +96,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint that :func:`load_checkpoint` can rebuild through the model registry.
 
-    The file is written under a temporary name and renamed, so a crash never leaves a
-    half-written checkpoint under the real name.
+    Written by :func:`write_atomically`: a crash never leaves a half-written checkpoint under
+    the real name.
 
     Args:
         path: the file to write (parents are created).
@@ -85,8 +106,6 @@ def save_checkpoint(
         model_config: the model's config dataclass (or its dict).
         extra: anything else worth keeping (metrics, epoch, vocabulary sizes, train config).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     payload = {
         "model_name": model_name,
@@ -94,10 +113,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in state.items()},
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomically(payload, path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -141,7 +157,9 @@ class EpochCheckpoints:
 
     Both are ordinary checkpoints of the trained model (rebuildable with
     :func:`load_checkpoint`); their ``extra`` holds ``epoch``, ``valid`` (the validation
-    metrics) and :attr:`extra`.
+    metrics) and :attr:`extra`. The same folder holds :attr:`resume`, the loop's whole state
+    (:mod:`recdistill.training.resume`), rewritten every ``train.checkpoint_every_steps`` steps
+    and at each epoch end.
 
     Attributes:
         directory: the folder of the two files.
@@ -191,6 +209,10 @@ class EpochCheckpoints:
     @property
     def last(self) -> Path:
         return self.directory / LAST
+
+    @property
+    def resume(self) -> Path:
+        return self.directory / RESUME
 
     def save(self, model: nn.Module, epoch: int, valid: dict[str, float], improved: bool) -> None:
         """Write ``last.pt``, and ``best.pt`` too when ``improved``.

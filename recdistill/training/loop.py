@@ -5,12 +5,17 @@ where its gradients go (PyTorch Lightning's ``training_step``, Ignite's ``Engine
 That is a :class:`TrainStep`; :func:`fit` owns the rest, the same for all of them:
 
 - epochs over the training split, shuffled with seed ``cfg.seed + epoch``, in global batches
-  of ``cfg.batch_size`` (each rank takes its slice under a process group), a tqdm bar;
-- a NaN or infinite loss entry stops the run before the update, naming the loss, epoch, step
-  and the last good checkpoint; so does a NaN validation MSE, before anything is written;
+  of ``cfg.batch_size`` (each rank takes its slice under a process group);
+- progress: a tqdm bar on a terminal, plain lines in logs (:mod:`~recdistill.training.progress`);
+- a NaN or infinite loss entry stops the run before the update, naming the bad entry, epoch,
+  step, every entry's value at that step and the last good checkpoints; so does a NaN
+  validation MSE, before anything is written;
 - the epoch mean of every loss entry, the validation metrics, throughput, ``on_epoch``;
 - early stopping on validation MSE with the best weights restored at the end;
-- ``best.pt`` / ``last.pt`` after every epoch (:class:`EpochCheckpoints`).
+- ``best.pt`` / ``last.pt`` after every epoch (:class:`EpochCheckpoints`), and ``resume.pt``
+  every ``cfg.checkpoint_every_steps`` steps and at each epoch end, from which
+  ``fit(..., resume_from=...)`` continues exactly where the run stopped
+  (:mod:`~recdistill.training.resume`).
 
 Example::
 
@@ -25,18 +30,28 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from features.batches import Batch, RatingsData
-from recdistill.training.checkpoints import EpochCheckpoints
+from recdistill.training.checkpoints import EpochCheckpoints, write_atomically
 from recdistill.training.config import TrainConfig, TrainingError, TrainResult
 from recdistill.training.evaluation import evaluate
+from recdistill.training.progress import Progress
 from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
+from recdistill.training.resume import (
+    Position,
+    load_optimizer_state,
+    optimizer_state,
+    random_state,
+    read_resume,
+    resume_payload,
+    set_random_state,
+)
 
 Losses = dict[str, torch.Tensor]
 
@@ -79,6 +94,15 @@ class EarlyStopping:
         if self._best_state is not None:
             model.load_state_dict(self._best_state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs: the best MSE, its epoch and weights, the epochs without improvement."""
+        return {"best_mse": self.best_mse, "best_epoch": self.best_epoch, "stale": self.stale,
+                "best_state": self._best_state}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_mse, self.best_epoch, self.stale = state["best_mse"], state["best_epoch"], state["stale"]
+        self._best_state = state["best_state"]
+
 
 def steps_in_epoch(data: RatingsData, cfg: TrainConfig) -> int:
     """Steps per epoch: the whole training split, or ``cfg.max_steps_per_epoch`` if fewer."""
@@ -105,6 +129,10 @@ class TrainStep:
         module: put in training mode at the start of every epoch (default: the model that
             :func:`fit` evaluates).
         epoch_metrics: called after each epoch's steps; its entries join that epoch's metrics.
+        state: what resuming needs besides the model, the optimizers and the global random
+            states (a distillation method's own module, step count and generators, the
+            baseline of ``epoch_metrics``); saved in ``resume.pt``.
+        load_state: puts back what ``state`` returned.
     """
 
     losses: Callable[[Batch], Losses]
@@ -112,6 +140,8 @@ class TrainStep:
     backward: Callable[[Losses], None] = backward_sum
     module: nn.Module | None = None
     epoch_metrics: Callable[[], dict[str, float]] | None = None
+    state: Callable[[], dict[str, Any]] | None = None
+    load_state: Callable[[dict[str, Any]], None] | None = None
 
     def update(self, losses: Losses) -> None:
         """One optimization step from ``losses``."""
@@ -122,22 +152,32 @@ class TrainStep:
             optimizer.step()
 
 
-def _last_good(checkpoints: EpochCheckpoints | None, last_epoch: int, best_epoch: int) -> str:
-    """Where the files of the last good epoch are, for an error message."""
+def _last_good(checkpoints: EpochCheckpoints | None, last_epoch: int, best_epoch: int,
+               saved: tuple[int, int] | None) -> str:  # fmt: skip
+    """Where the files of the last good state are, for an error message."""
     if checkpoints is None:
         return "no checkpoint_dir, nothing saved"
     if last_epoch == 0:
-        return "no checkpoint written yet"
-    return (f"last good checkpoint {checkpoints.last} (epoch {last_epoch}), "
-            f"best {checkpoints.best} (epoch {best_epoch})")  # fmt: skip
+        kept = "no epoch checkpoint written yet"
+    else:
+        kept = (f"last good checkpoint {checkpoints.last} (epoch {last_epoch}), "
+                f"best {checkpoints.best} (epoch {best_epoch})")  # fmt: skip
+    if saved is None:
+        return kept
+    epoch, step = saved
+    at = f"end of epoch {epoch - 1}" if step == 0 else f"epoch {epoch}, step {step}"
+    return f"{kept}; resume from {checkpoints.resume} ({at})"
 
 
 def _check_finite(losses: Losses, where: Callable[[], str]) -> None:
-    """A :class:`TrainingError` naming the first NaN or infinite entry of ``losses``."""
+    """A :class:`TrainingError` naming the first NaN or infinite entry of ``losses``, where it
+    happened, and the value of every entry at that step."""
     values = torch.stack([value.detach().float() for value in losses.values()])
     if not torch.isfinite(values).all():
-        name, value = next((n, v) for n, v in losses.items() if not torch.isfinite(v))
-        raise TrainingError(f"{name} is {value.item()} {where()}")
+        every = dict(zip(losses, values.tolist()))
+        name, value = next((n, v) for n, v in every.items() if not math.isfinite(v))
+        terms = ", ".join(f"{n} {v:.6g}" for n, v in every.items())
+        raise TrainingError(f"{name} is {value} {where()}; the loss terms at that step: {terms}")
 
 
 def fit(
@@ -149,6 +189,7 @@ def fit(
     checkpoints: EpochCheckpoints | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "",
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Train with ``step`` until ``cfg.epochs`` or patience runs out; restore the best epoch.
 
@@ -156,60 +197,96 @@ def fit(
         model: what is evaluated on the validation split, early-stopped, restored and
             checkpointed (the student when distilling; possibly wrapped by DMP).
         data: the ratings.
-        cfg: the ``train:`` section (epochs, batch sizes, patience, seed, progress, slices).
+        cfg: the ``train:`` section (epochs, batch sizes, patience, seed, progress, slices,
+            ``checkpoint_every_steps``).
         step: the losses of one batch and how they update the parameters.
-        checkpoints: where ``best.pt`` / ``last.pt`` go after each epoch (None: no files).
+        checkpoints: where ``best.pt`` / ``last.pt`` go after each epoch and ``resume.pt``
+            every ``cfg.checkpoint_every_steps`` steps and at each epoch end (None: no files).
+            In one process only: under a process group ``resume.pt`` is not written.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch with the metrics
             the history records (MLflow logging).
-        desc: what is trained, for the progress bar and error messages.
+        desc: what is trained, for the progress report and error messages.
+        resume_from: a ``resume.pt`` to continue from: ``model`` and ``step`` must be built as
+            for the run that wrote it (same config and seeds); the run then takes the steps it
+            had left, and ends as it would have without the interruption (bitwise on the CPU).
+            A finished run's file gives its result again. Not under a process group.
 
     Returns:
         :class:`TrainResult` with the history and the restored weights' valid and test metrics.
 
     Raises:
         TrainingError: a loss entry or the validation MSE is NaN or infinite.
+        ValueError: ``resume_from`` is not a resume checkpoint of this run (another batch size,
+            seed, optimizer layout), or is used under a process group.
     """
-    rank, _ = _world()
+    rank, world = _world()
     steps_per_epoch = steps_in_epoch(data, cfg)
     stopper = EarlyStopping(cfg.patience)
     result = TrainResult(checkpoint=checkpoints.best if checkpoints is not None else None)
+    position = Position()
+    if resume_from is not None:
+        if world > 1:
+            raise ValueError("resume_from: resuming is single-process only (the state is sharded "
+                             "across ranks under a process group)")  # fmt: skip
+        position = _resume(resume_from, model, cfg, step, stopper, result)
+    resumable = checkpoints is not None and world == 1
+    saved_at: tuple[int, int] | None = None  # (epoch, step) of the last resume.pt written
+
+    def snapshot() -> None:
+        nonlocal saved_at
+        payload = resume_payload(
+            cfg, position,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            optimizers=[optimizer_state(optimizer) for optimizer in step.optimizers],
+            step=step.state() if step.state is not None else None,
+            random=random_state(),
+            early_stopping=stopper.state_dict(),
+            history=result.history,
+        )  # fmt: skip
+        write_atomically(payload, checkpoints.resume)
+        saved_at = (position.epoch, position.step)
 
     def where(epoch: int, number: int) -> str:
         global_step = (epoch - 1) * steps_per_epoch + number
         of = f" of {desc}" if desc else ""
-        kept = _last_good(checkpoints, epoch - 1, stopper.best_epoch)
+        kept = _last_good(checkpoints, epoch - 1, stopper.best_epoch, saved_at)
         return f"at epoch {epoch}, step {number} (global step {global_step}){of}; {kept}"
 
-    for epoch in range(1, cfg.epochs + 1):
-        (step.module or model).train()
-        start = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"{desc} epoch {epoch}".strip(), leave=False,
-                   disable=not cfg.progress or rank != 0)  # fmt: skip
-        with bar:
-            loss_means, seen = _train_epoch(model, data, cfg, step, epoch, steps_per_epoch, bar, where)
-        seconds = time.perf_counter() - start
-        valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
-        if not math.isfinite(valid["mse"]):  # only the overall MSE: an empty slice is NaN
-            raise TrainingError(f"validation MSE is {valid['mse']} after the last step, "
-                                f"{where(epoch, steps_per_epoch)}")  # fmt: skip
-        metrics = {
-            **loss_means,
-            # row counts describe the split, not the epoch
-            **{f"valid_{k}": v for k, v in valid.items() if not k.startswith("n_")},
-            **(step.epoch_metrics() if step.epoch_metrics is not None else {}),
-            "seconds": seconds,
-            "examples_per_s": seen / seconds,
-        }
-        result.history.append({"epoch": epoch, **metrics})
-        improved = stopper.update(model, valid["mse"], epoch)
-        if checkpoints is not None:
-            checkpoints.save(model, epoch, valid, improved)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if stopper.should_stop:
-            result.stopped_early = epoch < cfg.epochs
-            break
+    progress = Progress(cfg, steps_per_epoch, desc, enabled=cfg.progress and rank == 0)
+    try:
+        while position.epoch <= cfg.epochs and not position.stopped:
+            epoch = position.epoch
+            (step.module or model).train()
+            progress.start_epoch(epoch, position.step)
+            loss_means, seen = _train_epoch(model, data, cfg, step, position, steps_per_epoch,
+                                            progress, where, snapshot if resumable else None)  # fmt: skip
+            seconds = position.seconds
+            valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+            if not math.isfinite(valid["mse"]):  # only the overall MSE: an empty slice is NaN
+                raise TrainingError(f"validation MSE is {valid['mse']} after the last step, "
+                                    f"{where(epoch, steps_per_epoch)}")  # fmt: skip
+            metrics = {
+                **loss_means,
+                # row counts describe the split, not the epoch
+                **{f"valid_{k}": v for k, v in valid.items() if not k.startswith("n_")},
+                **(step.epoch_metrics() if step.epoch_metrics is not None else {}),
+                "seconds": seconds,
+                "examples_per_s": seen / seconds,
+            }
+            progress.end_epoch(loss_means, valid["mse"], seen / seconds, seconds)
+            result.history.append({"epoch": epoch, **metrics})
+            improved = stopper.update(model, valid["mse"], epoch)
+            if checkpoints is not None:
+                checkpoints.save(model, epoch, valid, improved)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+            position.next_epoch(stopped=stopper.should_stop)
+            if resumable:
+                snapshot()
+    finally:
+        progress.close()
 
+    result.stopped_early = position.stopped and position.epoch - 1 < cfg.epochs
     stopper.restore(model)
     result.best_epoch = stopper.best_epoch
     result.valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
@@ -217,40 +294,80 @@ def fit(
     return result
 
 
+def _resume(
+    path: str | Path,
+    model: nn.Module,
+    cfg: TrainConfig,
+    step: TrainStep,
+    stopper: EarlyStopping,
+    result: TrainResult,
+) -> Position:
+    """Load ``path`` (a ``resume.pt``) into the run's parts; returns where the run stood."""
+    state = read_resume(path, cfg)
+    model.load_state_dict(state["model"])
+    if len(state["optimizers"]) != len(step.optimizers):
+        raise ValueError(f"resume checkpoint {path}: {len(state['optimizers'])} optimizers saved, "
+                         f"the step has {len(step.optimizers)}")  # fmt: skip
+    for optimizer, saved in zip(step.optimizers, state["optimizers"]):
+        load_optimizer_state(optimizer, saved)
+    if state["step"] is not None:
+        if step.load_state is None:
+            raise ValueError(f"resume checkpoint {path}: holds a step state, the step cannot load one")
+        step.load_state(state["step"])
+    stopper.load_state_dict(state["early_stopping"])
+    result.history = state["history"]
+    set_random_state(state["random"])
+    return Position(**state["position"])
+
+
 def _train_epoch(
     model: nn.Module,
     data: RatingsData,
     cfg: TrainConfig,
     step: TrainStep,
-    epoch: int,
+    position: Position,
     steps_per_epoch: int,
-    bar: tqdm,
+    progress: Progress,
     where: Callable[[int, int], str],
+    snapshot: Callable[[], None] | None,
 ) -> tuple[dict[str, float], int]:
-    """The steps of one epoch; returns the epoch mean of every loss entry and the rows seen.
+    """The steps of ``position.epoch`` not taken yet; returns the epoch mean of every loss entry
+    and the rows seen.
 
-    Under a process group each rank steps on its slice of every global batch; the means are
-    of the global losses (the mean over ranks of the local ones: the slices are equal).
+    ``position`` moves with every step; ``snapshot`` (writing ``resume.pt``) is called every
+    ``cfg.checkpoint_every_steps`` global steps. Under a process group each rank steps on its
+    slice of every global batch; the means are of the global losses (the mean over ranks of the
+    local ones: the slices are equal).
     """
     device = _device(model)
-    sums: dict[str, float] = {}
-    seen = 0
+    epoch = position.epoch
+    every = cfg.checkpoint_every_steps
+    started = time.perf_counter() - position.seconds  # seconds before a resume count too
     batches = _global_batches(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
     for number, rows in enumerate(batches, start=1):
         if number > steps_per_epoch:
             break
+        if number <= position.step:  # taken before the run was resumed
+            continue
         losses = step.losses(data.batch(_local_rows(rows)).to(device))
         _check_finite(losses, lambda: where(epoch, number))
         step.update(losses)
+        sums = position.loss_sums
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item() * len(rows)
-        seen += len(rows)
-        bar.update()
-        first = next(iter(losses))
-        bar.set_postfix({first: f"{losses[first].item():.4f}"})
+        position.rows += len(rows)
+        position.step = number
+        position.seconds = time.perf_counter() - started
+        progress.step(number, {name: total / position.rows for name, total in sums.items()},
+                      position.rows / position.seconds)  # fmt: skip
+        due = every is not None and ((epoch - 1) * steps_per_epoch + number) % every == 0
+        if snapshot is not None and due and number < steps_per_epoch:  # the epoch's end has its own
+            snapshot()
+            position.seconds = time.perf_counter() - started
+    sums = position.loss_sums
     _, world = _world()
     if world > 1:
         total = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
         dist.all_reduce(total)
         sums = dict(zip(sums, (total / world).tolist()))
-    return {name: total / seen for name, total in sums.items()}, seen
+    return {name: total / position.rows for name, total in sums.items()}, position.rows

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -40,13 +41,15 @@ def train_supervised(
     *,
     model_name: str | None = None,
     model_config: Any = None,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` on the ratings with MSE, early-stopping on validation MSE.
 
     The loop (:func:`recdistill.training.loop.fit`) shuffles each epoch, checks every loss,
     keeps the best epoch's weights and, with ``cfg.checkpoint_dir``, writes ``best.pt`` and
-    ``last.pt``; a NaN or infinite loss raises :class:`TrainingError` before anything of that
-    epoch is written, so the files on disk stay those of the last good epoch.
+    ``last.pt`` after every epoch and ``resume.pt`` every ``cfg.checkpoint_every_steps`` steps;
+    a NaN or infinite loss raises :class:`TrainingError` before anything of that step is
+    written, so the files on disk stay those of the last good state.
 
     Args:
         model: a model mapping a :class:`features.batches.Batch` to ``[B]`` ratings (possibly
@@ -58,6 +61,8 @@ def train_supervised(
             ``examples_per_s`` (e.g. to log to MLflow).
         model_name: registry name, needed for checkpoints (default: ``model.model_name``).
         model_config: the model's config dataclass (default: ``model.config``).
+        resume_from: a ``resume.pt`` of an interrupted run of this model with this config, to
+            continue from (``model`` freshly built as for that run).
 
     Returns:
         :class:`TrainResult` with the per-epoch history and final valid and test metrics.
@@ -66,4 +71,5 @@ def train_supervised(
     step = TrainStep(losses=mse_losses(model), optimizers=[build_optimizer(model, cfg)])
     torch.manual_seed(cfg.seed)  # dropout
     desc = checkpoints.model_name if checkpoints is not None else getattr(model, "model_name", "")
-    return fit(model, prepared.data, cfg, step, checkpoints=checkpoints, on_epoch=on_epoch, desc=desc)
+    return fit(model, prepared.data, cfg, step, checkpoints=checkpoints, on_epoch=on_epoch, desc=desc,
+               resume_from=resume_from)

@@ -242,6 +242,51 @@ class DistillMethod(nn.Module):
         """``[B, K]`` importance of each teacher per row, for methods that have one."""
         return None
 
+    def random_generators(self) -> dict[str, torch.Generator]:
+        """The generators the method draws from, by attribute: its own (AutoSKD's teacher draws)
+        and those of the parts it holds (DiverseDistill's ``gate.generator``)."""
+        found = {}
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Generator):
+                found[name] = value
+            elif isinstance(getattr(value, "generator", None), torch.Generator):
+                found[f"{name}.generator"] = value.generator
+        return found
+
+    def resume_state(self) -> dict[str, Any]:
+        """What resuming a run needs from the method besides the student's weights.
+
+        Its own modules' weights and buffers, its step count, the teacher passes and the states
+        of its random generators. The teacher-output caches are left out (up to
+        ``4 * (1 + m_k)`` bytes a row): a frozen teacher in eval mode gives a resumed run the
+        same outputs again. A method with more state that changes as it trains (a plain
+        attribute) extends this and :meth:`load_resume_state`.
+        """
+        student = {f"student.{k}" for k in self.student.state_dict()}
+        return {
+            "module": {k: v for k, v in self.state_dict().items() if k not in student},
+            "step": self.step,
+            "passes": {"done": dict(self.passes.done), "full": dict(self.passes.full)},
+            "generators": {name: g.get_state() for name, g in self.random_generators().items()},
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`resume_state` returned (into a method built the same way)."""
+        student = {f"student.{k}" for k in self.student.state_dict()}
+        missing, unexpected = self.load_state_dict(state["module"], strict=False)
+        missing = sorted(set(missing) - student)  # the student's weights are loaded by the loop
+        if missing or unexpected:
+            raise ValueError(f"{self.name}: saved state does not fit (missing {missing}, "
+                             f"unexpected {sorted(unexpected)})")  # fmt: skip
+        self.step = state["step"]
+        self.passes.done, self.passes.full = dict(state["passes"]["done"]), dict(state["passes"]["full"])
+        generators = self.random_generators()
+        if set(generators) != set(state["generators"]):
+            raise ValueError(f"{self.name}: generators {sorted(generators)} now, "
+                             f"{sorted(state['generators'])} saved")  # fmt: skip
+        for name, generator in generators.items():
+            generator.set_state(state["generators"][name])
+
 
 def _batch_size(batch: Any) -> int:
     labels = getattr(batch, "labels", None)
