@@ -70,6 +70,9 @@ def _read_delimited(path: Path, separator: str, columns: list[str], header: bool
     if not path.is_file():
         raise DataError(f"expected file {path} (not found)")
     text = path.read_bytes().decode("latin-1")  # GroupLens files are latin-1; ASCII is a subset
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    _check_last_line(text, path, separator)
     if len(separator) > 1:  # ml-1m's "::" is not a single-byte separator
         text = text.replace(separator, "\x1f")
         separator = "\x1f"
@@ -103,6 +106,33 @@ def _read_delimited(path: Path, separator: str, columns: list[str], header: bool
     )
 
 
+def _check_last_line(text: str, path: Path, separator: str) -> None:
+    """Fail when the last line has fewer fields than the first and no newline: a cut-off copy."""
+    if text.endswith("\n"):
+        return
+    lines = text.splitlines()
+    first, last = lines[0].count(separator), lines[-1].count(separator)
+    if len(lines) > 1 and last < first:
+        raise DataError(
+            f"{path}: line {len(lines)} ends mid-row ({last + 1} of {first + 1} fields, no "
+            "newline): the file looks truncated"
+        )
+
+
+def _with_int_ids(frame: pl.DataFrame, column: str, path: Path) -> pl.DataFrame:
+    """``column`` as integers; a file with no rows, or a row whose id is not one, fails."""
+    if frame.height == 0:
+        raise DataError(f"{path}: no rows")
+    ids = frame[column].str.strip_chars().cast(pl.Int64, strict=False)
+    if ids.null_count():
+        row = ids.is_null().arg_max()
+        raise DataError(
+            f"{path}: {ids.null_count()} row(s) with a {column} that is not an integer "
+            f"(first: row {row + 1}, {frame[column][row]!r})"
+        )
+    return frame.with_columns(ids)
+
+
 def _require_folder(folder: Path, files: list[str]) -> None:
     if not folder.is_dir():
         raise DataError(f"expected a MovieLens folder at {folder} with {', '.join(files)}")
@@ -119,7 +149,10 @@ def _clean_ratings(raw: pl.DataFrame, path: Path, strict: bool) -> pl.DataFrame:
         pl.col("user_id").str.strip_chars().cast(pl.Int64, strict=False),
         pl.col("item_id").str.strip_chars().cast(pl.Int64, strict=False),
         pl.col("rating").str.strip_chars().cast(pl.Float64, strict=False),
-        pl.col("timestamp").str.strip_chars().cast(pl.Float64, strict=False).cast(pl.Int64),
+        pl.col("timestamp")
+        .str.strip_chars()
+        .cast(pl.Float64, strict=False)
+        .cast(pl.Int64, strict=False),
     )
     valid = (
         pl.col("user_id").is_not_null()
@@ -128,16 +161,22 @@ def _clean_ratings(raw: pl.DataFrame, path: Path, strict: bool) -> pl.DataFrame:
         & pl.col("rating").is_between(1.0, 5.0)
         & pl.col("rating").is_not_nan()
     )
-    bad = typed.height - typed.filter(valid).height
+    clean = typed.filter(valid.fill_null(False))
+    bad = typed.height - clean.height
+    if bad and strict:
+        first = raw.filter(~typed.select(valid.fill_null(False)).to_series()).row(0)
+        raise DataError(
+            f"{path}: {bad} ratings are not numbers in 1..5 or lack ids/timestamps "
+            f"(first bad row: {first}); strict mode rejects them"
+        )
+    if clean.height == 0:
+        raise DataError(
+            f"{path}: no valid ratings (none of its {typed.height} rows has integer ids, a "
+            "timestamp and a rating in 1..5)"
+        )
     if bad:
-        if strict:
-            first = raw.filter(~typed.select(valid.fill_null(False)).to_series()).row(0)
-            raise DataError(
-                f"{path}: {bad} ratings are not numbers in 1..5 or lack ids/timestamps "
-                f"(first bad row: {first}); strict mode rejects them"
-            )
         log.warning("%s: dropped %d invalid ratings (not numbers in 1..5, or bad ids)", path, bad)
-    return typed.filter(valid.fill_null(False)).with_columns(pl.col("rating").cast(pl.Float32))
+    return clean.with_columns(pl.col("rating").cast(pl.Float32))
 
 
 def _split_title_year(items: pl.DataFrame) -> pl.DataFrame:
@@ -209,9 +248,11 @@ def _load_recbole(folder: Path, strict: bool) -> MovieLens:
         ["user_id", "age", "gender", "occupation", "zip_code"],
         header=True,
     )
+    users = _with_int_ids(users, "user_id", folder / "ml-100k.user")
     items = _read_delimited(
         folder / "ml-100k.item", "\t", ["item_id", "movie_title", "release_year", "class"], True
-    ).select(
+    )
+    items = _with_int_ids(items, "item_id", folder / "ml-100k.item").select(
         "item_id",
         pl.col("movie_title").alias("title"),
         pl.col("release_year").alias("year"),
@@ -228,10 +269,12 @@ def _load_ml100k(folder: Path, strict: bool) -> MovieLens:
     users = _read_delimited(
         folder / "u.user", "|", ["user_id", "age", "gender", "occupation", "zip_code"], False
     )
+    users = _with_int_ids(users, "user_id", folder / "u.user")
     item_cols = ["item_id", "title", "release_date", "video_release_date", "url"] + [
         f"g_{g}" for g in ML100K_GENRES
     ]
     raw = _read_delimited(folder / "u.item", "|", item_cols, header=False)
+    raw = _with_int_ids(raw, "item_id", folder / "u.item")
     flags = pl.concat_list(
         [pl.when(pl.col(f"g_{g}") == "1").then(pl.lit(g)) for g in ML100K_GENRES]
     ).list.drop_nulls()
@@ -251,14 +294,15 @@ def _load_ml1m(folder: Path, strict: bool) -> MovieLens:
     )
     users = _read_delimited(
         folder / "users.dat", "::", ["user_id", "gender", "age", "occupation", "zip_code"], False
-    ).with_columns(
+    )
+    users = _with_int_ids(users, "user_id", folder / "users.dat").with_columns(
         pl.col("occupation")
         .str.strip_chars()
         .cast(pl.Int64, strict=False)
         .replace_strict(dict(enumerate(ML1M_OCCUPATIONS)), default="other")
     )
     items = _read_delimited(folder / "movies.dat", "::", ["item_id", "title", "genres"], False)
-    items = items.select(
+    items = _with_int_ids(items, "item_id", folder / "movies.dat").select(
         "item_id",
         "title",
         pl.lit(None, dtype=pl.Utf8).alias("year"),
@@ -298,6 +342,11 @@ def load_movielens(config: DataConfig | str = "embedded") -> MovieLens:
         ml = _load_recbole(embedded_ml100k_folder(), cfg.strict)
     else:
         folder = Path(cfg.source).expanduser()
+        if not folder.exists():
+            raise DataError(
+                f"data source {folder}: no such folder (expected a MovieLens folder with u.data, "
+                "u.user, u.item, or ratings.dat, users.dat, movies.dat)"
+            )
         if (folder / "ratings.dat").exists() or (folder / "movies.dat").exists():
             ml = _load_ml1m(folder, cfg.strict)
         elif (folder / "ml-100k.inter").exists():

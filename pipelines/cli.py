@@ -1,4 +1,8 @@
-"""The ``recdistill`` command line; each command group lives in ``pipelines/commands/``."""
+"""The ``recdistill`` command line; each command group lives in ``pipelines/commands/``.
+
+Building the parser imports no torch, polars or MLflow (``--help`` answers at once): each
+command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,23 @@ import pkgutil
 import sys
 
 import pipelines.commands
-from features.sources import DataError
-from pipelines.schema import ConfigError
-
-#: Errors that mean "bad input": printed as one clear line, exit status 2, no stack trace.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)
 
 
-def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options every job command shares."""
-    parser.add_argument("--config", default="default", help="job YAML, or a shipped config name")
+def with_config(
+    parser: argparse.ArgumentParser, config_option: bool = True
+) -> argparse.ArgumentParser:
+    """Add the options every job command shares.
+
+    Args:
+        parser: the command's parser.
+        config_option: add ``--config`` (``recdistill run`` takes the config as its argument).
+    """
+    if config_option:
+        parser.add_argument("--config", default="default", help="job YAML, or a shipped config name")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY.PATH=VALUE",
+                        help="override one config value, given as YAML (--set train.epochs=3); "
+                             "repeatable")  # fmt: skip
     parser.add_argument("--source", help="override data.source (embedded, or a MovieLens folder)")
     return parser
 
@@ -44,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        print(f"recdistill: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # constructor checks name the bad argument
+    except (ValueError, ConnectionError) as err:
+        # Bad input: ConfigError and DataError (both ValueErrors, named here by their base so
+        # that parsing imports neither layer), the constructor checks that name what is wrong,
+        # and a tracking server that does not answer (TrackingUnavailable, a ConnectionError).
         print(f"recdistill: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ path, and all of it happens before any work starts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,91 @@ def parse_config(raw: Any, where: str = "<config>") -> JobConfig:
     return cfg
 
 
-def load_config(name_or_path: str | Path | None = None) -> JobConfig:
-    """Load and validate a job config (default: ``pipelines/configs/default.yaml``)."""
-    path = resolve_config_path(name_or_path or "default")
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``KEY.PATH=VALUE`` overrides (the command line's ``--set``) in a loaded mapping.
+
+    Each value is read as YAML (``3``, ``0.5``, ``true``, ``[a, b]``, ``{x: 1}``), and the
+    mappings on its path are created as needed; nothing is checked here, so a wrong key or
+    type fails in validation with the same key-path error as in a file.
+
+    Args:
+        raw: the config as loaded from YAML (not changed).
+        overrides: ``"train.epochs=3"``-style strings, applied in order.
+
+    Example::
+
+        apply_overrides({"train": {"epochs": 10}}, ["train.epochs=3", "distill.kd_weight=10"])
+        # {"train": {"epochs": 3}, "distill": {"kd_weight": 10}}
+    """
+    out = _copy_mappings(raw)
+    for override in overrides:
+        key_path, sep, text = override.partition("=")
+        keys = key_path.strip().split(".")
+        if not sep or not all(keys):
+            raise ConfigError(
+                f"--set {override!r}: expected KEY.PATH=VALUE, e.g. --set train.epochs=3"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer too long to read
+            raise ConfigError(
+                f"--set {key_path}: value {text!r} is not valid YAML: {_yaml_problem(err)}"
+            ) from err
+        node = out
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}  # a scalar on the way is replaced; validation judges the result
+            node = node[key]
+        node[keys[-1]] = value
+    return out
+
+
+def _copy_mappings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the nested mappings (leaves shared), so overrides leave the caller's intact."""
+    return {k: _copy_mappings(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a config file; an empty, unreadable or non-mapping file fails."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return parse_config(raw, str(path))
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start})") from err
+    if not text.strip():
+        raise ConfigError(
+            f"{path}: the file is empty; a config is a YAML mapping (data:, train:, ...)"
+        )
+    try:
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer too long to read
+        raise ConfigError(
+            f"{path}: not valid YAML (truncated or mistyped?): {_yaml_problem(err)}"
+        ) from err
+    if raw is None:
+        raise ConfigError(f"{path}: holds no settings, only comments; a config is a YAML mapping")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping (data:, train:, ...), "
+            f"got a {type(raw).__name__}"
+        )
+    return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).split("\n", 1)[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def load_config(
+    name_or_path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> JobConfig:
+    """Load and validate a job config (default: ``pipelines/configs/default.yaml``).
+
+    Args:
+        name_or_path: a YAML file, or the name of a shipped config (``quick``).
+        overrides: ``KEY.PATH=VALUE`` strings set before validation (see :func:`apply_overrides`).
+    """
+    path = resolve_config_path(name_or_path or "default")
+    return parse_config(apply_overrides(read_config_file(path), overrides), str(path))

@@ -7,6 +7,7 @@ wrong config fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -80,7 +81,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):  # a nan rate or weight would only show up as nan losses
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -107,7 +114,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         raise ConfigError(f"{where}: expected a mapping ({cls.__name__}), got {data!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ConfigError(

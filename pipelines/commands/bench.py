@@ -24,7 +24,7 @@ def cmd_bench_paper(args: argparse.Namespace) -> int:
     from pipelines.bench_paper import mlflow_logger, paper_plan, run_bench, write_report
     from pipelines.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     if args.source:
         config.data.source = args.source
     plan = paper_plan(quick=args.quick, seeds=args.seeds, tables=args.tables)
@@ -51,6 +51,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--config", args.config]
     if args.source:
         parts += ["--source", args.source]
+    for override in args.overrides:
+        parts += ["--set", override]
     if args.seeds:
         parts += ["--seeds", *map(str, args.seeds)]
     if args.tables:

@@ -7,12 +7,12 @@ import json
 import sys
 import time
 
-from pipelines.config import load_config
-
 
 def data_config(args: argparse.Namespace):
-    """The ``data:`` section of the job config, with ``--source`` applied."""
-    cfg = load_config(args.config).data
+    """The ``data:`` section of the job config, with ``--set`` and ``--source`` applied."""
+    from pipelines.config import load_config
+
+    cfg = load_config(args.config, args.overrides).data
     if getattr(args, "source", None):
         cfg.source = args.source
     return cfg

@@ -17,7 +17,6 @@ import dataclasses
 from pathlib import Path
 
 from pipelines.commands.train import DEFAULT_OUT as TRAIN_OUT
-from pipelines.config import load_config
 from pipelines.schema import ConfigError
 
 DEFAULT_OUT = "runs/distill"
@@ -25,10 +24,11 @@ DEFAULT_OUT = "runs/distill"
 
 def _sections(args: argparse.Namespace):
     """``data:``, ``train:``, ``distill:`` with the command line applied; student name/overrides."""
+    from pipelines.config import load_config
     from recdistill.distill.config import DistillConfig
     from recdistill.training import TrainConfig
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     data = cfg.data
     if args.source:
         data.source = args.source
@@ -114,13 +114,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, with_config) -> None:
-    from recdistill.distill.methods import METHODS
-
     cmd = with_config(sub.add_parser("distill", help="distil trained teachers into a fresh student"))
     cmd.add_argument("--teachers", help="comma-separated committee (overrides distill.teachers)")
     cmd.add_argument("--teacher-ckpt", action="append",
                      help=f"checkpoint of each teacher, in order (default {TRAIN_OUT}/NAME/best.pt)")  # fmt: skip
-    cmd.add_argument("--method", choices=sorted(METHODS), help="override distill.method")
+    # Checked when the command runs (a wrong name lists them): the method registry imports torch.
+    cmd.add_argument("--method", help="override distill.method (diverse_distill, ld, fd, ...)")
     cmd.add_argument("--kd-weight", type=float, help="override distill.kd_weight (lambda)")
     cmd.add_argument("--residual-questions", action="store_true",
                      help="add questions to the teachers' own early output (distill.residual_questions)")  # fmt: skip

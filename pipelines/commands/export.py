@@ -6,14 +6,14 @@ import argparse
 import json
 
 from pipelines.commands.data import data_config
-from pipelines.config import load_config
 
 
 def export_config(args: argparse.Namespace):
     """The ``export:`` section of the job config (defaults when the config has none)."""
+    from pipelines.config import load_config
     from recdistill.export import ExportConfig
 
-    return getattr(load_config(args.config), "export", None) or ExportConfig()
+    return getattr(load_config(args.config, args.overrides), "export", None) or ExportConfig()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

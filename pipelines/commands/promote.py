@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.config import load_config
-
 
 def tracking_config(args: argparse.Namespace):
     """The ``tracking:`` section of the job config (defaults when the config has none)."""
+    from pipelines.config import load_config
     from recdistill.tracking import TrackingConfig
 
-    cfg = getattr(load_config(args.config), "tracking", None) or TrackingConfig()
+    cfg = getattr(load_config(args.config, args.overrides), "tracking", None) or TrackingConfig()
     if getattr(args, "model_name", None):
         cfg.registered_model = args.model_name
     return cfg
