@@ -628,7 +628,7 @@ def summarize(plan: BenchPlan, done: dict[str, dict[str, Any]],
             chosen = choose(tune, done)
             tuned = {c.choice[0][1]: done[c.key]["valid"]["mse"] for c in tune if c.key in done}
             mine = [r for r in mine if chosen is not None and tuple(r["choice"].items()) == chosen]
-        best = min((teacher_mse[t]["test"] for t in row.teachers), default=None)
+        best = min((teacher_mse[t]["test"] for t in row.teachers if t in teacher_mse), default=None)
         # A gap exists only where the best teacher beats the student alone: no percentage of a
         # gap that is not there (the report leaves it out of --quick, whose teachers are barely
         # trained and whose tiny gaps would give meaningless percentages).
@@ -661,7 +661,14 @@ def _paper_cell(table: str, method: str | None, teachers: tuple[str, ...]) -> st
 
 def write_report(out: Path, plan: BenchPlan, command: str = "recdistill bench paper",
                  done: dict[str, dict[str, Any]] | None = None) -> Path:  # fmt: skip
-    """``paper_tables.md``, ``paper_cells.csv`` and the PNGs, rebuilt from the cell files."""
+    """``paper_tables.md``, ``paper_cells.csv`` and the PNGs, rebuilt from the cell files.
+
+    Raises:
+        ValueError: ``out`` holds no bench (nothing was run there yet).
+    """
+    if not out.is_dir():
+        raise ValueError(f"bench paper: nothing to report in {out}: no such folder "
+                         "(run the bench there first, without --report-only)")  # fmt: skip
     done = read_cells(out) if done is None else done
     teacher_mse = teacher_scores(out, plan.teachers)
     rows = summarize(plan, done, teacher_mse)

@@ -69,6 +69,92 @@ def plot_learning_curves(
     return _save(fig, path)
 
 
+#: Metric names that are fractions in [0, 1]: they get their own axis (right, in %).
+FRACTION_MARKERS = ("saved", "share", "importance", "fraction")
+#: Per-epoch metrics left out of the job's curves: a slice's MSE (cold/medium/warm users and
+#: items) belongs in the results table, and six more lines per panel make it unreadable.
+SLICE_MARKERS = ("_user_", "_item_")
+
+
+def split_model(key: str) -> tuple[str, str]:
+    """``"valid_mse.teacher_mlp_l"`` -> ``("teacher mlp_l", "valid_mse")``; a key with no
+    stage suffix (``teacher_<name>``, ``student_alone``) is the distillation stage's:
+    ``("distilled student", key)``, e.g. ``importance_above.minilm``."""
+    metric, _, stage = key.rpartition(".")
+    if metric and stage.startswith(("teacher_", "student_alone")):
+        return stage.replace("_", " ", 1), metric
+    return "distilled student", key
+
+
+def is_fraction(metric: str) -> bool:
+    return any(marker in metric for marker in FRACTION_MARKERS)
+
+
+def model_panels(history: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, Sequence[Any]]]:
+    """``{model: {metric: values}}`` of a job's per-epoch history: teachers first, then the
+    student alone, then the distilled student; slice MSEs and empty curves left out."""
+    models: dict[str, dict[str, Sequence[Any]]] = {}
+    for key, values in history.items():
+        model, metric = split_model(key)
+        if any(marker in metric for marker in SLICE_MARKERS) or not list(values):
+            continue
+        models.setdefault(model, {})[metric] = values
+    order = sorted(models, key=lambda m: (m == "distilled student", not m.startswith("teacher"), m))
+    return {m: dict(sorted(models[m].items())) for m in order}
+
+
+def plot_model_curves(
+    history: Mapping[str, Sequence[Any]], path: str | Path, title: str | None = None
+) -> Path:
+    """A job's learning curves, one panel per model trained (teachers, the student alone, the
+    distilled student, named as such): losses and validation MSE on the left axis, fractions
+    (teacher passes saved, importance shares) on their own axis on the right, a colour per
+    metric that stays the same in every panel, and the legend below the panel, off the data.
+
+    Args:
+        history: ``{"metric.stage": [(epoch, value), ...]}`` as :class:`recdistill.tracking`
+            logs them (``train_loss.teacher_mlp_l``, ``valid_mse.student_alone``; keys of the
+            distillation stage have no suffix).
+        path: the PNG to write.
+        title: a title over all panels.
+
+    Raises:
+        ValueError: nothing to plot.
+    """
+    models = model_panels(history)
+    if not models:
+        raise ValueError("plot_model_curves: no curves to plot")
+    metrics = sorted({m for series in models.values() for m in series})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(metrics)}
+    fig, axes = plt.subplots(1, len(models), figsize=(4.8 * len(models), 4.6), squeeze=False)
+    for ax, (model, series) in zip(axes[0], models.items()):
+        right = None
+        handles = []
+        for metric, values in series.items():
+            epochs, ys = _points(values)
+            style = {"color": colours[metric], "marker": "o", "markersize": 3, "label": metric}
+            if is_fraction(metric):
+                right = right or ax.twinx()
+                handles += right.plot(epochs, 100 * ys, linestyle=":", **style)
+            else:
+                dashed = "--" if metric.startswith("valid") else "-"
+                handles += ax.plot(epochs, ys, linestyle=dashed, linewidth=2 if dashed == "--" else 1.2,
+                                   **style)  # fmt: skip
+        ax.set_title(model, fontweight="bold" if model == "distilled student" else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss / MSE")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if right is not None:
+            right.set_ylabel("%")
+            right.set_ylim(0, 100)
+        ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncol=2, frameon=False)  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def share_above(scores: Mapping[str, Any], threshold: float) -> dict[str, float]:
     """Per teacher, the share of rows whose importance score exceeds ``threshold``."""
     out = {}
@@ -191,4 +277,4 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["plot_importance", "plot_learning_curves", "share_above"]
+__all__ = ["plot_importance", "plot_learning_curves", "plot_model_curves", "share_above"]

@@ -14,8 +14,10 @@ from recdistill.plots import (
     plot_importance,
     plot_importance_heatmap,
     plot_learning_curves,
+    plot_model_curves,
     share_above,
 )
+from recdistill.plots import is_fraction, model_panels
 from recdistill.tracking import (
     TrackingConfig,
     flatten_params,
@@ -73,6 +75,24 @@ def test_learning_curves_png(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="panel 'validation' has no series"):
         plot_learning_curves({"validation": {}}, tmp_path / "x.png")
+
+
+def test_job_curves_have_one_panel_per_model_and_the_distilled_student_named(tmp_path):
+    curve = [(1, 1.0), (2, 0.9)]
+    history = {"train_loss.teacher_mlp_l": curve, "valid_mse.teacher_mlp_l": curve,
+               "valid_mse_item_cold.teacher_mlp_l": curve, "train_loss.student_alone": curve,
+               "loss_task": curve, "loss_kd": curve, "valid_mse": curve,
+               "teacher_passes_saved": [(1, 0.2), (2, 0.3)], "importance_above.minilm": curve}  # fmt: skip
+    panels = model_panels(history)
+    assert list(panels) == ["teacher mlp_l", "student alone", "distilled student"]
+    assert list(panels["teacher mlp_l"]) == ["train_loss", "valid_mse"]  # slice MSEs left out
+    assert set(panels["distilled student"]) == {"loss_task", "loss_kd", "valid_mse",
+                                                "teacher_passes_saved", "importance_above.minilm"}  # fmt: skip
+    assert is_fraction("teacher_passes_saved") and not is_fraction("loss_kd")
+    path = plot_model_curves(history, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="no curves"):
+        plot_model_curves({"valid_mse_user_cold": curve}, tmp_path / "x.png")
 
 
 def test_importance_share_and_png(tmp_path):
