@@ -124,7 +124,9 @@ def teacher(prepared):
     DistillConfig(method="diverse_distill", gating=GatingConfig(enabled=True, threshold=0.5,
                                                                 warmup_steps=2, explore=0.3)),
     DistillConfig(method="ld"),  # the teacher-output cache, rebuilt after the resume
-], ids=["diverse_distill", "ld"])  # fmt: skip
+    DistillConfig(method="autoskd"),  # a reward still to collect, the draws' generator
+    DistillConfig(method="sckd"),  # the counts of steps that used the KD term
+], ids=["diverse_distill", "ld", "autoskd", "sckd"])  # fmt: skip
 def test_a_distillation_resumed_mid_epoch_ends_bitwise_as_the_uninterrupted_one(
     prepared, teacher, config, tmp_path, monkeypatch
 ):  # fmt: skip

@@ -88,6 +88,14 @@ class AutoSKD(DistillMethod):
         self.generator = torch.Generator().manual_seed(torch.initial_seed())
         self._pending: PendingReward | None = None
 
+    def resume_state(self) -> dict[str, Any]:
+        """The base state plus the step whose reward is still to be collected (its batch)."""
+        return {**super().resume_state(), "pending": self._pending}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        super().load_resume_state(state)
+        self._pending = state["pending"]
+
     def probabilities(self) -> torch.Tensor:
         """``[K]`` the current probability of drawing each teacher."""
         return F.softmax(self.logits, dim=0)

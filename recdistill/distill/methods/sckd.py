@@ -101,6 +101,17 @@ class SCKD(LD):
         self.applied_steps = 0
         self.gated_steps = 0
 
+    def resume_state(self) -> dict[str, Any]:
+        """The base state plus the counts behind :attr:`applied_share`."""
+        counts = {"applied_steps": self.applied_steps, "gated_steps": self.gated_steps,
+                  "last_cosine": self.last_cosine, "last_applied": self.last_applied}  # fmt: skip
+        return {**super().resume_state(), "sckd": counts}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        super().load_resume_state(state)
+        for name, value in state["sckd"].items():
+            setattr(self, name, value)
+
     @property
     def applied_share(self) -> float:
         """Share of the training steps so far that used the distillation term (0 before any)."""
