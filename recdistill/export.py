@@ -18,33 +18,43 @@ torchrec, no fbgemm, no recdistill:
 it against the eager student, clipped the same way, on real rows (max abs difference within
 ``tolerance``).
 
+The served module never answers wrong in silence: an input of the wrong rank or a non-integer
+id fails naming the input, string values are normalized (:class:`RawFeatureEncoder`), and
+``served.unknowns(...)`` counts, per feature, the values that mapped to the unknown index 0.
+
 Example::
 
     report = export_torchscript(student, prepared.vocabs, "runs/student.pt",
                                 ParityRows.sample(prepared, 2048))
     served = torch.jit.load("runs/student.pt")
     inputs = serving_inputs(prepared.movielens.joined().head(4))
-    served(*inputs)  # [4] ratings
+    served(*inputs.args)  # [4] ratings
+    served.unknowns(*inputs.args)  # {"user_id": 0, ..., "genres": 0}
 """
 
 # No `from __future__ import annotations` here: TorchScript reads these annotations at runtime.
 
 import copy
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import polars as pl
 import torch
 from torch import nn
 
 from features.batches import Batch, Prepared
-from features.vocab import AGE_BUCKETS, FEATURES, MULTI_HOT, OLDEST_BUCKET, FeatureVocabs
+from features.vocab import (
+    AGE_BUCKETS, FEATURES, MULTI_HOT, OLDEST_BUCKET, FeatureVocabs, Vocabulary,
+)  # fmt: skip
 from recdistill.training.evaluation import label_range
 
 #: What a missing integer attribute (age, release year) is passed as; it encodes to unknown (0).
 MISSING_INT = -1
+#: The serving inputs that are lists of strings (one per row, or flat for the genres).
+STRING_INPUTS = ("gender", "occupation", "zip_code", "genres")
 
 
 @dataclass
@@ -92,6 +102,10 @@ def training_rating_range(prepared: Prepared) -> Tuple[float, float]:
 class ServingInputs(NamedTuple):
     """Raw inputs of the served student, one entry per rating row (``B`` rows).
 
+    The tensors are 1-D (``[B]``) of any integer dtype (int64, int32, int16, int8, uint8);
+    floats are refused rather than rounded. String values are matched as
+    :class:`RawFeatureEncoder` describes (case and surrounding whitespace do not matter).
+
     Attributes:
         user_id: ``[B]`` int64 MovieLens user ids.
         item_id: ``[B]`` int64 MovieLens item ids.
@@ -123,7 +137,19 @@ class ServingInputs(NamedTuple):
 
     @property
     def args(self) -> tuple:
-        """The positional arguments of ``ServingStudent.forward``."""
+        """The positional arguments of ``ServingStudent.forward`` (and ``unknowns``).
+
+        Raises:
+            ValueError: a bare string where a list of strings is expected: the scripted
+                module cannot refuse it itself, TorchScript hands it over as its characters.
+        """
+        for name in STRING_INPUTS:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(
+                    f"serving input {name} must be a list of strings, got the string {value!r} "
+                    f"(write [{value!r}] for one row)"
+                )
         return tuple(self)
 
 
@@ -176,6 +202,58 @@ def _sorted_lookup(values: list[str], name: str) -> tuple[torch.Tensor, torch.Te
     return keys, order + 1  # index i+1 belongs to values[i]
 
 
+def strip_space(value: str) -> str:
+    """``value`` without surrounding whitespace (spaces, tabs, line breaks): how a zip code is
+    matched."""
+    # A loop, not str.strip: TorchScript's default strip leaves "\r", and a "\r" constant
+    # cannot be saved (torch.jit.load fails on it).
+    start = len(value)
+    for i in range(len(value)):
+        if not value[i].isspace():
+            start = i
+            break
+    end = start
+    for i in range(len(value) - 1, start - 1, -1):
+        if not value[i].isspace():
+            end = i + 1
+            break
+    return value[start:end]
+
+
+def fold_case(value: str) -> str:
+    """``value`` stripped and lower-cased (ASCII, as TorchScript lower-cases): how gender,
+    occupation and genre names are matched."""
+    return strip_space(value).lower()
+
+
+def _normalized_index(
+    vocab: Vocabulary, normalize: Callable[[str], str], feature: str
+) -> Dict[str, int]:
+    """``vocab``'s value -> index map keyed by each value as it is and as normalized (by the
+    scripted ``normalize``, so the keys are exactly what the scripted forward computes). The
+    served module looks a value up as given first, normalizing only when that misses: a
+    value spelled as in training costs no normalization, and both keys give the same index.
+
+    Raises:
+        ValueError: two values of the vocabulary are one after normalization (named).
+    """
+    scripted = torch.jit.script(normalize)
+    index: Dict[str, int] = {}
+    first: Dict[str, str] = {}
+    for value, i in vocab.index.items():
+        key = scripted(value)
+        if key in index:
+            raise ValueError(
+                f"vocabulary {feature!r} has {first[key]!r} and {value!r}, one value after "
+                f"{normalize.__name__} ({key!r}): the served module could not tell them apart"
+            )
+        index[key] = i
+        first[key] = value
+    # A value that is another's normalized form would have collided above: no key clashes.
+    index.update(vocab.index)
+    return index
+
+
 class RawFeatureEncoder(nn.Module):
     """Raw MovieLens values -> vocabulary indices (0 = unknown), inside the scripted module.
 
@@ -183,8 +261,27 @@ class RawFeatureEncoder(nn.Module):
     ``searchsorted`` over the sorted known values, the age with ``bucketize`` over the age
     groups; string features (gender, occupation, zip prefix, genres) with ``Dict[str, int]``.
 
+    String values are normalized, so a client's spelling does not silently change a rating:
+    gender, occupation and genre names are matched without surrounding whitespace and
+    case-insensitively (``" m "`` is ``"M"``, ``"comedy"`` is ``"Comedy"``: :func:`fold_case`);
+    zip codes only without surrounding whitespace, then cut to the prefix (:func:`strip_space`).
+    A value spelled exactly as in the vocabulary is found without normalizing (the same
+    index, faster). Building the encoder fails when two values of a vocabulary are one after
+    normalization. Any other value is unknown (index 0); :meth:`unknowns` counts them.
+
+    Inputs are checked, each failure naming the input: the id tensors (user_id, item_id, age,
+    year, genre_lengths) must be 1-D ``[B]`` of an integer dtype (a float is refused, not
+    rounded), every input must have ``B`` rows. A bare string where a list of strings is
+    expected is refused by the eager module; the scripted module never sees it, since
+    TorchScript converts a Python ``str`` passed as ``List[str]`` into the list of its
+    characters — the row count check then refuses it unless the string has exactly ``B``
+    characters, and :attr:`ServingInputs.args` refuses it on the Python side.
+
     Args:
         vocabs: the vocabularies (and zip prefix length, year bucket) the student was trained on.
+
+    Raises:
+        ValueError: two values of a string vocabulary are one after normalization.
 
     Example::
 
@@ -193,6 +290,7 @@ class RawFeatureEncoder(nn.Module):
         # single: [B, 7] indices in FEATURES order without genres; genres: [G]; offsets: [B]
     """
 
+    feature_names: List[str]
     gender_index: Dict[str, int]
     occupation_index: Dict[str, int]
     zip_index: Dict[str, int]
@@ -203,6 +301,7 @@ class RawFeatureEncoder(nn.Module):
         if list(MULTI_HOT) != ["genres"] or FEATURES[-1] != "genres":
             raise ValueError(f"RawFeatureEncoder expects genres as the last, only multi-hot feature; "
                              f"got FEATURES={FEATURES}")  # fmt: skip
+        self.feature_names = list(FEATURES)
         self.zip_prefix_len = int(vocabs.zip_prefix_len)
         self.year_bucket = int(vocabs.year_bucket)
         user_keys, user_values = _sorted_lookup(vocabs["user_id"].values, "user_id")
@@ -221,10 +320,10 @@ class RawFeatureEncoder(nn.Module):
         self.register_buffer(
             "age_values", torch.tensor([age_index.get(label, 0) for label in labels], dtype=torch.int64)
         )
-        self.gender_index = dict(vocabs["gender"].index)
-        self.occupation_index = dict(vocabs["occupation"].index)
-        self.zip_index = dict(vocabs["zip_prefix"].index)
-        self.genre_index = dict(vocabs["genres"].index)
+        self.gender_index = _normalized_index(vocabs["gender"], fold_case, "gender")
+        self.occupation_index = _normalized_index(vocabs["occupation"], fold_case, "occupation")
+        self.zip_index = _normalized_index(vocabs["zip_prefix"], strip_space, "zip_prefix")
+        self.genre_index = _normalized_index(vocabs["genres"], fold_case, "genres")
 
     @staticmethod
     def _lookup(keys: torch.Tensor, values: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
@@ -232,6 +331,60 @@ class RawFeatureEncoder(nn.Module):
             return torch.zeros_like(raw)
         pos = torch.searchsorted(keys, raw).clamp(max=keys.numel() - 1)
         return torch.where(keys[pos] == raw, values[pos], torch.zeros_like(raw))
+
+    @staticmethod
+    def _lookup_folded(index: Dict[str, int], values: List[str]) -> torch.Tensor:
+        """Indices of ``values`` as given, else as :func:`fold_case` normalizes them."""
+        found: List[int] = []
+        for value in values:
+            i = index.get(value, -1)
+            found.append(i if i >= 0 else index.get(fold_case(value), 0))
+        return torch.tensor(found, dtype=torch.int64)
+
+    def _lookup_zip_prefix(self, zip_code: List[str]) -> torch.Tensor:
+        """Indices of the zip codes' prefixes as given, else of the stripped codes' prefixes."""
+        found: List[int] = []
+        n = self.zip_prefix_len
+        for code in zip_code:
+            i = self.zip_index.get(code[:n], -1)
+            found.append(i if i >= 0 else self.zip_index.get(strip_space(code)[:n], 0))
+        return torch.tensor(found, dtype=torch.int64)
+
+    @staticmethod
+    def _check(
+        user_id: torch.Tensor, item_id: torch.Tensor, age: torch.Tensor, gender: List[str],
+        occupation: List[str], zip_code: List[str], year: torch.Tensor, genres: List[str],
+        genre_lengths: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Refuse inputs that would otherwise score wrong rows or fail obscurely, naming them."""
+        for name, values in [("user_id", user_id), ("item_id", item_id), ("age", age),
+                             ("year", year), ("genre_lengths", genre_lengths)]:  # fmt: skip
+            if values.dim() != 1:
+                raise ValueError(
+                    f"serving input {name} must have shape [B] (one value per row), "
+                    f"got shape {list(values.shape)}"
+                )
+            if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+                raise ValueError(
+                    f"serving input {name} must be an integer tensor (int64, int32, int16, int8 "
+                    f"or uint8), not floating-point, complex or bool: its values are not rounded"
+                )
+        for name, strings in [("gender", gender), ("occupation", occupation),
+                              ("zip_code", zip_code), ("genres", genres)]:  # fmt: skip
+            # Only reachable eagerly: in TorchScript a str argument is already its characters.
+            if isinstance(strings, str):
+                raise ValueError(f"serving input {name} must be a list of strings, got a string")
+        batch = user_id.size(0)
+        for name, size in [("item_id", item_id.size(0)), ("age", age.size(0)),
+                           ("gender", len(gender)), ("occupation", len(occupation)),
+                           ("zip_code", len(zip_code)), ("year", year.size(0)),
+                           ("genre_lengths", genre_lengths.size(0))]:  # fmt: skip
+            if size != batch:
+                raise ValueError(f"serving input {name} has {size} rows, user_id has {batch}")
+        if batch > 0 and (bool((genre_lengths < 0).any()) or int(genre_lengths.sum()) != len(genres)):
+            raise ValueError(
+                f"genre_lengths must be non-negative and sum to len(genres) = {len(genres)}"
+            )
 
     def forward(
         self,
@@ -251,18 +404,11 @@ class RawFeatureEncoder(nn.Module):
             ``single`` ``[B, 7]`` indices of the single-valued features in ``FEATURES`` order,
             ``genre_values`` ``[G]`` all genre indices, ``genre_offsets`` ``[B]`` where each
             row's genres start (``nn.EmbeddingBag`` offsets).
+
+        Raises:
+            ValueError: an input of the wrong rank, dtype, type or row count (named).
         """
-        batch = user_id.size(0)
-        for name, size in [("item_id", item_id.size(0)), ("age", age.size(0)),
-                           ("gender", len(gender)), ("occupation", len(occupation)),
-                           ("zip_code", len(zip_code)), ("year", year.size(0)),
-                           ("genre_lengths", genre_lengths.size(0))]:  # fmt: skip
-            if size != batch:
-                raise ValueError(f"serving input {name} has {size} rows, user_id has {batch}")
-        if batch > 0 and (bool((genre_lengths < 0).any()) or int(genre_lengths.sum()) != len(genres)):
-            raise ValueError(
-                f"genre_lengths must be non-negative and sum to len(genres) = {len(genres)}"
-            )
+        self._check(user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths)
         user_id, item_id, age, year = user_id.long(), item_id.long(), age.long(), year.long()
         genre_lengths = genre_lengths.long()
         users = self._lookup(self.user_keys, self.user_values, user_id)
@@ -274,18 +420,41 @@ class RawFeatureEncoder(nn.Module):
         buckets = torch.div(year, self.year_bucket, rounding_mode="floor") * self.year_bucket
         years = self._lookup(self.year_keys, self.year_values, buckets)
         years = torch.where(year < 0, torch.zeros_like(years), years)
-        genders = torch.tensor([self.gender_index.get(g, 0) for g in gender], dtype=torch.int64)
-        occupations = torch.tensor(
-            [self.occupation_index.get(o, 0) for o in occupation], dtype=torch.int64
-        )
-        zips = torch.tensor(
-            [self.zip_index.get(z[: self.zip_prefix_len], 0) for z in zip_code], dtype=torch.int64
-        )
-        genre_values = torch.tensor([self.genre_index.get(g, 0) for g in genres], dtype=torch.int64)
+        genders = self._lookup_folded(self.gender_index, gender)
+        occupations = self._lookup_folded(self.occupation_index, occupation)
+        zips = self._lookup_zip_prefix(zip_code)
+        genre_values = self._lookup_folded(self.genre_index, genres)
         genre_offsets = torch.cumsum(genre_lengths, 0) - genre_lengths  # [B] bag starts
         # FEATURES order: user_id, item_id, age, gender, occupation, zip_prefix, release_year.
         single = torch.stack([users, items, ages, genders, occupations, zips, years], dim=1)
         return single, genre_values, genre_offsets
+
+    @torch.jit.export
+    def unknowns(
+        self,
+        user_id: torch.Tensor,
+        item_id: torch.Tensor,
+        age: torch.Tensor,
+        gender: List[str],
+        occupation: List[str],
+        zip_code: List[str],
+        year: torch.Tensor,
+        genres: List[str],
+        genre_lengths: torch.Tensor,
+    ) -> Dict[str, int]:
+        """How many values of each feature map to the unknown index 0, by feature name
+        (``FEATURES``: ``zip_prefix`` for the zip codes, ``release_year`` for the years): per
+        row for the single-valued features, per genre name for ``genres``. A missing age or
+        year (``MISSING_INT``) counts as unknown."""
+        single, genre_values, _ = self.forward(
+            user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths
+        )
+        single_unknown = (single == 0).sum(0)  # [7]
+        counts: Dict[str, int] = {}
+        for column, name in enumerate(self.feature_names[:-1]):
+            counts[name] = int(single_unknown[column])
+        counts[self.feature_names[-1]] = int((genre_values == 0).sum())
+        return counts
 
 
 class MergedTable(nn.Module):
@@ -393,6 +562,7 @@ class ServingStudent(nn.Module):
 
         served = ServingStudent.from_student(student, prepared.vocabs, training_rating_range(prepared))
         y = served(*serving_inputs(joined).args)  # [B] ratings in [lo, hi]; B may be 0
+        served.unknowns(*serving_inputs(joined).args)  # {"user_id": 0, ..., "genres": 0}
     """
 
     def __init__(
@@ -447,11 +617,35 @@ class ServingStudent(nn.Module):
         genres: List[str],
         genre_lengths: torch.Tensor,
     ) -> torch.Tensor:
-        """Predicted ratings ``[B]`` for ``B`` raw rows (see :class:`ServingInputs`)."""
+        """Predicted ratings ``[B]`` for ``B`` raw rows (see :class:`ServingInputs`).
+
+        Raises:
+            ValueError: an input of the wrong rank, dtype, type or row count, named (see
+                :class:`RawFeatureEncoder`).
+        """
         single, genre_values, genre_offsets = self.encoder(
             user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths
         )
         return self.score(single, genre_values, genre_offsets)
+
+    @torch.jit.export
+    def unknowns(
+        self,
+        user_id: torch.Tensor,
+        item_id: torch.Tensor,
+        age: torch.Tensor,
+        gender: List[str],
+        occupation: List[str],
+        zip_code: List[str],
+        year: torch.Tensor,
+        genres: List[str],
+        genre_lengths: torch.Tensor,
+    ) -> Dict[str, int]:
+        """Per feature, how many of these inputs' values are unknown (scored as index 0): the
+        same inputs as ``forward`` (see :meth:`RawFeatureEncoder.unknowns`)."""
+        return self.encoder.unknowns(
+            user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths
+        )
 
     @torch.jit.export
     def score(
@@ -526,8 +720,30 @@ def script_student(
     clipped to ``rating_range`` (``None``: unclipped)."""
     scripted = torch.jit.script(ServingStudent.from_student(student, vocabs, rating_range))
     if freeze:
-        scripted = torch.jit.freeze(scripted, preserved_attrs=["score"])
+        scripted = torch.jit.freeze(scripted, preserved_attrs=["score", "unknowns"])
     return scripted
+
+
+def load_served_student(path: str | Path) -> torch.jit.ScriptModule:
+    """Load a TorchScript student file; a missing, truncated or damaged file fails naming it.
+
+    Raises:
+        ValueError: no such file, or not a whole TorchScript archive (a TorchScript file is a
+            zip archive whose directory sits at its end, so a cut-off copy has none).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"TorchScript student {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"TorchScript student {path}: the file is damaged or truncated "
+            f"({path.stat().st_size:,} bytes, not a whole TorchScript archive); export it again"
+        )
+    try:
+        return torch.jit.load(str(path))
+    except RuntimeError as err:
+        first_line = next((line for line in str(err).splitlines() if line.strip()), "")
+        raise ValueError(f"TorchScript student {path}: cannot load it: {first_line}") from err
 
 
 def export_torchscript(
@@ -561,7 +777,7 @@ def export_torchscript(
     path.parent.mkdir(parents=True, exist_ok=True)
     lo, hi = check_rows.rating_range
     torch.jit.save(script_student(student, vocabs, freeze, (lo, hi)), str(path))
-    served = torch.jit.load(str(path))
+    served = load_served_student(path)
     was_training = student.training
     student.eval()
     with torch.no_grad():
@@ -593,7 +809,8 @@ def export_torchscript(
 
 
 __all__ = [
-    "MISSING_INT", "ExportConfig", "ExportParityError", "ExportReport", "MergedTable", "ParityRows",
-    "RawFeatureEncoder", "ServingInputs", "ServingSparseArch", "ServingStudent",
-    "export_torchscript", "script_student", "serving_inputs", "training_rating_range",
+    "MISSING_INT", "STRING_INPUTS", "ExportConfig", "ExportParityError", "ExportReport",
+    "MergedTable", "ParityRows", "RawFeatureEncoder", "ServingInputs", "ServingSparseArch",
+    "ServingStudent", "export_torchscript", "fold_case", "load_served_student", "script_student",
+    "serving_inputs", "strip_space", "training_rating_range",
 ]  # fmt: skip

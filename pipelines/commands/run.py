@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipelines.config import load_config
-from pipelines.jobs import JobResult, run_job
-from recdistill.tracking import markdown_table
+if TYPE_CHECKING:  # the job imports torch and MLflow: only when it runs
+    from pipelines.jobs import JobResult
 
 SUMMARY_COLUMNS = ("model", "role", "test_mse", "test_rmse", "test_mae", "params",
                    "teacher_passes_saved", "gap_closed")  # fmt: skip
 
 
+def _absolute_uri(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute (``sqlite:///runs/mlflow.db`` ->
+    ``sqlite:////abs/runs/mlflow.db``), so that a printed command works from any folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + Path(uri[len(prefix) :]).resolve().as_posix()
+    return uri
+
+
 def print_summary(result: JobResult) -> None:
+    """The results table and where things are; every printed command works when pasted into a
+    fresh shell or Python, from any folder (absolute store path and executable)."""
+    from recdistill.tracking import markdown_table
+
     columns = [c for c in SUMMARY_COLUMNS if any(r.get(c) is not None for r in result.rows)]
     print("\n== results (test split) ==")
     print(markdown_table(result.rows, columns))
@@ -24,22 +39,30 @@ def print_summary(result: JobResult) -> None:
     if result.export is not None:
         print(f"TorchScript file   {result.export.path}  (load with torch.jit.load; torch alone)")
     print(f"results table      {result.output_dir / 'results.md'}")
+    uri = _absolute_uri(result.tracking_uri) if result.tracking_uri else None
     if result.run_id:
-        print(f"MLflow run         {result.run_id}  at {result.tracking_uri}")
+        print(f"MLflow run         {result.run_id}  at {uri}")
     if result.version is not None and result.decision is not None:
         print(f"registered         {result.decision.name} version {result.version}: "
               f"{'champion' if result.decision.promoted else 'not promoted'} ({result.decision.reason})")  # fmt: skip
-        print(f"load the champion  mlflow.pytorch.load_model('models:/{result.decision.name}@champion')")
-    if result.tracking_uri:
-        if result.tracking_uri.startswith(("http://", "https://")):
-            print(f"browse             open {result.tracking_uri}")
-        else:
-            print(f"browse             .venv/bin/mlflow ui --backend-store-uri {shlex.quote(result.tracking_uri)}"
-                  " --port 5000   # then open http://127.0.0.1:5000")  # fmt: skip
+        if uri:
+            model_uri = f"models:/{result.decision.name}@champion"
+            print(f"load the champion  import mlflow; mlflow.set_tracking_uri({uri!r}); "
+                  f"served = mlflow.pytorch.load_model({model_uri!r})")  # fmt: skip
+    if uri and uri.startswith(("http://", "https://")):
+        print(f"browse             open {uri}")
+    elif uri:
+        # The venv's own mlflow by absolute path: it need not be on PATH, nor the venv here.
+        mlflow_cli = Path(sys.executable).absolute().with_name("mlflow")
+        print(f"browse             {shlex.quote(str(mlflow_cli))} ui --backend-store-uri {shlex.quote(uri)}"
+              " --port 5000   # then open http://127.0.0.1:5000")  # fmt: skip
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config_file)
+    from pipelines.config import load_config
+    from pipelines.jobs import run_job
+
+    cfg = load_config(args.config_file, args.overrides)
     if args.source:
         cfg.data.source = args.source
     result = run_job(cfg, tracking_uri=args.tracking_uri, resume=args.resume, output_dir=args.output)
@@ -50,9 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def add_commands(sub, with_config) -> None:
     run = sub.add_parser("run", help="run a whole batch job from a YAML config")
     run.add_argument("config_file", help="job YAML, or a shipped config name (default, quick)")
+    with_config(run, config_option=False)
     run.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, else config)")
     run.add_argument("--output", help="override output_dir")
     run.add_argument("--resume", action="store_true",
                      help="reuse teachers an earlier run of this job finished in the output folder")  # fmt: skip
-    run.add_argument("--source", help="override data.source (embedded, or a MovieLens folder)")
     run.set_defaults(func=cmd_run)

@@ -1,0 +1,220 @@
+"""The served student never answers wrong in silence (issue 12): inputs of the wrong rank or
+dtype and bare strings are refused naming the input, string values are normalized, unknown
+values are counted, and the loaded file answers many threads as it answers one."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from features.vocab import FeatureVocabs, Vocabulary
+
+from recdistill.export import (
+    ParityRows,
+    ServingInputs,
+    ServingStudent,
+    export_torchscript,
+    serving_inputs,
+)
+
+#: Run by a fresh python (torch alone): load the file, print the unknown counts of the inputs.
+UNKNOWNS_IN_A_FRESH_PROCESS = r"""
+import json, sys
+import torch
+served = torch.jit.load(sys.argv[1])
+print(json.dumps(served.unknowns(*torch.load(sys.argv[2]))))
+"""
+
+ID_INPUTS = ("user_id", "item_id", "age", "year", "genre_lengths")
+
+
+@pytest.fixture(scope="module")
+def served_file(trained_student, prepared, tmp_path_factory):
+    path = tmp_path_factory.mktemp("serving") / "student.pt"
+    export_torchscript(trained_student, prepared.vocabs, path, ParityRows.sample(prepared, 256))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eager(trained_student, prepared):
+    return ServingStudent.from_student(trained_student, prepared.vocabs, (1.0, 5.0))
+
+
+@pytest.fixture(scope="module")
+def models(served_file, eager):
+    """The eager serving module and the saved, reloaded scripted one: both must behave alike."""
+    return {"eager": eager, "scripted": torch.jit.load(str(served_file))}
+
+
+@pytest.fixture(scope="module")
+def rows(prepared) -> ServingInputs:
+    """Three real rows (their genres: 1, 4 and 2 names)."""
+    return serving_inputs(prepared.movielens.joined().head(3))
+
+
+@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("name", ID_INPUTS)
+@pytest.mark.parametrize("reshape, shown",
+                         [(lambda t: t[:, None], "[3, 1]"), (lambda t: t[0], "[]")],
+                         ids=["2-D", "0-d"])  # fmt: skip
+def test_an_id_tensor_of_the_wrong_rank_is_refused_naming_it(models, rows, kind, name, reshape,
+                                                             shown):  # fmt: skip
+    bad = rows._replace(**{name: reshape(getattr(rows, name))})
+    message = rf"serving input {name} must have shape \[B\].*got shape {re.escape(shown)}"
+    with pytest.raises(Exception, match=message):
+        models[kind](*bad.args)
+
+
+@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("name", ID_INPUTS)
+def test_float_ids_are_refused_not_truncated(models, rows, kind, name):
+    """Even whole floats (196.0) are refused: 196.7 would have been served as user 196."""
+    bad = rows._replace(**{name: getattr(rows, name).double()})
+    with pytest.raises(Exception, match=f"serving input {name} must be an integer tensor"):
+        models[kind](*bad.args)
+
+
+@pytest.mark.parametrize("kind", ["eager", "scripted"])
+def test_every_integer_dtype_scores_alike(models, rows, kind):
+    small = rows._replace(age=rows.age.to(torch.uint8), year=rows.year.to(torch.int16),
+                          genre_lengths=rows.genre_lengths.to(torch.int8))  # fmt: skip
+    assert torch.equal(models[kind](*small.args), models[kind](*rows.args))
+
+
+@pytest.mark.parametrize("name", ["gender", "occupation", "zip_code", "genres"])
+def test_a_bare_string_is_refused_where_a_list_of_strings_is_expected(models, rows, name):
+    """Refused by ``ServingInputs.args`` and by the eager module, naming the input."""
+    bad = rows._replace(**{name: "writer"})
+    with pytest.raises(ValueError, match=f"serving input {name} must be a list of strings"):
+        bad.args
+    with pytest.raises(ValueError, match=f"serving input {name} must be a list of strings"):
+        models["eager"](*tuple(bad))
+
+
+def test_the_scripted_module_sees_a_bare_string_as_its_characters(models, rows):
+    """TorchScript converts a ``str`` passed as ``List[str]`` into its characters before the
+    module runs, so the module cannot refuse it as such: the row count check does, unless the
+    string has exactly ``B`` characters; then they are unknown values and counted as such."""
+    scripted = models["scripted"]
+    with pytest.raises(Exception, match="serving input occupation has 6 rows, user_id has 3"):
+        scripted(*tuple(rows._replace(occupation="writer")))
+    assert scripted.unknowns(*tuple(rows._replace(occupation="abc")))["occupation"] == 3
+
+
+def _respelled(rows: ServingInputs) -> ServingInputs:
+    """The same rows with other case and surrounding whitespace on every string value."""
+    return rows._replace(
+        gender=[f" {g.lower()}\t" for g in rows.gender],
+        occupation=[o.upper() + "\r\n" for o in rows.occupation],
+        zip_code=[f"  {z} " for z in rows.zip_code],
+        genres=[f" {g.swapcase()} " for g in rows.genres],
+    )
+
+
+@pytest.mark.parametrize("kind", ["eager", "scripted"])
+def test_strings_match_regardless_of_case_and_surrounding_whitespace(models, rows, kind):
+    model = models[kind]
+    assert torch.equal(model(*_respelled(rows).args), model(*rows.args))
+    assert set(model.unknowns(*_respelled(rows).args).values()) == {0}
+
+
+def test_zip_codes_keep_their_case(models, prepared):
+    """Only whitespace is stripped from a zip code: "e2a" is not the Canadian prefix "E2A"."""
+    joined = prepared.movielens.joined()
+    row = serving_inputs(joined.filter(joined["zip_code"].str.starts_with("E2A")).head(1))
+    lower = row._replace(zip_code=[z.lower() for z in row.zip_code])
+    assert models["scripted"].unknowns(*row.args)["zip_prefix"] == 0
+    assert models["scripted"].unknowns(*lower.args)["zip_prefix"] == 1
+
+
+def test_vocabularies_that_collide_after_normalization_fail_the_export(
+    trained_student, prepared, tmp_path
+):  # fmt: skip
+    occupations = [("Writer" if o == "none" else o) for o in prepared.vocabs["occupation"].values]
+    vocabs = FeatureVocabs(
+        {**prepared.vocabs.vocabs, "occupation": Vocabulary("occupation", occupations)},
+        prepared.vocabs.zip_prefix_len, prepared.vocabs.year_bucket,
+    )  # fmt: skip
+    rows = ParityRows.sample(prepared, 8)
+    with pytest.raises(ValueError, match="'occupation' has .*'writer'.* one value after fold_case"):
+        export_torchscript(trained_student, vocabs, tmp_path / "x.pt", rows)
+
+
+def _with_unknowns(rows: ServingInputs) -> ServingInputs:
+    """Row 0: an unseen user and a missing age; row 1: an unseen occupation and zip code;
+    row 2: an unseen item, year and one unseen genre name of its two."""
+    return rows._replace(
+        user_id=torch.tensor([10**9, int(rows.user_id[1]), int(rows.user_id[2])]),
+        item_id=torch.tensor([int(rows.item_id[0]), int(rows.item_id[1]), -5]),
+        age=torch.tensor([-1, int(rows.age[1]), int(rows.age[2])]),
+        occupation=[rows.occupation[0], "astronaut", rows.occupation[2]],
+        zip_code=[rows.zip_code[0], "", rows.zip_code[2]],
+        year=torch.tensor([int(rows.year[0]), int(rows.year[1]), 1800]),
+        genres=rows.genres[:-1] + ["Not-a-genre"],
+    )
+
+
+EXPECTED_UNKNOWNS = {"user_id": 1, "item_id": 1, "age": 1, "gender": 0, "occupation": 1,
+                     "zip_prefix": 1, "release_year": 1, "genres": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["eager", "scripted"])
+def test_unknowns_counts_the_values_scored_as_unknown_per_feature(models, rows, kind):
+    assert rows.genre_lengths.tolist() == [1, 4, 2]
+    assert models[kind].unknowns(*_with_unknowns(rows).args) == EXPECTED_UNKNOWNS
+    assert set(models[kind].unknowns(*rows.args).values()) == {0}
+
+
+def test_unknowns_from_the_saved_file_in_a_fresh_process(served_file, rows, tmp_path):
+    data = tmp_path / "inputs.pt"
+    torch.save(list(_with_unknowns(rows).args), data)
+    out = subprocess.run(
+        [sys.executable, "-c", UNKNOWNS_IN_A_FRESH_PROCESS, str(served_file), str(data)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == EXPECTED_UNKNOWNS
+
+
+def _random_batches(prepared, count: int, seed: int) -> list[ServingInputs]:
+    """``count`` batches of 1..16 real rows drawn at random (with their genres)."""
+    joined = prepared.movielens.joined()
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 17, (count,), generator=gen).tolist()
+    return [serving_inputs(joined[torch.randint(len(joined), (n,), generator=gen).tolist()])
+            for n in sizes]  # fmt: skip
+
+
+def test_the_loaded_file_answers_8_threads_as_it_answers_one(served_file, prepared):
+    """8 threads x 300 calls on one freshly loaded module (its first calls, when TorchScript
+    profiles and optimizes the graph, included): every output equals the sequential one."""
+    batches = _random_batches(prepared, 64, seed=7)
+    sequential = torch.jit.load(str(served_file))
+    expected = [sequential(*b.args) for b in batches]
+    served = torch.jit.load(str(served_file))
+    mismatches: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def client(thread: int) -> None:
+        try:
+            for call in range(300):
+                i = (thread * 300 + call * 7) % len(batches)
+                if not torch.equal(served(*batches[i].args), expected[i]):
+                    mismatches.append((thread, call))
+        except BaseException as err:  # a failing call must fail the test, not vanish in the thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+    assert not any(t.is_alive() for t in threads)
+    assert mismatches == []
