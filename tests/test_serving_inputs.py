@@ -218,3 +218,59 @@ def test_the_loaded_file_answers_8_threads_as_it_answers_one(served_file, prepar
     assert not errors, errors[0]
     assert not any(t.is_alive() for t in threads)
     assert mismatches == []
+
+
+# ---------------------------------------------------------------- any input: a rating or a clear error
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+TEXT = st.text(max_size=12)  # any unicode: empty, whitespace, case, emoji, control characters
+
+
+@st.composite
+def raw_rows(draw):
+    """A batch of 0-8 rows of arbitrary raw values, consistent in its lengths."""
+    size = draw(st.integers(min_value=0, max_value=8))
+    ints = st.lists(INT64, min_size=size, max_size=size)
+    genre_lengths = draw(st.lists(st.integers(0, 4), min_size=size, max_size=size))
+    return ServingInputs(
+        user_id=torch.tensor(draw(ints), dtype=torch.int64),
+        item_id=torch.tensor(draw(ints), dtype=torch.int64),
+        age=torch.tensor(draw(ints), dtype=torch.int64),
+        gender=draw(st.lists(TEXT, min_size=size, max_size=size)),
+        occupation=draw(st.lists(TEXT, min_size=size, max_size=size)),
+        zip_code=draw(st.lists(TEXT, min_size=size, max_size=size)),
+        year=torch.tensor(draw(ints), dtype=torch.int64),
+        genres=draw(st.lists(TEXT, min_size=sum(genre_lengths), max_size=sum(genre_lengths))),
+        genre_lengths=torch.tensor(genre_lengths, dtype=torch.int64),
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(inputs=raw_rows())
+def test_any_consistent_raw_rows_get_finite_ratings_in_range_and_counted_unknowns(models, inputs):
+    """Whatever the values (huge or negative ids, odd strings), a well-formed batch is scored:
+    one finite rating per row inside the training range, the same from the saved file, and
+    every value the vocabularies do not know is counted."""
+    scripted = models["scripted"]
+    ratings = scripted(*inputs.args)
+    assert ratings.shape == (inputs.batch_size,) and bool(torch.isfinite(ratings).all())
+    assert bool(((ratings >= 1.0) & (ratings <= 5.0)).all())
+    assert torch.equal(ratings, models["eager"](*inputs.args))
+    counts = scripted.unknowns(*inputs.args)
+    assert all(0 <= n <= max(inputs.batch_size, len(inputs.genres)) for n in counts.values())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(inputs=raw_rows(), cut=st.sampled_from(["user_id", "gender", "genres", "genre_lengths"]))
+def test_any_batch_with_inconsistent_lengths_is_a_clear_error(models, inputs, cut):
+    """One input a row short (or genre names that do not add up) is refused, never scored."""
+    value = getattr(inputs, cut)
+    if len(value) == 0:
+        value = value + ["x"] if isinstance(value, list) else torch.tensor([1])
+    else:
+        value = value[1:]
+    with pytest.raises(Exception, match=r"serving input|genre_lengths"):
+        models["scripted"](*inputs._replace(**{cut: value}).args)
