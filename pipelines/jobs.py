@@ -2,12 +2,21 @@
 
 Each stage is a function over a :class:`JobContext`, so a stage can be run alone by the
 commands in ``pipelines/commands/`` and the whole job by ``recdistill run CONFIG``. Everything a
-stage produces lands in the job's output folder first (checkpoints, vocabularies, the
-TorchScript student) and then in MLflow; a job killed half-way is rerun with ``--resume``: each
-model (teacher, student alone, distilled student) continues from its ``resume.pt``, mid-epoch,
-as if never stopped, and a finished one gives its result again without training. A failed job
-registers nothing (registering is the last stage), and a tracking server that does not answer
-stops the job before any work.
+stage produces lands in the run's own output folder first (checkpoints, vocabularies, the
+TorchScript student) and then in MLflow, one parent run with a nested run per model trained.
+Each run writes a new folder, so a rerun never overwrites a file an earlier run wrote::
+
+    runs/<name>/<YYYYmmdd-HHMMSS>/   one run: vocabs.json, teacher_<t>/, student_alone/, student/,
+                                     student.pt, results.md (written last: the run finished)
+    runs/<name>/latest               -> the last run that finished
+    runs/<name>/champion.pt          a copy of the champion version's student.pt, replaced
+                                     atomically when a version is promoted
+
+A job killed half-way is rerun with ``--resume``: it continues in the latest folder that has no
+``results.md`` (or one named), where each model (teacher, student alone, distilled student)
+continues from its ``resume.pt``, mid-epoch, as if never stopped, and a finished one gives its
+result again without training. A failed job registers nothing (registering is the last stage),
+and a tracking server that does not answer stops the job before any work.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,13 +37,22 @@ import torch
 from torch import nn
 
 from features.batches import Prepared, prepare
+from features.sources import embedded_ml100k_folder
 from pipelines.config import JobConfig
 from pipelines.schema import to_dict
 from recdistill.baselines import reference_metrics
 from recdistill.distill.trainer import DistillResult, distill
-from recdistill.export import ExportReport, ParityRows, export_torchscript
+from recdistill.export import ExportReport, ParityRows, export_torchscript, serving_inputs
 from recdistill.models import build_model, count_parameters
-from recdistill.tracking import PromotionDecision, TrackedRun, markdown_table, promote, start_run
+from recdistill.tracking import (
+    TAG_EXPORT_FILE,
+    PromotionDecision,
+    TrackedRun,
+    markdown_table,
+    promote,
+    split_datasets,
+    start_run,
+)
 from recdistill.training import (
     TrainConfig,
     TrainResult,
@@ -46,6 +67,13 @@ from recdistill.training.checkpoints import BEST, RESUME
 log = logging.getLogger("recdistill.jobs")
 
 METRIC_KEYS = ("mse", "rmse", "mae")
+#: In a job's folder (``<output_dir>/<name>/``): the last finished run, and the champion's file.
+LATEST = "latest"
+CHAMPION_FILE = "champion.pt"
+#: The last file a run writes to its folder: a folder without it is a run to ``--resume``.
+FINISHED = "results.md"
+#: A run folder's name: the UTC time it started, and a count when two start in one second.
+RUN_FOLDER = re.compile(r"\d{8}-\d{6}(-\d+)?")
 #: Metrics whose key starts so are per-slice MSEs (``mse_item_cold``, ...): a column each.
 SLICE_PREFIX = "mse_"
 
@@ -83,36 +111,38 @@ class NullRun:
     run_id = None
     history: dict = {}
 
+    @contextmanager
+    def child(self, *args: Any, **kwargs: Any) -> Iterator[NullRun]:
+        yield self
+
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
 
 
 @dataclass
 class JobContext:
-    """What the stages share: the config, the data, the output folder and the MLflow run."""
+    """What the stages share: the config, the data, the run's output folder and its MLflow run."""
 
     config: JobConfig
     out: Path
     run: TrackedRun | NullRun
     prepared: Prepared | None = None
+    datasets: list = field(default_factory=list)
     committee: list[tuple[str, nn.Module]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     student_alone_valid: dict[str, float] | None = None
     resume: bool = False
     say: Callable[[str], None] = print
 
-    def epoch_logger(self, stage: str | None) -> Callable[[int, dict[str, float]], None]:
-        """Log per-epoch metrics of one stage; the distillation stage's keys stay unprefixed.
-        Non-finite values (an empty slice's MSE) are left out; training stops on a NaN loss."""
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            keys = {k: v for k, v in metrics.items()
-                    if k not in ("seconds", "examples_per_s") and math.isfinite(v)}  # fmt: skip
-            if stage is not None:
-                keys = {f"{k}.{stage}": v for k, v in keys.items()}
-            self.run.log_epoch(epoch, keys)
-
-        return on_epoch
+    @contextmanager
+    def model_run(self, name: str, role: str, suffix: str | None) -> Iterator[TrackedRun | NullRun]:
+        """The nested MLflow run of one model the job trains (``name`` in the role ``role``),
+        holding the data it read; ``suffix`` keys its curves in the job's learning-curve plot
+        (``None``: the distilled student's)."""
+        with self.run.child(f"{role} {name}", suffix=suffix, tags={"model": name, "role": role}) as run:
+            run.log_params({"model": name, "role": role})
+            run.log_inputs(self.datasets)
+            yield run
 
     def add_row(self, model: str, role: str, test: dict[str, float], params: int | None = None,
                 **extra: Any) -> dict:  # fmt: skip
@@ -122,6 +152,30 @@ class JobContext:
         row.update(extra)
         self.rows.append(row)
         return row
+
+
+def epoch_logger(run: TrackedRun | NullRun) -> Callable[[int, dict[str, float]], None]:
+    """Log per-epoch metrics of one model into its run, under the loop's plain names. Non-finite
+    values (an empty slice's MSE) are left out; training stops on a NaN loss."""
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        run.log_epoch(epoch, {k: v for k, v in metrics.items()
+                              if k not in ("seconds", "examples_per_s") and math.isfinite(v)})  # fmt: skip
+
+    return on_epoch
+
+
+def log_final(run: TrackedRun | NullRun, test: dict[str, float], valid_mse: float | None,
+              best_epoch: int | None = None) -> None:  # fmt: skip
+    """A model's final ``test_<metric>`` into its run, and its validation MSE as
+    ``best_valid_mse``: under ``valid_mse`` it would join the per-epoch curve, where MLflow
+    shows the last epoch's value, not the best one kept."""
+    final = finite_metrics("test_", test)
+    if valid_mse is not None:
+        final["best_valid_mse"] = valid_mse
+    if best_epoch is not None:
+        final["best_epoch"] = best_epoch
+    run.log_metrics(final)
 
 
 @dataclass
@@ -137,6 +191,10 @@ class JobResult:
     export: ExportReport | None = None
     version: str | None = None
     decision: PromotionDecision | None = None
+    #: The stable copy of the champion's TorchScript file (``<output_dir>/../champion.pt``)
+    #: and the run file it copies; ``None`` when no version of this job is champion.
+    champion_file: Path | None = None
+    champion_source: str | None = None
     seconds: float = 0.0
 
     @property
@@ -171,11 +229,24 @@ def stage_prepare(ctx: JobContext) -> Prepared:
         f"{summary['items']:,} items; {ctx.config.data.split} split {sizes['train']:,} / "
         f"{sizes['valid']:,} / {sizes['test']:,} ({time.perf_counter() - start:.1f} s)"
     )
+    if not isinstance(ctx.run, NullRun):
+        ctx.datasets = data_inputs(ctx.prepared)
+        ctx.run.log_inputs(ctx.datasets)
     refs = reference_metrics(ctx.prepared.data, ("test",))
     ctx.add_row("global mean", "reference", refs["global_mean"]["test"])
     ctx.add_row("user + item bias", "reference", refs["user_item_bias"]["test"])
     ctx.run.set_holdout(holdout_key(ctx.config))
     return ctx.prepared
+
+
+def data_inputs(prepared: Prepared) -> list:
+    """The rows of each split as MLflow dataset inputs: the source's folder, the split's name,
+    a digest of its rows."""
+    cfg = prepared.config
+    folder = embedded_ml100k_folder() if cfg.source == "embedded" else Path(cfg.source).expanduser()
+    joined = prepared.movielens.joined()
+    frames = {split: joined[rows.tolist()] for split, rows in prepared.data.splits.items()}
+    return split_datasets(frames, prepared.movielens.name, folder.resolve().as_uri())
 
 
 def holdout_key(cfg: JobConfig) -> str:
@@ -213,17 +284,20 @@ def _finished_without_resume_point(ctx: JobContext, folder: Path) -> Path | None
     return best if ctx.resume and best.is_file() and not (folder / RESUME).is_file() else None
 
 
-def train_model(ctx: JobContext, name: str, train: TrainConfig, stage: str) -> tuple[nn.Module, TrainResult]:
+def train_model(
+    ctx: JobContext, name: str, train: TrainConfig, stage: str, run: TrackedRun | NullRun
+) -> tuple[nn.Module, TrainResult]:
     """Build model ``name`` and train it with ``train`` (resuming its ``resume.pt`` under
-    ``--resume``); returns the model and its result."""
+    ``--resume``), logging its epochs into ``run``; returns the model and its result."""
     cfg = ctx.config
     model_cfg = cfg.model_config(name)
     seed_everything(train.seed)
     model = build_model(name, ctx.prepared, model_cfg)
     ctx.say(f"  {name}: {count_parameters(model):,} parameters")
+    run.log_params({"model_config": model_cfg, "train": train})
     folder = ctx.out / stage
     train = dataclasses.replace(train, checkpoint_dir=str(folder))
-    result = train_supervised(model, ctx.prepared, train, ctx.epoch_logger(stage),
+    result = train_supervised(model, ctx.prepared, train, epoch_logger(run),
                               model_name=name, model_config=model_cfg,
                               resume_from=_resume_point(ctx, folder, name))  # fmt: skip
     ctx.say(
@@ -245,14 +319,18 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
         finished = _finished_without_resume_point(ctx, folder)
         if ckpt is None and finished is not None:
             ckpt = str(finished)
-        if ckpt is not None:
-            path = _fetch_checkpoint(ckpt)
-            teacher = load_checkpoint(path, ctx.prepared)
-            test = read_checkpoint(path)["extra"].get("test") or _evaluate(ctx, teacher, "test")
-            ctx.say(f"  {name}: reused {ckpt} (test MSE {test['mse']:.4f})")
-        else:
-            teacher, result = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}")
-            test, path = result.test, folder / BEST
+        with ctx.model_run(name, "teacher", f"teacher_{name}") as run:
+            if ckpt is not None:
+                path = _fetch_checkpoint(ckpt)
+                teacher = load_checkpoint(path, ctx.prepared)
+                test = read_checkpoint(path)["extra"].get("test") or _evaluate(ctx, teacher, "test")
+                run.set_tags({"reused": ckpt})
+                log_final(run, test, None)
+                ctx.say(f"  {name}: reused {ckpt} (test MSE {test['mse']:.4f})")
+            else:
+                teacher, result = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}", run)
+                test, path = result.test, folder / BEST
+                log_final(run, test, result.valid["mse"], result.best_epoch)
         ctx.run.log_file(path, f"teachers/{name}")
         ctx.add_row(name, "teacher", test, count_parameters(teacher))
         ctx.committee.append((name, teacher))
@@ -271,14 +349,18 @@ def stage_student_alone(ctx: JobContext) -> dict[str, float] | None:
     if not cfg.student_alone:
         return None
     finished = _finished_without_resume_point(ctx, ctx.out / "student_alone")
-    if finished is not None:
-        model = load_checkpoint(finished, ctx.prepared)
-        valid, test = _evaluate(ctx, model, "valid"), _evaluate(ctx, model, "test")
-        ctx.say(f"  {cfg.student}: reused {finished} (valid MSE {valid['mse']:.4f}, "
-                f"test MSE {test['mse']:.4f})")
-    else:
-        model, result = train_model(ctx, cfg.student, cfg.train, "student_alone")
-        valid, test = result.valid, result.test
+    with ctx.model_run(cfg.student, "student alone", "student_alone") as run:
+        if finished is not None:
+            model = load_checkpoint(finished, ctx.prepared)
+            valid, test = _evaluate(ctx, model, "valid"), _evaluate(ctx, model, "test")
+            run.set_tags({"reused": str(finished)})
+            log_final(run, test, valid["mse"])
+            ctx.say(f"  {cfg.student}: reused {finished} (valid MSE {valid['mse']:.4f}, "
+                    f"test MSE {test['mse']:.4f})")
+        else:
+            model, result = train_model(ctx, cfg.student, cfg.train, "student_alone", run)
+            valid, test = result.valid, result.test
+            log_final(run, test, valid["mse"], result.best_epoch)
     ctx.add_row(cfg.student, "student alone", test, count_parameters(model))
     ctx.student_alone_valid = valid
     ctx.run.log_baseline(f"{cfg.student} trained alone",
@@ -303,11 +385,14 @@ def stage_distill(ctx: JobContext) -> DistillResult:
     # and student/resume.pt, which --resume continues from.
     folder = ctx.out / "student"
     train = dataclasses.replace(cfg.train, checkpoint_dir=str(folder))
-    result = distill(student, committee, ctx.prepared, cfg.distill, train, ctx.epoch_logger(None),
-                     model_name=cfg.student, model_config=model_cfg,
-                     resume_from=_resume_point(ctx, folder, f"{cfg.student} (distilled)"))  # fmt: skip
-    passes = result.teacher_passes.get("all", {})
-    saved = passes.get("saved", 0.0)
+    with ctx.model_run(cfg.student, "distilled", None) as run:
+        run.log_params({"model_config": model_cfg, "train": train, "distill": cfg.distill})
+        result = distill(student, committee, ctx.prepared, cfg.distill, train, epoch_logger(run),
+                         model_name=cfg.student, model_config=model_cfg,
+                         resume_from=_resume_point(ctx, folder, f"{cfg.student} (distilled)"))  # fmt: skip
+        passes = result.teacher_passes.get("all", {})
+        saved = passes.get("saved", 0.0)
+        log_final(run, result.test, result.valid["mse"], result.best_epoch)
     ctx.say(
         f"  {cfg.student} <- {'+'.join(n for n, _ in committee)} ({result.method}): best epoch "
         f"{result.best_epoch}, test MSE {result.test['mse']:.4f}, teacher passes saved {saved:.1%}"
@@ -349,16 +434,127 @@ def stage_export(ctx: JobContext, student: nn.Module) -> ExportReport:
     return report
 
 
-def stage_register(ctx: JobContext, report: ExportReport) -> tuple[str | None, PromotionDecision | None]:
-    """Log the TorchScript student as the run's model, register it, and apply the champion rule."""
+def version_description(ctx: JobContext, result: DistillResult, report: ExportReport) -> str:
+    """What a registered version is, in the registry's words: the student, its teachers and
+    method, the data, and its holdout figures next to the student alone's and the teachers'."""
+    cfg = ctx.config
+    by_role = {row["role"]: row for row in ctx.rows}
+    teachers = [row for row in ctx.rows if row["role"] == "teacher"]
+    lines = [
+        f"{cfg.student} distilled from {', '.join(cfg.distill.teachers)} by {result.method}, "
+        f"on {ctx.prepared.movielens.name} (holdout {holdout_key(cfg)}).",
+        f"Test MSE {result.test['mse']:.4f} (valid {result.valid['mse']:.4f}).",
+    ]
+    if "student alone" in by_role and ctx.student_alone_valid is not None:
+        lines.append(f"Student alone: test MSE {by_role['student alone']['test_mse']:.4f} "
+                     f"(valid {ctx.student_alone_valid['mse']:.4f}).")  # fmt: skip
+    lines += [f"Teacher {row['model']}: test MSE {row['test_mse']:.4f}." for row in teachers]
+    if ctx.rows[-1].get("gap_closed") is not None:
+        lines.append(f"Gap closed: {ctx.rows[-1]['gap_closed']:.1%}.")
+    verdict = "passed" if report.passed else "FAILED"
+    lines.append(f"TorchScript parity {verdict} (max |diff| {report.max_abs_diff:.2g} on "
+                 f"{report.rows_checked:,} rows).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def stage_register(
+    ctx: JobContext, report: ExportReport, description: str
+) -> tuple[str | None, PromotionDecision | None]:
+    """Log the TorchScript student as the run's model (with a real row as input example),
+    register it with ``description``, apply the champion rule, and copy a promoted student to
+    the job's ``champion.pt``."""
     if isinstance(ctx.run, NullRun):
         ctx.say("  tracking disabled: nothing registered")
         return None, None
-    ctx.run.log_student(report.path, report)
-    version = ctx.run.register_student()
+    rows = ctx.prepared.data.splits[ctx.config.export.parity_split][:1]
+    example = serving_inputs(ctx.prepared.movielens.joined()[rows.tolist()])
+    ctx.run.set_description(description)
+    ctx.run.log_student(report.path, report, example)
+    version = ctx.run.register_student(description)
     decision = promote(ctx.config.tracking, version, ctx.run.client)
     ctx.say(f"  {decision.message}")
+    if decision.promoted:
+        champion = publish_champion(report.path)
+        ctx.say(f"  {champion}: now a copy of {report.path} (version {version})")
     return version, decision
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def new_run_folder(root: Path) -> Path:
+    """A new folder under ``root`` named by the time it starts (UTC), so the latest sorts last."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder, n = root / stamp, 1
+    while folder.exists():
+        n += 1
+        folder = root / f"{stamp}-{n}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def run_folders(root: Path) -> list[Path]:
+    """The run folders under ``root``, oldest first (not ``latest``, a link, nor the model
+    folders an older version of the job wrote straight into ``root``)."""
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir()
+            if RUN_FOLDER.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]  # fmt: skip
+    return sorted(runs, key=lambda p: (p.name[:15], int(p.name[16:] or 1)))
+
+
+def folder_to_resume(root: Path, name: str | None = None) -> Path | None:
+    """The folder ``--resume`` continues in: ``root/name`` when named, else the latest run
+    folder without ``results.md`` (``None`` when every run finished).
+
+    Raises:
+        ValueError: ``name`` names no run folder under ``root``, or one that finished (its
+            files stay as they are: one may be the champion's).
+    """
+    unfinished = [p for p in run_folders(root) if not (p / FINISHED).is_file()]
+    if name is None:
+        return unfinished[-1] if unfinished else None
+    folder = root / name
+    if not folder.is_dir():
+        known = ", ".join(p.name for p in run_folders(root)) or "none"
+        raise ValueError(f"--resume {name}: no run folder {folder} (runs there: {known})")
+    if folder not in unfinished:
+        raise ValueError(f"--resume {name}: the run in {folder} finished ({FINISHED}); "
+                         "nothing to resume")  # fmt: skip
+    return folder
+
+
+def _replace_atomically(root: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """``root/name`` replaced in one step by what ``write`` puts at a temporary path beside it:
+    a reader sees the old entry or the new one, never half a file."""
+    tmp = root / f".{name}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    write(tmp)
+    os.replace(tmp, root / name)
+    return root / name
+
+
+def point_latest(folder: Path) -> Path:
+    """Point ``<job>/latest`` at the run ``folder`` (a relative link: the job folder can move)."""
+    return _replace_atomically(folder.parent, LATEST, lambda tmp: tmp.symlink_to(folder.name))
+
+
+def publish_champion(student_file: Path) -> Path:
+    """Copy a promoted run's TorchScript file to its job's ``champion.pt`` (the run folder's
+    parent), replacing the old champion's copy atomically; the run's own file stays its own."""
+    student_file = Path(student_file)
+    return _replace_atomically(student_file.parent.parent, CHAMPION_FILE,
+                               lambda tmp: shutil.copyfile(student_file, tmp))  # fmt: skip
+
+
+def champion_source(ctx: JobContext, decision: PromotionDecision | None) -> str | None:
+    """The TorchScript file the champion version's run exported (tag ``export.file``)."""
+    if decision is None or decision.champion is None:
+        return None
+    client = ctx.run.client
+    run_id = client.get_model_version(decision.name, decision.champion).run_id
+    return client.get_run(run_id).data.tags.get(TAG_EXPORT_FILE) if run_id else None
 
 
 # --------------------------------------------------------------------------- the whole job
@@ -366,6 +562,7 @@ def stage_register(ctx: JobContext, report: ExportReport) -> tuple[str | None, P
 
 @contextmanager
 def open_run(cfg: JobConfig, tracking_uri: str | None) -> Iterator[TrackedRun | NullRun]:
+    """The job's parent MLflow run (a :class:`NullRun` when tracking is disabled)."""
     if not cfg.tracking.enabled:
         yield NullRun()
         return
@@ -376,11 +573,12 @@ def open_run(cfg: JobConfig, tracking_uri: str | None) -> Iterator[TrackedRun | 
 def run_job(
     cfg: JobConfig,
     tracking_uri: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     output_dir: str | Path | None = None,
     say: Callable[[str], None] = print,
 ) -> JobResult:
-    """Run the whole job and return where everything went.
+    """Run the whole job in a new folder ``<output_dir>/<name>/<start time>/`` and return where
+    everything went; a finished run becomes ``<output_dir>/<name>/latest``.
 
     A failed stage raises before anything is registered (the MLflow run ends FAILED); a
     tracking server that does not answer raises :class:`recdistill.tracking.TrackingUnavailable`
@@ -389,17 +587,28 @@ def run_job(
     Args:
         cfg: a validated job config (:func:`pipelines.config.load_config`).
         tracking_uri: the ``--tracking-uri`` override (else ``MLFLOW_TRACKING_URI``, else config).
-        resume: continue an earlier run of the same job in the same output folder: each
+        resume: continue an earlier, unfinished run of the same job in its folder (``True``: the
+            latest folder without ``results.md``; a string: the folder of that name): each
             teacher, the student alone and the distilled student resume from their
-            ``resume.pt`` (a finished one is not trained again).
+            ``resume.pt`` (a finished one is not trained again). With no unfinished run, a new
+            one starts. A resumed job opens a new MLflow parent run (with new nested runs).
         output_dir: overrides ``cfg.output_dir``.
         say: where progress lines go.
+
+    Raises:
+        ValueError: ``resume`` names no run folder, or one that finished.
     """
     start = time.perf_counter()
-    out = Path(output_dir or cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
+    root = Path(output_dir or cfg.output_dir) / cfg.name
+    root.mkdir(parents=True, exist_ok=True)
+    named = resume if isinstance(resume, str) else None
+    resumed = folder_to_resume(root, named) if resume else None
+    if resume and resumed is None:
+        say(f"  --resume: every run in {root} finished; starting a new one")
     with open_run(cfg, tracking_uri) as run:
-        ctx = JobContext(cfg, out, run, resume=resume, say=say)
+        out = resumed or new_run_folder(root)
+        say(f"  output folder {out}")
+        ctx = JobContext(cfg, out, run, resume=resumed is not None, say=say)
         run.log_params(to_dict(cfg))
         run.log_config(to_dict(cfg))
         say("[1/6] prepare")
@@ -417,11 +626,14 @@ def run_job(
         say("[5/6] export TorchScript")
         report = stage_export(ctx, result.student)
         say("[6/6] register and promote")
-        version, decision = stage_register(ctx, report)
+        version, decision = stage_register(ctx, report, version_description(ctx, result, report))
         columns = results_columns(ctx.rows)
-        (out / "results.md").write_text(markdown_table(ctx.rows, columns) + "\n")
         run.log_table(ctx.rows, columns=columns)
         run.log_learning_curves()
+        (out / FINISHED).write_text(markdown_table(ctx.rows, columns) + "\n")
+        point_latest(out)
+        champion = root / CHAMPION_FILE
+        has_champion = decision is not None and decision.champion is not None
         return JobResult(
             output_dir=out,
             run_id=run.run_id,
@@ -432,6 +644,8 @@ def run_job(
             export=report,
             version=version,
             decision=decision,
+            champion_file=champion if has_champion and champion.is_file() else None,
+            champion_source=champion_source(ctx, decision),
             seconds=time.perf_counter() - start,
         )
 
@@ -442,5 +656,6 @@ def _tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-__all__ = ["JobContext", "JobResult", "NullRun", "run_job", "holdout_key", "gap_closed",
-           "distillation_verdict", "finite_metrics", "results_columns"]  # fmt: skip
+__all__ = ["CHAMPION_FILE", "FINISHED", "LATEST", "JobContext", "JobResult", "NullRun", "run_job",
+           "holdout_key", "gap_closed", "distillation_verdict", "finite_metrics", "folder_to_resume",
+           "publish_champion", "results_columns", "version_description"]  # fmt: skip

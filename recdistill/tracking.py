@@ -1,10 +1,15 @@
 """MLflow tracking of a job, and the model registry's champion rule.
 
-A job opens one :class:`TrackedRun` (:func:`start_run`) and logs into it: the flattened config
-as params, every loss of every epoch as a metric (``step = epoch``), final metrics, and artifacts
-(the config YAML, the vocabularies, plots, the results table, the TorchScript student). The
-student is logged as an MLflow ``pytorch`` model holding the *scripted serving module* (see
-``recdistill.export``), so ``mlflow.pytorch.load_model("models:/recdistill-student@champion")``
+A job opens one parent :class:`TrackedRun` (:func:`start_run`) and a nested child run per model
+it trains (:meth:`TrackedRun.child`), so MLflow's compare view lines the models up: each child
+holds its model's params and every loss of every epoch under plain names (``valid_mse``,
+``train_loss``; ``step = epoch``) and its final metrics; the parent holds the flattened config
+as params, the job's results (the distilled student's ``test_mse``, the baseline, the gap
+closed), the data splits as dataset inputs (:func:`split_datasets`) and the artifacts (the
+config YAML, the vocabularies, plots, the results table, the TorchScript student). The student
+is logged as an MLflow ``pytorch`` model holding the *scripted serving module* (see
+``recdistill.export``), with a signature and a real row as input example
+(:func:`serving_signature`), so ``mlflow.pytorch.load_model("models:/recdistill-student@champion")``
 returns a module that needs torch alone and gives exactly the exported file's outputs.
 
 Promotion (:func:`promote`): a registered version gets the champion alias only if its
@@ -24,10 +29,11 @@ Example::
     cfg = TrackingConfig()
     with start_run(cfg, run_name="distill") as run:
         run.log_params(job_config_dict)
-        run.log_epoch(1, {"train_loss": 0.93, "valid_mse": 0.91})
+        with run.child("student alone", suffix="student_alone") as alone:
+            alone.log_epoch(1, {"train_loss": 0.93, "valid_mse": 0.91})
         run.log_metrics({"test_mse": 0.90})
-        run.log_student("runs/student.pt", export_report)
-        version = run.register_student()
+        run.log_student("runs/student.pt", export_report, example)
+        version = run.register_student(description="mlp_s distilled from mlp_l ...")
     print(promote(cfg, version).message)
 """
 
@@ -39,6 +45,8 @@ import logging
 import math
 import os
 import tempfile
+import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +56,12 @@ from urllib.parse import urlparse
 import yaml
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.entities import DatasetInput
+    from mlflow.models import ModelSignature
     from mlflow.tracking import MlflowClient
+
+    from recdistill.export import ServingInputs
 
 log = logging.getLogger("recdistill.tracking")
 
@@ -59,6 +72,8 @@ log = logging.getLogger("recdistill.tracking")
 TAG_PARITY = "export.parity_passed"
 METRIC_PARITY_DIFF = "export.max_abs_diff"
 TAG_HOLDOUT = "holdout"
+#: Run tag naming the local TorchScript file the run exported (its absolute path).
+TAG_EXPORT_FILE = "export.file"
 #: A run's baseline: metrics ``baseline.<metric>`` and the tag naming what it is
 #: (written by :meth:`TrackedRun.log_baseline`).
 BASELINE_PREFIX = "baseline."
@@ -197,51 +212,163 @@ def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def serving_signature() -> ModelSignature:
+    """The served student's inputs and output as MLflow shows them: one rating row per line,
+    raw values (see :class:`recdistill.export.ServingInputs`; a missing age or year is -1), each
+    row's genres a list (the module itself takes them flat, with ``genre_lengths``)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
+
+    columns = [ColSpec("long", "user_id"), ColSpec("long", "item_id"), ColSpec("long", "age"),
+               ColSpec("string", "gender"), ColSpec("string", "occupation"),
+               ColSpec("string", "zip_code"), ColSpec("long", "year"),
+               ColSpec(Array("string"), "genres")]  # fmt: skip
+    rating = TensorSpec(np.dtype(np.float32), (-1,), "rating")  # [B] ratings
+    return ModelSignature(inputs=Schema(columns), outputs=Schema([rating]))
+
+
+def serving_example(inputs: ServingInputs) -> pd.DataFrame:
+    """``inputs`` as the rows :func:`serving_signature` describes: one per rating, its genres a
+    list."""
+    import pandas as pd
+
+    ends = inputs.genre_lengths.long().cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    return pd.DataFrame({
+        "user_id": inputs.user_id.tolist(), "item_id": inputs.item_id.tolist(),
+        "age": inputs.age.tolist(), "gender": list(inputs.gender),
+        "occupation": list(inputs.occupation), "zip_code": list(inputs.zip_code),
+        "year": inputs.year.tolist(),
+        "genres": [list(inputs.genres[a:b]) for a, b in zip(starts, ends)],
+    })  # fmt: skip
+
+
+def split_datasets(
+    frames: Mapping[str, Any], name: str, source: str, targets: str = "rating"
+) -> list[DatasetInput]:
+    """The data splits as MLflow dataset inputs (a run's Datasets panel): one per split, named
+    ``<name>/<split>``, with ``source`` (a URI or path), a digest of its rows, and its split as
+    the input's context.
+
+    Args:
+        frames: split name -> the split's rows (a polars DataFrame).
+        name: the dataset's name (``ml-100k``).
+        source: where the data was read from.
+        targets: the label column.
+    """
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    for split, frame in frames.items():
+        with warnings.catch_warnings():
+            # a local path resolves to two equal local-artifact sources; MLflow says so each time
+            warnings.filterwarnings("ignore", message="The specified dataset source can be")
+            dataset = mlflow.data.from_polars(frame, source=source, name=f"{name}/{split}",
+                                              targets=targets)  # fmt: skip
+        context = InputTag(MLFLOW_DATASET_CONTEXT, split)
+        # what mlflow.log_input builds, for runs that are not the active one (the children)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [context]))
+    return inputs
+
+
 class TrackedRun:
-    """One MLflow run of a job; what a job logs goes through here.
+    """One MLflow run of a job (the parent) or of one model it trains (a child); what a job logs
+    goes through here, addressed to this run whichever run MLflow holds active.
 
     Args:
         config: the tracking config.
-        run_id: the active MLflow run.
+        run_id: the MLflow run.
         client: a client on the same tracking URI.
+        experiment_id: the run's experiment (where :meth:`child` opens runs).
+        history: the per-epoch metrics logged so far, shared by a parent and its children
+            (the learning curves plot it).
+        suffix: a child's key in ``history``: its metric ``m`` is kept as ``m.<suffix>``
+            (``None``: as ``m``, the distilled student's; :func:`recdistill.plots.split_model`).
     """
 
-    def __init__(self, config: TrackingConfig, run_id: str, client: MlflowClient):
+    def __init__(
+        self, config: TrackingConfig, run_id: str, client: MlflowClient,
+        experiment_id: str | None = None, history: dict[str, list[tuple[int, float]]] | None = None,
+        suffix: str | None = None,
+    ):  # fmt: skip
         self.config = config
         self.run_id = run_id
         self.client = client
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.experiment_id = experiment_id
+        self.history: dict[str, list[tuple[int, float]]] = {} if history is None else history
+        self.suffix = suffix
         self.model_uri: str | None = None
+
+    @contextmanager
+    def child(
+        self, name: str, suffix: str | None = None, tags: Mapping[str, Any] | None = None
+    ) -> Iterator[TrackedRun]:
+        """A nested run named ``name`` for one model the job trains; it ends FINISHED, or FAILED
+        when the block raises.
+
+        Args:
+            name: the run name the MLflow UI shows (``teacher mlp_l``).
+            suffix: the child's key in the shared learning-curve history (see the class).
+            tags: extra run tags (the model's role).
+        """
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags = {MLFLOW_PARENT_RUN_ID: self.run_id, **{k: str(v) for k, v in (tags or {}).items()}}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        child = TrackedRun(self.config, run.info.run_id, self.client, self.experiment_id,
+                           self.history, suffix)  # fmt: skip
+        status = "FAILED"
+        try:
+            yield child
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(child.run_id, status)
 
     # ------------------------------------------------------------------ params and metrics
     def log_params(self, params: Any) -> dict[str, str]:
         """Log a (nested) config mapping or dataclass as flattened params; returns them."""
-        import mlflow
+        from mlflow.entities import Param
 
         flat = flatten_params(params)
         if flat:
-            mlflow.log_params(flat)
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
         return flat
 
-    def log_epoch(self, epoch: int, losses: Mapping[str, float]) -> None:
-        """Log every entry of ``losses`` as a metric at ``step = epoch`` (and keep the history)."""
-        import mlflow
+    def _log_values(self, values: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
 
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_epoch(self, epoch: int, losses: Mapping[str, float]) -> None:
+        """Log every entry of ``losses`` as a metric at ``step = epoch`` (and keep the history,
+        under ``<key>.<suffix>`` for a child with a suffix)."""
         values = {k: float(v) for k, v in losses.items()}
-        mlflow.log_metrics(values, step=epoch)
+        self._log_values(values, step=epoch)
         for key, value in values.items():
-            self.history.setdefault(key, []).append((epoch, value))
+            kept = f"{key}.{self.suffix}" if self.suffix else key
+            self.history.setdefault(kept, []).append((epoch, value))
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Final metrics (e.g. ``test_mse``; the holdout metric that promotion reads)."""
-        import mlflow
-
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        self._log_values(metrics)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        import mlflow
+        from mlflow.entities import RunTag
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def set_description(self, text: str) -> None:
+        """The run's description (the MLflow UI's "Description" of the run)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+        self.set_tags({MLFLOW_RUN_NOTE: text})
 
     def log_baseline(self, name: str, metrics: Mapping[str, float]) -> None:
         """Record what this run's model must beat to be promoted: ``metrics`` of ``name`` (e.g.
@@ -254,26 +381,24 @@ class TrackedRun:
     def set_holdout(self, key: str) -> None:
         """Name the holdout the metric was measured on (data source, split, seed): promotion
         compares only versions measured on the same holdout."""
-        import mlflow
+        self.set_tags({TAG_HOLDOUT: key})
 
-        mlflow.set_tag(TAG_HOLDOUT, key)
+    def log_inputs(self, datasets: Sequence[DatasetInput]) -> None:
+        """The data the run read, as dataset inputs (:func:`split_datasets`)."""
+        self.client.log_inputs(self.run_id, datasets=list(datasets))
 
     # ------------------------------------------------------------------ artifacts
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
-        import mlflow
-
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"cannot log artifact {path}: no such file")
-        mlflow.log_artifact(str(path), folder)
+        self.client.log_artifact(self.run_id, str(path), folder)
 
     def log_config(self, config: Any, name: str = "config.yaml") -> None:
         """The job config (a mapping or dataclass) as a YAML artifact."""
-        import mlflow
-
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
-        mlflow.log_text(yaml.safe_dump(config, sort_keys=False), name)
+        self.client.log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), name)
 
     def log_vocabs(self, vocabs: Any, name: str = "vocabs.json") -> None:
         """The vocabularies (``FeatureVocabs``) the student was trained with."""
@@ -286,12 +411,10 @@ class TrackedRun:
     ) -> None:  # fmt: skip
         """A results table as ``<name>.md`` (markdown) and ``<name>.csv``; ``columns`` default to
         every key of every row, in order of appearance."""
-        import mlflow
-
         if not rows:
             raise ValueError(f"results table {name!r} has no rows")
         columns = list(columns or dict.fromkeys(k for row in rows for k in row))
-        mlflow.log_text(markdown_table(rows, columns), f"{name}.md")
+        self.client.log_text(self.run_id, markdown_table(rows, columns), f"{name}.md")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.csv"
             with path.open("w", newline="") as fh:
@@ -301,9 +424,10 @@ class TrackedRun:
             self.log_file(path)
 
     def log_learning_curves(self, name: str = "learning_curves.png") -> Path | None:
-        """Plot every metric logged with :meth:`log_epoch`, one panel per model (teachers, the
-        student alone, the distilled student; :func:`recdistill.plots.plot_model_curves`) and
-        log the PNG; ``None`` when nothing was logged per epoch."""
+        """Plot every metric this run and its children logged with :meth:`log_epoch`, one panel
+        per model (teachers, the student alone, the distilled student;
+        :func:`recdistill.plots.plot_model_curves`) and log the PNG; ``None`` when nothing was
+        logged per epoch."""
         from recdistill.plots import plot_model_curves
 
         if not self.history:
@@ -327,16 +451,21 @@ class TrackedRun:
         return shares
 
     # ------------------------------------------------------------------ the served student
-    def log_student(self, torchscript_path: str | Path, report: Any) -> str:
+    def log_student(
+        self, torchscript_path: str | Path, report: Any, example: ServingInputs | None = None
+    ) -> str:
         """Log the exported TorchScript student as this run's MLflow pytorch model.
 
         The scripted module itself is logged (pickle format; MLflow's default pt2 format cannot
-        hold a ScriptModule, and our inputs include strings), together with the parity result
-        that promotion requires. Returns the logged model's URI.
+        hold a ScriptModule, and our inputs include strings) with :func:`serving_signature` and,
+        when given, ``example`` as its input example, together with the parity result that
+        promotion requires and the file's absolute path (tag ``export.file``). Returns the
+        logged model's URI.
 
         Args:
             torchscript_path: the file written by ``recdistill.export.export_torchscript``.
             report: its ``ExportReport`` (``passed``, ``max_abs_diff``, ``rows_checked``).
+            example: real rows of the served inputs (one is enough).
         """
         import mlflow
         import torch
@@ -347,44 +476,57 @@ class TrackedRun:
         scripted = load_served_student(path)  # a missing or truncated file fails naming it
         torch_version = torch.__version__.split("+")[0]
         # pt2 cannot hold a ScriptModule; MLflow warns about pickle on every call, but the
-        # pickled object is our own scripted module, so the warning says nothing new.
-        pytorch_log = logging.getLogger("mlflow.pytorch")
-        level = pytorch_log.level
-        pytorch_log.setLevel(logging.ERROR)
+        # pickled object is our own scripted module, so the warning says nothing new. MLflow
+        # also checks the example through pyfunc, which hands a model one array: our module
+        # takes raw columns (loaded with mlflow.pytorch.load_model), so that check always fails.
+        quiet = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.models.model")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
         try:
-            info = mlflow.pytorch.log_model(
-                scripted,
-                name=self.config.model_name,
-                serialization_format="pickle",
-                # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
-                pip_requirements=[f"torch=={torch_version}"],
-            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="'torch.load' received a zip file")
+                info = mlflow.pytorch.log_model(
+                    scripted,
+                    name=self.config.model_name,
+                    serialization_format="pickle",
+                    # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
+                    pip_requirements=[f"torch=={torch_version}"],
+                    signature=serving_signature(),
+                    input_example=None if example is None else serving_example(example),
+                    run_id=self.run_id,
+                )
         finally:
-            pytorch_log.setLevel(level)
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
         self.log_file(path, "export")
-        self.set_tags({TAG_PARITY: str(bool(report.passed)).lower()})
+        self.set_tags({TAG_PARITY: str(bool(report.passed)).lower(),
+                       TAG_EXPORT_FILE: str(path.resolve())})  # fmt: skip
         diff = float(report.max_abs_diff)
         self.log_metrics({METRIC_PARITY_DIFF: diff if math.isfinite(diff) else 1e30,
                           "export.rows_checked": report.rows_checked})  # fmt: skip
         self.model_uri = info.model_uri
         return info.model_uri
 
-    def register_student(self) -> str:
-        """Register the logged student under ``registered_model``; returns the new version."""
+    def register_student(self, description: str | None = None) -> str:
+        """Register the logged student under ``registered_model``, with ``description`` (what
+        it is: teachers, method, holdout figures); returns the new version."""
         import mlflow
 
         if self.model_uri is None:
             raise ValueError("register_student: log_student first (no model logged in this run)")
-        version = mlflow.register_model(self.model_uri, self.config.registered_model)
-        return str(version.version)
+        version = str(mlflow.register_model(self.model_uri, self.config.registered_model).version)
+        if description:
+            self.client.update_model_version(self.config.registered_model, version, description)
+        return version
 
 
 @contextmanager
 def start_run(
     config: TrackingConfig, run_name: str | None = None, tracking_uri: str | None = None
 ) -> Iterator[TrackedRun]:
-    """Open an MLflow run in ``config.experiment`` (created on first use); a failed job ends
-    its run as FAILED.
+    """Open an MLflow run in ``config.experiment`` (created on first use), the parent of the
+    runs :meth:`TrackedRun.child` opens; a failed job ends its run as FAILED.
 
     Raises:
         TrackingUnavailable: the tracking server does not answer (checked first).
@@ -402,7 +544,7 @@ def start_run(
         client.create_experiment(config.experiment, artifact_location=_local_artifact_root(uri))
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=run_name) as active:
-        yield TrackedRun(config, active.info.run_id, client)
+        yield TrackedRun(config, active.info.run_id, client, active.info.experiment_id)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -652,7 +794,9 @@ def version_of_run(config: TrackingConfig, run_id: str, client: MlflowClient | N
 
 
 __all__ = [
-    "BASELINE_PREFIX", "PROBE_TIMEOUT_S", "PromotionDecision", "PromotionError", "TrackedRun",
+    "BASELINE_PREFIX", "PROBE_TIMEOUT_S", "TAG_EXPORT_FILE", "PromotionDecision", "PromotionError",
+    "TrackedRun",
     "TrackingConfig", "TrackingUnavailable", "connect", "flatten_params", "markdown_table", "probe",
-    "promote", "resolve_tracking_uri", "start_run", "version_of_run",
+    "promote", "resolve_tracking_uri", "serving_example", "serving_signature", "split_datasets",
+    "start_run", "version_of_run",
 ]  # fmt: skip

@@ -152,3 +152,8 @@ def test_a_wrong_name_on_the_command_line_lists_the_registered_ones(argv, listed
     """--help no longer imports the registries, so the names are checked when the command runs."""
     assert main(argv) == 2
     assert listed in capsys.readouterr().err
+
+
+def test_run_folder_without_resume_is_a_clear_error(capsys):
+    assert main(["run", "quick", "--run", "20260101-000000"]) == 2
+    assert "use it with --resume" in capsys.readouterr().err

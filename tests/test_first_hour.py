@@ -17,8 +17,9 @@ from pipelines.commands.run import print_summary
 from recdistill.export import ParityRows, export_torchscript
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-#: Where ``make demo`` writes the TorchScript student (output_dir/name/file_name of default.yaml).
-DEMO_FILE = "runs/default/student.pt"
+#: Where ``make demo`` leaves the TorchScript student: output_dir/name/latest/file_name of
+#: default.yaml (``latest`` links to the last finished run's own folder).
+DEMO_FILE = "runs/default/latest/student.pt"
 
 
 def _serving_snippet() -> str:
@@ -31,9 +32,10 @@ def _serving_snippet() -> str:
 
 def test_the_readme_snippet_loads_the_file_make_demo_writes():
     from pipelines.config import load_config
+    from pipelines.jobs import LATEST
 
     cfg = load_config("default")  # what `make demo` runs
-    assert (Path(cfg.output_dir) / cfg.name / cfg.export.file_name).as_posix() == DEMO_FILE
+    assert (Path(cfg.output_dir) / cfg.name / LATEST / cfg.export.file_name).as_posix() == DEMO_FILE
     assert f'torch.jit.load("{DEMO_FILE}")' in _serving_snippet()
 
 
@@ -58,9 +60,10 @@ def _job_result(tmp_path: Path, tracking_uri: str) -> SimpleNamespace:
     decision = SimpleNamespace(name="recdistill-student", promoted=True, reason="beats champion")
     return SimpleNamespace(
         rows=[{"model": "mlp_s", "role": "student", "test_mse": 0.9}], distillation_verdict=None,
-        seconds=60.0, output_dir=tmp_path / "runs" / "default",
-        export=SimpleNamespace(path=tmp_path / "runs" / "default" / "student.pt"),
+        seconds=60.0, output_dir=tmp_path / "runs" / "default" / "20260101-000000",
+        export=SimpleNamespace(path=tmp_path / "runs" / "default" / "20260101-000000" / "student.pt"),
         run_id="abc123", tracking_uri=tracking_uri, version="3", decision=decision,
+        champion_file=None, champion_source=None,
     )  # fmt: skip
 
 

@@ -2,8 +2,9 @@
 
 Promotion needs the distilled student to beat the student trained alone on valid. Whether the
 quick job's own distillation helps depends on the method, so the runs that pin the rule plant
-the student alone where ``--resume`` finds it: one far worse (distillation surely helps), one
-that is the quick job's fully distilled student (a one-step distillation surely does not).
+the student alone where ``--resume`` finds it (an unfinished run folder): one far worse
+(distillation surely helps), one that is the quick job's fully distilled student (a one-step
+distillation surely does not).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from pipelines.cli import main
 from pipelines.commands.run import print_summary
 from pipelines.config import JobConfig, TeacherSource, load_config
-from pipelines.jobs import JobResult, run_job
-from recdistill.export import ParityRows
+from pipelines.jobs import CHAMPION_FILE, LATEST, JobResult, folder_to_resume, publish_champion, run_job
+from recdistill.export import ParityRows, ServingInputs
 from recdistill.tracking import TAG_REASON, TrackingUnavailable, connect
 from recdistill.training import TrainingError, read_checkpoint, save_checkpoint
 from recdistill.training import loop as loop_module
@@ -59,9 +60,13 @@ def _reusing_teachers(first: JobResult, registered_model: str) -> JobConfig:
     return cfg
 
 
+#: The unfinished run folder the planted student alone lies in.
+PLANTED = "20260101-000000"
+
+
 def _plant_student_alone(cfg: JobConfig, out: Path, checkpoint: dict) -> None:
     """Put ``checkpoint`` where ``--resume`` finds a finished student alone."""
-    save_checkpoint(out / cfg.name / "student_alone" / "best.pt", checkpoint["state_dict"],
+    save_checkpoint(out / cfg.name / PLANTED / "student_alone" / "best.pt", checkpoint["state_dict"],
                     checkpoint["model_name"], checkpoint["model_config"])  # fmt: skip
 
 
@@ -169,16 +174,109 @@ def test_a_distilled_student_better_than_the_student_alone_is_champion_and_loads
     assert torch.equal(champion(*rows.inputs.args), served(*rows.inputs.args))
 
 
-def test_a_worse_run_leaves_the_champion_where_it_was(first_run, helped_run, server, tmp_path):
+def test_a_promoted_run_copies_its_file_to_the_jobs_champion_file_and_says_so(helped_run, capsys):
+    root = helped_run.output_dir.parent
+    assert helped_run.output_dir.name == PLANTED  # --resume continued the unfinished folder
+    assert helped_run.champion_file == root / CHAMPION_FILE
+    assert helped_run.champion_file.read_bytes() == helped_run.export.path.read_bytes()
+    assert (root / LATEST).resolve() == helped_run.output_dir.resolve()
+    print_summary(helped_run)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("champion file")] == [f"champion file      {root / CHAMPION_FILE}  (version 1, a copy of this run's "
+                    f"{helped_run.export.path.resolve()})"]  # fmt: skip
+
+
+def test_a_worse_rerun_writes_its_own_folder_and_leaves_the_champion_and_its_file(
+    first_run, helped_run, server, capsys
+):  # fmt: skip
     cfg = _reusing_teachers(first_run, "student-helped")
     cfg.student_alone = False  # no baseline: only the champion rule applies
     cfg.train = dataclasses.replace(cfg.train, epochs=1, max_steps_per_epoch=1)
-    second = run_job(cfg, tracking_uri=server.uri, output_dir=tmp_path, say=lambda line: None)
+    root = helped_run.output_dir.parent
+    champion_bytes = helped_run.export.path.read_bytes()
+    second = run_job(cfg, tracking_uri=server.uri, output_dir=root.parent, say=lambda line: None)
     assert second.version == "2" and not second.decision.promoted
     client = connect(cfg.tracking, server.uri)
     assert client.get_model_version_by_alias("student-helped", "champion").version == "1"
     reason = client.get_model_version("student-helped", "2").tags[TAG_REASON]
     assert "does not beat" in reason and "of champion version 1" in reason
+    assert second.output_dir.parent == root and second.output_dir != helped_run.output_dir
+    assert helped_run.export.path.read_bytes() == champion_bytes  # the champion's file untouched
+    assert (root / CHAMPION_FILE).read_bytes() == champion_bytes
+    assert (root / LATEST).resolve() == second.output_dir.resolve()
+    assert second.champion_source == str(helped_run.export.path.resolve())
+    print_summary(second)
+    assert f"champion file      {root / CHAMPION_FILE}  (version 1, a copy of that version's run's " in (
+        capsys.readouterr().out
+    )
+
+
+# ---------------------------------------------------------------- MLflow as its users read it
+
+
+def _children(client, run_id: str) -> dict:
+    """The nested runs of ``run_id`` by name."""
+    parent = client.get_run(run_id)
+    found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    return {run.info.run_name: run for run in found}
+
+
+def test_the_job_is_a_parent_run_with_a_nested_run_per_model_trained(first_run, server):
+    client = connect(load_config("quick").tracking, server.uri)
+    children = _children(client, first_run.run_id)
+    teachers = load_config("quick").distill.teachers
+    assert set(children) == {*(f"teacher {t}" for t in teachers), "student alone mlp_s", "distilled mlp_s"}
+    by_name = {f"teacher {r['model']}" if r["role"] == "teacher" else
+               "student alone mlp_s" if r["role"] == "student alone" else "distilled mlp_s": r
+               for r in first_run.rows if r["role"] != "reference"}  # fmt: skip
+    for name, child in children.items():
+        assert child.info.status == "FINISHED", name
+        curve = client.get_metric_history(child.info.run_id, "valid_mse")  # plain names line up
+        assert [m.step for m in curve] == list(range(1, len(curve) + 1)) and curve, name
+        assert child.data.metrics["test_mse"] == pytest.approx(by_name[name]["test_mse"]), name
+    best = children["distilled mlp_s"].data.metrics["best_valid_mse"]
+    assert best == pytest.approx(first_run.distill.valid["mse"])
+    parent = client.get_run(first_run.run_id).data.metrics
+    assert not [k for k in parent if k.endswith((".student_alone", *(f".teacher_{t}" for t in teachers)))]
+    plots = {f.path for f in client.list_artifacts(first_run.run_id, "plots")}
+    assert "plots/learning_curves.png" in plots
+
+
+def test_every_run_of_the_job_reads_the_splits_as_dataset_inputs(first_run, server, prepared):
+    client = connect(load_config("quick").tracking, server.uri)
+    runs = [client.get_run(first_run.run_id), *_children(client, first_run.run_id).values()]
+    for run in runs:
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"ml-100k/train", "ml-100k/valid", "ml-100k/test"}
+        for name, given in inputs.items():
+            assert [t.value for t in given.tags] == [name.split("/")[1]]  # the split as context
+            assert "ml-100k" in given.dataset.source and given.dataset.digest
+    digests = {d.dataset.name: d.dataset.digest for d in runs[0].inputs.dataset_inputs}
+    assert len(set(digests.values())) == 3  # each split's rows, not the same digest thrice
+
+
+def test_the_registered_student_has_a_signature_a_real_example_and_a_description(first_run, server):
+    client = connect(load_config("quick").tracking, server.uri)
+    uri = "models:/recdistill-student/1"
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.input_names() == ["user_id", "item_id", "age", "gender",
+                                                   "occupation", "zip_code", "year", "genres"]  # fmt: skip
+    example = mlflow.models.Model.load(uri).load_input_example()
+    row = example.iloc[0]
+    inputs = ServingInputs(
+        torch.tensor([row.user_id]), torch.tensor([row.item_id]), torch.tensor([row.age]),
+        [row.gender], [row.occupation], [row.zip_code], torch.tensor([row.year]),
+        list(row.genres), torch.tensor([len(row.genres)]),
+    )  # fmt: skip
+    rating = mlflow.pytorch.load_model(uri)(*inputs.args)
+    assert rating.shape == (1,) and 1.0 <= float(rating) <= 5.0  # a real row, served
+    description = client.get_model_version("recdistill-student", "1").description
+    distilled = first_run.rows[-1]
+    assert description.startswith(f"mlp_s distilled from {', '.join(load_config('quick').distill.teachers)} "
+                                  f"by {first_run.distill.method}")  # fmt: skip
+    assert f"Test MSE {distilled['test_mse']:.4f}" in description
+    assert "Student alone: test MSE" in description and "TorchScript parity passed" in description
+    assert client.get_run(first_run.run_id).data.tags["mlflow.note.content"] == description
 
 
 def test_a_bad_config_fails_before_any_work_naming_the_key(tmp_path, capsys):
@@ -248,11 +346,56 @@ def test_a_job_killed_while_distilling_resumes_every_model_where_it_stopped(tmp_
         run_job(tiny_job(), output_dir=tmp_path / "killed", say=lambda line: None)
     monkeypatch.undo()
     said: list[str] = []
+    killed = next((tmp_path / "killed" / "quick").iterdir())
     resumed = run_job(tiny_job(), resume=True, output_dir=tmp_path / "killed", say=said.append)
     resuming = [line.split(":")[0].strip() for line in said if "resuming from" in line]
     assert resuming == ["mlp_l", "mlp_s", "mlp_s (distilled)"]
+    assert resumed.output_dir == killed
     assert _same_floats(resumed.rows) == _same_floats(whole.rows)
     assert resumed.distill.history[0]["valid_mse"] == whole.distill.history[0]["valid_mse"]
+
+
+def _run_folder(root: Path, name: str, finished: bool) -> Path:
+    (root / name).mkdir(parents=True)
+    if finished:
+        (root / name / "results.md").write_text("| model |\n")
+    return root / name
+
+
+def test_resume_picks_the_latest_unfinished_run_folder_or_the_one_named(tmp_path):
+    _run_folder(tmp_path, "20260101-000000", finished=False)
+    latest_unfinished = _run_folder(tmp_path, "20260102-000000", finished=False)
+    _run_folder(tmp_path, "20260103-000000", finished=True)
+    (tmp_path / "latest").symlink_to("20260103-000000")
+    _run_folder(tmp_path, "teacher_mlp_l", finished=False)  # an older job's model folder
+    assert folder_to_resume(tmp_path) == latest_unfinished
+    assert folder_to_resume(tmp_path, "20260101-000000") == tmp_path / "20260101-000000"
+    with pytest.raises(ValueError, match="no run folder .*20251231-000000"):
+        folder_to_resume(tmp_path, "20251231-000000")
+    with pytest.raises(ValueError, match="20260103-000000 finished"):
+        folder_to_resume(tmp_path, "20260103-000000")
+    assert folder_to_resume(tmp_path / "nothing-yet") is None
+
+
+def test_a_rerun_starts_a_new_folder_when_every_run_finished(tmp_path):
+    first = run_job(tiny_job(), output_dir=tmp_path, say=lambda line: None)
+    said: list[str] = []
+    second = run_job(tiny_job(), resume=True, output_dir=tmp_path, say=said.append)
+    assert second.output_dir != first.output_dir and second.output_dir.parent == first.output_dir.parent
+    assert any("every run in" in line and "starting a new one" in line for line in said)
+    assert (first.output_dir / "student.pt").is_file() and (second.output_dir / "student.pt").is_file()
+    assert (tmp_path / "quick" / LATEST).resolve() == second.output_dir.resolve()
+    assert second.champion_file is None  # tracking disabled: nothing promoted
+
+
+def test_publishing_a_champion_replaces_the_jobs_copy_in_one_step(tmp_path):
+    old, new = _run_folder(tmp_path, "a", True), _run_folder(tmp_path, "b", True)
+    (old / "student.pt").write_bytes(b"old")
+    (new / "student.pt").write_bytes(b"new")
+    assert publish_champion(old / "student.pt") == tmp_path / CHAMPION_FILE
+    assert publish_champion(new / "student.pt").read_bytes() == b"new"
+    assert (old / "student.pt").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", CHAMPION_FILE]  # no temp file
 
 
 def test_a_tracking_server_that_is_down_is_one_error_line_on_the_command_line(tmp_path, capsys):

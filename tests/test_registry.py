@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from features.vocab import FeatureVocabs, Vocabulary
 from tests.mlflow_server import MlflowServer
 from recdistill.export import ParityRows, export_torchscript
-from recdistill.tracking import TrackingConfig, promote, start_run
+from recdistill.tracking import TrackingConfig, promote, serving_example, start_run
 
 pytestmark = [
     pytest.mark.slow,
@@ -97,6 +97,36 @@ def test_champion_loads_back_with_the_exported_files_outputs(server, good_export
     torch.testing.assert_close(loaded(*inputs.args), served(*inputs.args), rtol=0, atol=0)
 
 
+def test_a_version_carries_a_signature_a_real_example_and_its_description(
+    server, good_export, prepared
+):  # fmt: skip
+    """What the registry's UI shows of a version: the served inputs' schema, a real row, and
+    what the version is; the champion still loads as the TorchScript module."""
+    cfg = _config("described")
+    rows = ParityRows.sample(prepared, 2, split="valid", seed=3).inputs
+    with start_run(cfg, tracking_uri=server.uri) as run:
+        run.log_metrics({"test_mse": 0.9})
+        run.set_holdout(HOLDOUT)
+        run.log_student(good_export[0], good_export[1], rows)
+        version = run.register_student("mlp_s distilled from mlp_l by ld. Test MSE 0.9000.")
+    client = MlflowClient(server.uri, server.uri)
+    assert client.get_model_version(cfg.registered_model, version).description == (
+        "mlp_s distilled from mlp_l by ld. Test MSE 0.9000."
+    )
+    uri = f"models:/{cfg.registered_model}/{version}"
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature.inputs.input_names() == ["user_id", "item_id", "age", "gender", "occupation",
+                                              "zip_code", "year", "genres"]  # fmt: skip
+    assert signature.outputs.input_names() == ["rating"]
+    example = mlflow.models.Model.load(uri).load_input_example()
+    expected = serving_example(rows)
+    assert example.drop(columns="genres").equals(expected.drop(columns="genres"))
+    assert [list(g) for g in example["genres"]] == expected["genres"].tolist()
+    assert promote(cfg, version, client).promoted
+    loaded = mlflow.pytorch.load_model(f"models:/{cfg.registered_model}@champion")
+    assert torch.equal(loaded(*rows.args), torch.jit.load(str(good_export[0]))(*rows.args))
+
+
 def test_a_worse_version_leaves_the_champion_and_says_why(server, good_export):
     cfg = _config("worse")
     client = MlflowClient(server.uri, server.uri)
@@ -152,6 +182,27 @@ def test_promote_command_takes_a_run_id_and_prints_the_decision(server, good_exp
         f"{cfg.registered_model} version 2: not promoted: test_mse 0.92 does not beat 0.9 of "
         f"champion version {first}"
     )
+
+
+def test_promoting_from_the_command_line_copies_the_versions_file_to_its_jobs_champion_file(
+    server, good_export, tmp_path, capsys
+):  # fmt: skip
+    from pipelines.cli import main
+
+    cfg = _config("cli-file")
+    run_folder = tmp_path / "quick" / "20260101-000000"  # a finished run of the job
+    run_folder.mkdir(parents=True)
+    (run_folder / "student.pt").write_bytes(good_export[0].read_bytes())
+    (run_folder / "results.md").write_text("| model |\n")
+    with start_run(cfg, tracking_uri=server.uri) as run:
+        run.log_metrics({"test_mse": 0.9})
+        run.set_holdout(HOLDOUT)
+        run.log_student(run_folder / "student.pt", good_export[1])
+    argv = ["promote", "--tracking-uri", server.uri, "--model-name", cfg.registered_model]
+    assert main(argv + ["--run-id", run.run_id]) == 0
+    champion = tmp_path / "quick" / "champion.pt"
+    assert champion.read_bytes() == good_export[0].read_bytes()
+    assert f"champion file: {champion}" in capsys.readouterr().out.splitlines()
 
 
 def test_a_student_that_does_not_beat_its_baseline_on_valid_is_not_promoted(server, good_export):

@@ -18,11 +18,14 @@ from recdistill.plots import (
     share_above,
 )
 from recdistill.plots import is_fraction, model_panels
+from recdistill.export import ServingInputs
 from recdistill.tracking import (
     TrackingConfig,
     flatten_params,
     markdown_table,
     resolve_tracking_uri,
+    serving_example,
+    serving_signature,
     start_run,
 )
 
@@ -140,3 +143,38 @@ def test_a_run_holds_params_epoch_metrics_and_artifacts(prepared, tmp_path):
             "plots/learning_curves.png", "plots/importance.png"} <= files  # fmt: skip
     assert (tmp_path / "store" / "mlflow.db").is_file()
     assert (tmp_path / "store" / "artifacts").is_dir()
+
+
+def test_the_served_example_is_one_row_per_rating_with_its_own_genres():
+    inputs = ServingInputs(
+        user_id=torch.tensor([196, 186]), item_id=torch.tensor([242, 302]),
+        age=torch.tensor([49, -1]), gender=["M", "F"], occupation=["writer", "executive"],
+        zip_code=["55105", "00000"], year=torch.tensor([1996, 1997]),
+        genres=["Comedy", "Crime", "Film-Noir"], genre_lengths=torch.tensor([1, 2]),
+    )  # fmt: skip
+    example = serving_example(inputs)
+    assert list(example.columns) == serving_signature().inputs.input_names()
+    assert example["genres"].tolist() == [["Comedy"], ["Crime", "Film-Noir"]]
+    assert example["age"].tolist() == [49, -1] and example["zip_code"].tolist() == ["55105", "00000"]
+
+
+@pytest.mark.slow
+def test_a_child_run_is_nested_logs_plain_names_and_feeds_the_parents_curves(tmp_path):
+    """Each model's run lines up with the others under plain metric names; the parent's learning
+    curves still tell the models apart."""
+    cfg = TrackingConfig(local_dir=str(tmp_path / "store"), experiment="tracking-children")
+    uri = resolve_tracking_uri(cfg, None, {})
+    with start_run(cfg, run_name="job", tracking_uri=uri) as run:
+        with run.child("teacher mlp_l", suffix="teacher_mlp_l") as teacher:
+            teacher.log_epoch(1, {"train_loss": 1.1, "valid_mse": 0.99})
+        with run.child("distilled mlp_s") as distilled:
+            distilled.log_epoch(1, {"loss_task": 1.0, "valid_mse": 0.95})
+        with pytest.raises(RuntimeError), run.child("student alone mlp_s", suffix="student_alone") as failed:
+            raise RuntimeError("killed")
+    assert set(run.history) == {"train_loss.teacher_mlp_l", "valid_mse.teacher_mlp_l", "loss_task", "valid_mse"}
+    client = MlflowClient(uri)
+    for child, status in ((teacher, "FINISHED"), (distilled, "FINISHED"), (failed, "FAILED")):
+        info = client.get_run(child.run_id)
+        assert info.data.tags["mlflow.parentRunId"] == run.run_id and info.info.status == status
+    assert client.get_run(teacher.run_id).data.metrics == {"train_loss": 1.1, "valid_mse": 0.99}
+    assert client.get_run(run.run_id).data.metrics == {}  # no model's curve mixed into the parent

@@ -1,7 +1,9 @@
 """``recdistill promote``: give a registered student the champion alias if it earns it.
 
 Exit status 0 when the version is (or already was) the champion, 1 when it was not promoted
-(the reason is printed and written to the version's tags), 2 on bad input.
+(the reason is printed and written to the version's tags), 2 on bad input. A version promoted
+here has its run's TorchScript file copied to its job's ``champion.pt`` when that file is still
+on this machine (the registry keeps its own copy either way).
 """
 
 from __future__ import annotations
@@ -28,11 +30,30 @@ def cmd_promote(args: argparse.Namespace) -> int:
     client = connect(cfg, args.tracking_uri)
     version = args.version or version_of_run(cfg, args.run_id, client)
     decision = promote(cfg, version, client)
+    champion_file = publish_file_of(decision, client) if decision.promoted else None
     if args.json:
-        print(json.dumps({**decision.__dict__, "champion": decision.champion}, indent=2))
+        print(json.dumps({**decision.__dict__, "champion": decision.champion,
+                          "champion_file": None if champion_file is None else str(champion_file)}, indent=2))  # fmt: skip
     else:
         print(decision.message)
+        if champion_file is not None:
+            print(f"champion file: {champion_file}")
     return 0 if decision.promoted else 1
+
+
+def publish_file_of(decision, client):
+    """Copy the promoted version's exported file (its run's ``export.file`` tag) to its job's
+    ``champion.pt``; ``None`` when the run names no file here in a finished job's run folder."""
+    from pathlib import Path
+
+    from pipelines.jobs import FINISHED, publish_champion
+    from recdistill.tracking import TAG_EXPORT_FILE
+
+    run_id = client.get_model_version(decision.name, decision.version).run_id
+    exported = client.get_run(run_id).data.tags.get(TAG_EXPORT_FILE) if run_id else None
+    if not exported or not (Path(exported).is_file() and (Path(exported).parent / FINISHED).is_file()):
+        return None
+    return publish_champion(Path(exported))
 
 
 def add_commands(sub, with_config) -> None:

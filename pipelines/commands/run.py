@@ -24,9 +24,21 @@ def _absolute_uri(uri: str) -> str:
     return uri
 
 
+def _champion_file(result: JobResult) -> str:
+    """Which file serves as champion: the job's stable copy, its version, and the run file it
+    copies."""
+    decision = result.decision
+    if result.champion_file is None:
+        return "none: no version is champion yet"
+    whose = "this run's" if decision.promoted else "that version's run's"
+    copied = f", a copy of {whose} {result.champion_source}" if result.champion_source else ""
+    return f"{result.champion_file}  (version {decision.champion}{copied})"
+
+
 def print_summary(result: JobResult) -> None:
     """The results table and where things are; every printed command works when pasted into a
     fresh shell or Python, from any folder (absolute store path and executable)."""
+    from pipelines.jobs import LATEST
     from recdistill.tracking import markdown_table
 
     columns = [c for c in SUMMARY_COLUMNS if any(r.get(c) is not None for r in result.rows)]
@@ -35,10 +47,12 @@ def print_summary(result: JobResult) -> None:
     if result.distillation_verdict is not None:
         print(result.distillation_verdict)
     print(f"\n== where things are (job took {result.seconds / 60:.1f} min) ==")
-    print(f"output folder      {result.output_dir}")
+    print(f"output folder      {result.output_dir}  (also {result.output_dir.parent / LATEST})")
     if result.export is not None:
         print(f"TorchScript file   {result.export.path}  (load with torch.jit.load; torch alone)")
     print(f"results table      {result.output_dir / 'results.md'}")
+    if result.decision is not None:
+        print(f"champion file      {_champion_file(result)}")
     uri = _absolute_uri(result.tracking_uri) if result.tracking_uri else None
     if result.run_id:
         print(f"MLflow run         {result.run_id}  at {uri}")
@@ -65,7 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_file, args.overrides)
     if args.source:
         cfg.data.source = args.source
-    result = run_job(cfg, tracking_uri=args.tracking_uri, resume=args.resume, output_dir=args.output)
+    if args.run_folder and not args.resume:
+        raise ValueError("--run names a run folder to continue: use it with --resume")
+    resume = (args.run_folder or True) if args.resume else False
+    result = run_job(cfg, tracking_uri=args.tracking_uri, resume=resume, output_dir=args.output)
     print_summary(result)
     return 0
 
@@ -77,5 +94,8 @@ def add_commands(sub, with_config) -> None:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, else config)")
     run.add_argument("--output", help="override output_dir")
     run.add_argument("--resume", action="store_true",
-                     help="reuse teachers an earlier run of this job finished in the output folder")  # fmt: skip
+                     help="continue the latest unfinished run of this job in its output folder "
+                          "(or the one --run names), reusing every model it finished")  # fmt: skip
+    run.add_argument("--run", dest="run_folder", metavar="RUN",
+                     help="with --resume: the run folder to continue (runs/NAME/RUN)")  # fmt: skip
     run.set_defaults(func=cmd_run)
