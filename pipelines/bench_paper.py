@@ -792,7 +792,8 @@ def _gating_plot(out: Path, rows: list[dict[str, Any]]) -> Path | None:
             continue
         tau = dict(r["row"].options).get("gating")
         threshold = dict(tau)["threshold"] if tau else None
-        points.append((threshold, r["saved"] or 0.0, statistics.mean(r["test"]), r["row"].label))
+        spread = statistics.stdev(r["test"]) if len(r["test"]) > 1 else 0.0
+        points.append((threshold, r["saved"] or 0.0, statistics.mean(r["test"]), r["row"].label, spread))
     if not points:
         return None
     from recdistill.plots import plot_gating_sweep

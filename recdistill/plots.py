@@ -236,11 +236,13 @@ def plot_importance_heatmap(
     return _save(fig, path)
 
 
-def plot_gating_sweep(points: Sequence[tuple[float | None, float, float, str]], path: str | Path) -> Path:
+def plot_gating_sweep(points: Sequence[tuple[Any, ...]], path: str | Path) -> Path:
     """Teacher passes saved and test MSE per gating threshold, side by side.
 
     Args:
-        points: ``(threshold or None for ungated, share of passes saved, test MSE, label)``.
+        points: ``(threshold or None for ungated, share of passes saved, test MSE, label)``,
+            optionally followed by the test MSE's standard deviation over seeds (error bars:
+            a difference smaller than them is noise).
         path: the PNG to write.
     """
     if not points:
@@ -251,9 +253,10 @@ def plot_gating_sweep(points: Sequence[tuple[float | None, float, float, str]], 
     left.bar(labels, [100 * p[1] for p in ordered], color="tab:green")
     left.set_ylabel("% of teacher passes saved")
     left.set_title("passes saved")
-    right.plot(labels, [p[2] for p in ordered], marker="o", color="tab:blue")
+    spread = [p[4] if len(p) > 4 else 0.0 for p in ordered]
+    right.errorbar(labels, [p[2] for p in ordered], yerr=spread, marker="o", color="tab:blue", capsize=4)
     right.set_ylabel("test MSE")
-    right.set_title("test MSE (mean over seeds)")
+    right.set_title("test MSE (mean ± std over seeds)" if any(spread) else "test MSE")
     right.grid(alpha=0.3)
     for ax in (left, right):
         ax.tick_params(axis="x", labelrotation=20)
