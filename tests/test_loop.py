@@ -262,9 +262,10 @@ def test_two_ranks_report_the_metrics_of_one_process(prepared, two_ranks):
 
 
 @pytest.mark.slow
-def test_two_ranks_write_the_epoch_checkpoints_and_no_resume_checkpoint(two_ranks):
+def test_two_ranks_write_the_epoch_checkpoints_and_a_distributed_resume_checkpoint(two_ranks):
     folder = Path(two_ranks[0]["out"], "checkpoints")
     assert (folder / "best.pt").is_file() and (folder / "last.pt").is_file()
-    assert not (folder / "resume.pt").exists()  # sharded state: resuming is single-process only
-    for rank in range(2):
+    assert not (folder / "resume.pt").exists()  # one file cannot hold every rank's state
+    assert (folder / "resume_dcp" / "latest").is_file()  # torch.distributed.checkpoint's folder
+    for rank in range(2):  # a single-process file is refused under a process group
         assert two_ranks[rank]["refused"].startswith("resume_from: resuming is single-process only")

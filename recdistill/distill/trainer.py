@@ -165,8 +165,9 @@ def distill(
         model_name: the student's registry name, for checkpoints (default
             ``student.model_name``).
         model_config: the student's config, for checkpoints (default ``student.config``).
-        resume_from: a ``resume.pt`` of an interrupted run with the same arguments, to continue
-            from (``student`` freshly built as for that run).
+        resume_from: a ``resume.pt`` (or, under a process group, a ``resume_dcp/`` folder) of an
+            interrupted run with the same arguments, to continue from (``student`` freshly
+            built as for that run).
 
     Raises:
         TrainingError: a loss entry or the validation MSE is NaN or infinite; the message names

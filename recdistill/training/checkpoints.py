@@ -25,7 +25,7 @@ from recdistill.training.ranks import _world
 if TYPE_CHECKING:
     from recdistill.training.config import TrainConfig
 
-BEST, LAST, RESUME = "best.pt", "last.pt", "resume.pt"
+BEST, LAST, RESUME, RESUME_SHARDED = "best.pt", "last.pt", "resume.pt", "resume_dcp"
 
 
 def write_atomically(payload: Any, path: str | Path) -> Path:
@@ -159,7 +159,7 @@ class EpochCheckpoints:
     :func:`load_checkpoint`); their ``extra`` holds ``epoch``, ``valid`` (the validation
     metrics) and :attr:`extra`. The same folder holds :attr:`resume`, the loop's whole state
     (:mod:`recdistill.training.resume`), rewritten every ``train.checkpoint_every_steps`` steps
-    and at each epoch end.
+    and at each epoch end; under a process group, :attr:`resume_sharded` instead.
 
     Attributes:
         directory: the folder of the two files.
@@ -213,6 +213,11 @@ class EpochCheckpoints:
     @property
     def resume(self) -> Path:
         return self.directory / RESUME
+
+    @property
+    def resume_sharded(self) -> Path:
+        """The resume folder of a run under a process group (:func:`~recdistill.training.resume.write_sharded`)."""
+        return self.directory / RESUME_SHARDED
 
     def save(self, model: nn.Module, epoch: int, valid: dict[str, float], improved: bool) -> None:
         """Write ``last.pt``, and ``best.pt`` too when ``improved``.

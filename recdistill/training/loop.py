@@ -13,9 +13,9 @@ That is a :class:`TrainStep`; :func:`fit` owns the rest, the same for all of the
 - the epoch mean of every loss entry, the validation metrics, throughput, ``on_epoch``;
 - early stopping on validation MSE with the best weights restored at the end;
 - ``best.pt`` / ``last.pt`` after every epoch (:class:`EpochCheckpoints`), and ``resume.pt``
-  every ``cfg.checkpoint_every_steps`` steps and at each epoch end, from which
-  ``fit(..., resume_from=...)`` continues exactly where the run stopped
-  (:mod:`~recdistill.training.resume`).
+  (``resume_dcp/`` under a process group) every ``cfg.checkpoint_every_steps`` steps and at
+  each epoch end, from which ``fit(..., resume_from=...)`` continues exactly where the run
+  stopped (:mod:`~recdistill.training.resume`).
 
 Example::
 
@@ -49,8 +49,10 @@ from recdistill.training.resume import (
     optimizer_state,
     random_state,
     read_resume,
+    read_sharded,
     resume_payload,
     set_random_state,
+    write_sharded,
 )
 
 Losses = dict[str, torch.Tensor]
@@ -153,7 +155,7 @@ class TrainStep:
 
 
 def _last_good(checkpoints: EpochCheckpoints | None, last_epoch: int, best_epoch: int,
-               saved: tuple[int, int] | None) -> str:  # fmt: skip
+               saved: tuple[int, int] | None, resume: Path | None) -> str:  # fmt: skip
     """Where the files of the last good state are, for an error message."""
     if checkpoints is None:
         return "no checkpoint_dir, nothing saved"
@@ -166,7 +168,7 @@ def _last_good(checkpoints: EpochCheckpoints | None, last_epoch: int, best_epoch
         return kept
     epoch, step = saved
     at = f"end of epoch {epoch - 1}" if step == 0 else f"epoch {epoch}, step {step}"
-    return f"{kept}; resume from {checkpoints.resume} ({at})"
+    return f"{kept}; resume from {resume} ({at})"
 
 
 def _check_finite(losses: Losses, where: Callable[[], str]) -> None:
@@ -202,14 +204,16 @@ def fit(
         step: the losses of one batch and how they update the parameters.
         checkpoints: where ``best.pt`` / ``last.pt`` go after each epoch and ``resume.pt``
             every ``cfg.checkpoint_every_steps`` steps and at each epoch end (None: no files).
-            In one process only: under a process group ``resume.pt`` is not written.
+            Under a process group the resume state goes to the folder ``resume_dcp/`` instead
+            (:func:`~recdistill.training.resume.write_sharded`).
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch with the metrics
             the history records (MLflow logging).
         desc: what is trained, for the progress report and error messages.
-        resume_from: a ``resume.pt`` to continue from: ``model`` and ``step`` must be built as
-            for the run that wrote it (same config and seeds); the run then takes the steps it
-            had left, and ends as it would have without the interruption (bitwise on the CPU).
-            A finished run's file gives its result again. Not under a process group.
+        resume_from: a ``resume.pt`` to continue from (under a process group, a
+            ``resume_dcp/`` folder written by as many ranks): ``model`` and ``step`` must be
+            built as for the run that wrote it (same config, seeds and sharding); the run then
+            takes the steps it had left, and ends as it would have without the interruption
+            (bitwise on the CPU). A finished run's file gives its result again.
 
     Returns:
         :class:`TrainResult` with the history and the restored weights' valid and test metrics.
@@ -217,39 +221,57 @@ def fit(
     Raises:
         TrainingError: a loss entry or the validation MSE is NaN or infinite.
         ValueError: ``resume_from`` is not a resume checkpoint of this run (another batch size,
-            seed, optimizer layout), or is used under a process group.
+            seed, optimizer layout, number of ranks).
     """
     rank, world = _world()
     steps_per_epoch = steps_in_epoch(data, cfg)
     stopper = EarlyStopping(cfg.patience)
     result = TrainResult(checkpoint=checkpoints.best if checkpoints is not None else None)
     position = Position()
-    if resume_from is not None:
-        if world > 1:
-            raise ValueError("resume_from: resuming is single-process only (the state is sharded "
-                             "across ranks under a process group)")  # fmt: skip
-        position = _resume(resume_from, model, cfg, step, stopper, result)
-    resumable = checkpoints is not None and world == 1
-    saved_at: tuple[int, int] | None = None  # (epoch, step) of the last resume.pt written
 
-    def snapshot() -> None:
-        nonlocal saved_at
-        payload = resume_payload(
+    def payload() -> dict[str, Any]:
+        """The loop's whole state now; the model's as it is under DMP (sharded tensors stay)."""
+        weights = model.state_dict()
+        return resume_payload(
             cfg, position,
-            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            model=weights if world > 1 else {k: v.detach().cpu() for k, v in weights.items()},
             optimizers=[optimizer_state(optimizer) for optimizer in step.optimizers],
             step=step.state() if step.state is not None else None,
             random=random_state(),
             early_stopping=stopper.state_dict(),
             history=result.history,
         )  # fmt: skip
-        write_atomically(payload, checkpoints.resume)
+
+    if resume_from is not None:
+        if world == 1:
+            state = read_resume(resume_from, cfg)
+        else:
+            def live(saved: dict[str, Any]) -> dict[str, Any]:
+                # the saved best weights' shards need tensors laid out as the model's to load into
+                if saved["early_stopping"]["best_state"] is not None:
+                    stopper.load_state_dict({**saved["early_stopping"],
+                                             "best_state": copy.deepcopy(model.state_dict())})  # fmt: skip
+                return payload()
+
+            state = read_sharded(resume_from, cfg, live)
+        position = _resume(state, resume_from, model, step, stopper, result)
+    resume: Path | None = None  # where the resume state goes
+    if checkpoints is not None:
+        resume = checkpoints.resume if world == 1 else checkpoints.resume_sharded
+    saved_at: tuple[int, int] | None = None  # (epoch, step) of the last resume state written
+
+    def snapshot() -> None:
+        nonlocal saved_at
+        if world == 1:
+            write_atomically(payload(), resume)
+        else:
+            write_sharded(payload(), resume)
         saved_at = (position.epoch, position.step)
 
     def where(epoch: int, number: int) -> str:
         global_step = (epoch - 1) * steps_per_epoch + number
         of = f" of {desc}" if desc else ""
-        kept = _last_good(checkpoints, epoch - 1, stopper.best_epoch, saved_at)
+        kept = _last_good(checkpoints, epoch - 1, stopper.best_epoch, saved_at, resume)
         return f"at epoch {epoch}, step {number} (global step {global_step}){of}; {kept}"
 
     progress = Progress(cfg, steps_per_epoch, desc, enabled=cfg.progress and rank == 0)
@@ -259,7 +281,7 @@ def fit(
             (step.module or model).train()
             progress.start_epoch(epoch, position.step)
             loss_means, seen = _train_epoch(model, data, cfg, step, position, steps_per_epoch,
-                                            progress, where, snapshot if resumable else None)  # fmt: skip
+                                            progress, where, snapshot if resume is not None else None)  # fmt: skip
             seconds = position.seconds
             valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
             if not math.isfinite(valid["mse"]):  # only the overall MSE: an empty slice is NaN
@@ -281,7 +303,7 @@ def fit(
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             position.next_epoch(stopped=stopper.should_stop)
-            if resumable:
+            if resume is not None:
                 snapshot()
     finally:
         progress.close()
@@ -295,15 +317,14 @@ def fit(
 
 
 def _resume(
+    state: dict[str, Any],
     path: str | Path,
     model: nn.Module,
-    cfg: TrainConfig,
     step: TrainStep,
     stopper: EarlyStopping,
     result: TrainResult,
 ) -> Position:
-    """Load ``path`` (a ``resume.pt``) into the run's parts; returns where the run stood."""
-    state = read_resume(path, cfg)
+    """Load ``state`` (read from ``path``) into the run's parts; returns where the run stood."""
     model.load_state_dict(state["model"])
     if len(state["optimizers"]) != len(step.optimizers):
         raise ValueError(f"resume checkpoint {path}: {len(state['optimizers'])} optimizers saved, "
@@ -334,7 +355,7 @@ def _train_epoch(
     """The steps of ``position.epoch`` not taken yet; returns the epoch mean of every loss entry
     and the rows seen.
 
-    ``position`` moves with every step; ``snapshot`` (writing ``resume.pt``) is called every
+    ``position`` moves with every step; ``snapshot`` (writing the resume state) is called every
     ``cfg.checkpoint_every_steps`` global steps. Under a process group each rank steps on its
     slice of every global batch; the means are of the global losses (the mean over ranks of the
     local ones: the slices are equal).

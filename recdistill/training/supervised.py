@@ -61,8 +61,9 @@ def train_supervised(
             ``examples_per_s`` (e.g. to log to MLflow).
         model_name: registry name, needed for checkpoints (default: ``model.model_name``).
         model_config: the model's config dataclass (default: ``model.config``).
-        resume_from: a ``resume.pt`` of an interrupted run of this model with this config, to
-            continue from (``model`` freshly built as for that run).
+        resume_from: a ``resume.pt`` (one process) or ``resume_dcp/`` folder (under a process
+            group, torch.distributed.checkpoint) of an interrupted run of this model with this
+            config, to continue from (``model`` freshly built as for that run).
 
     Returns:
         :class:`TrainResult` with the per-epoch history and final valid and test metrics.
