@@ -157,3 +157,17 @@ def test_a_wrong_name_on_the_command_line_lists_the_registered_ones(argv, listed
 def test_run_folder_without_resume_is_a_clear_error(capsys):
     assert main(["run", "quick", "--run", "20260101-000000"]) == 2
     assert "use it with --resume" in capsys.readouterr().err
+
+
+def test_demo_runs_the_default_job_fresh(monkeypatch, capsys):
+    """`make demo` is `recdistill demo`: the default config, a new run, no resume."""
+    import pipelines.commands.run as run_command
+    import pipelines.jobs as jobs
+
+    calls = []
+    monkeypatch.setattr(jobs, "run_job", lambda cfg, **kw: calls.append((cfg, kw)) or "result")
+    monkeypatch.setattr(run_command, "print_summary", lambda result: None)
+    assert main(["demo"]) == 0
+    (cfg, kwargs), = calls
+    assert cfg.name == "default" and kwargs["resume"] is False and kwargs["output_dir"] is None
+    assert "recdistill demo" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from pipelines.commands.run import cmd_run
 def cmd_demo(args: argparse.Namespace) -> int:
     print(f"== recdistill demo: `recdistill run {args.config}` on the embedded MovieLens-100K ==")
     args.config_file = args.config
-    args.tracking_uri, args.output, args.resume = args.tracking_uri, None, False
+    args.output, args.resume, args.run_folder = None, False, None
     return cmd_run(args)
 
 
