@@ -381,7 +381,7 @@ class RawFeatureEncoder(nn.Module):
                            ("genre_lengths", genre_lengths.size(0))]:  # fmt: skip
             if size != batch:
                 raise ValueError(f"serving input {name} has {size} rows, user_id has {batch}")
-        if batch > 0 and (bool((genre_lengths < 0).any()) or int(genre_lengths.sum()) != len(genres)):
+        if bool((genre_lengths < 0).any()) or int(genre_lengths.sum()) != len(genres):
             raise ValueError(
                 f"genre_lengths must be non-negative and sum to len(genres) = {len(genres)}"
             )
