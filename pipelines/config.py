@@ -154,12 +154,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             raise ConfigError(
                 f"--set {override!r}: expected KEY.PATH=VALUE, e.g. --set train.epochs=3"
             )
-        try:
-            value = yaml.safe_load(text)
-        except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer too long to read
-            raise ConfigError(
-                f"--set {key_path}: value {text!r} is not valid YAML: {_yaml_problem(err)}"
-            ) from err
+        value = _parse_yaml(text, f"--set {key_path}: value {text!r} is not valid YAML")
         node = out
         for key in keys[:-1]:
             if not isinstance(node.get(key), dict):
@@ -184,12 +179,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: the file is empty; a config is a YAML mapping (data:, train:, ...)"
         )
-    try:
-        raw = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer too long to read
-        raise ConfigError(
-            f"{path}: not valid YAML (truncated or mistyped?): {_yaml_problem(err)}"
-        ) from err
+    raw = _parse_yaml(text, f"{path}: not valid YAML (truncated or mistyped?)")
     if raw is None:
         raise ConfigError(f"{path}: holds no settings, only comments; a config is a YAML mapping")
     if not isinstance(raw, dict):
@@ -198,6 +188,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"got a {type(raw).__name__}"
         )
     return raw
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """``text`` read as YAML, or a :class:`ConfigError` ``"<what>: <problem at line, column>"``."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer too long to read
+        raise ConfigError(f"{what}: {_yaml_problem(err)}") from err
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -141,9 +141,16 @@ def resolve_tracking_uri(
     ``config.tracking_uri``, else a local sqlite store ``sqlite:///<local_dir>/mlflow.db``."""
     environ = os.environ if environ is None else environ
     uri = override or environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
-    if uri:
-        return uri
-    return f"sqlite:///{(Path(config.local_dir).resolve() / 'mlflow.db').as_posix()}"
+    return absolute_uri(uri or f"sqlite:///{Path(config.local_dir) / 'mlflow.db'}")
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute (``sqlite:///runs/mlflow.db`` ->
+    ``sqlite:////abs/runs/mlflow.db``), so that the store is the same from any folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + Path(uri[len(prefix) :]).resolve().as_posix()
+    return uri
 
 
 def _local_artifact_root(uri: str) -> str | None:

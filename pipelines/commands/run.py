@@ -15,15 +15,6 @@ SUMMARY_COLUMNS = ("model", "role", "test_mse", "test_rmse", "test_mae", "params
                    "teacher_passes_saved", "gap_closed")  # fmt: skip
 
 
-def _absolute_uri(uri: str) -> str:
-    """``uri`` with a relative sqlite path made absolute (``sqlite:///runs/mlflow.db`` ->
-    ``sqlite:////abs/runs/mlflow.db``), so that a printed command works from any folder."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + Path(uri[len(prefix) :]).resolve().as_posix()
-    return uri
-
-
 def _champion_file(result: JobResult) -> str:
     """Which file serves as champion: the job's stable copy, its version, and the run file it
     copies."""
@@ -53,7 +44,9 @@ def print_summary(result: JobResult) -> None:
     print(f"results table      {result.output_dir / 'results.md'}")
     if result.decision is not None:
         print(f"champion file      {_champion_file(result)}")
-    uri = _absolute_uri(result.tracking_uri) if result.tracking_uri else None
+    from recdistill.tracking import absolute_uri
+
+    uri = absolute_uri(result.tracking_uri) if result.tracking_uri else None
     if result.run_id:
         print(f"MLflow run         {result.run_id}  at {uri}")
     if result.version is not None and result.decision is not None:

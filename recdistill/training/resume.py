@@ -41,7 +41,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-from recdistill.training.checkpoints import RESUME_SHARDED
+from recdistill.training.checkpoints import RESUME_SHARDED, write_atomically
 from recdistill.training.config import TrainConfig
 from recdistill.training.ranks import _world
 
@@ -218,10 +218,7 @@ def write_sharded(payload: dict[str, Any], folder: str | Path) -> Path:
     dist.barrier()
     if sharded:  # the same keys on every rank: a rank without shards still holds the tensor
         dcp.save(sharded, checkpoint_id=target)
-    with (target / _rank_file(rank)).open("wb") as handle:
-        torch.save(plain, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_atomically(plain, target / _rank_file(rank))
     dist.barrier()
     if rank == 0:
         latest = folder / LATEST
