@@ -115,7 +115,11 @@ def _fit_runs(prepared, cfg, device, phase: str, out: Path) -> None:
 
 def _worker() -> None:
     """One rank of the sharded run (under torchrun)."""
+    import faulthandler
+
     import torch.distributed as dist
+
+    faulthandler.enable()  # an abort prints every thread's Python stack
 
     from features.batches import prepare
     from recdistill.sharding import ShardingConfig, init_distributed, shard_model
@@ -139,6 +143,12 @@ def _worker() -> None:
             Path(args.out).write_text(json.dumps(losses))
     dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
+    # Interpreter teardown can still find gloo's worker threads holding tensors and abort
+    # ("terminate called without an active exception", seen once in CI on 2 cores after
+    # everything was written): the results are on disk, so skip the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def torchrun(*args: str) -> None:
