@@ -28,6 +28,32 @@ from features.vocab import FEATURES, MULTI_HOT, FeatureVocabs
 SINGLE: tuple[str, ...] = tuple(f for f in FEATURES if f not in MULTI_HOT)
 
 
+def slice_kjt(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
+    """The rows ``rows`` (``[b]`` positions in the batch) of every feature of ``kjt``.
+
+    Vectorized: each selected (feature, row) segment of ``values`` is gathered with one
+    ``repeat_interleave``; no Python loop over rows.
+    """
+    keys = kjt.keys()
+    stride = kjt.stride()
+    starts = torch.cumsum(kjt.lengths(), 0) - kjt.lengths()  # [F*B] segment starts
+    # lengths are feature-major: position f * B + r is feature f of row r
+    picked = (torch.arange(len(keys)).unsqueeze(1) * stride + rows.unsqueeze(0)).reshape(-1)
+    new_lengths = kjt.lengths()[picked]  # [F*b]
+    seg_start = torch.repeat_interleave(starts[picked], new_lengths)
+    seg_offset = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(
+        torch.cumsum(new_lengths, 0) - new_lengths, new_lengths
+    )
+    index = seg_start + seg_offset
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=kjt.values()[index],
+        lengths=new_lengths,
+        weights=None if weights is None else weights[index],
+    )
+
+
 @dataclass
 class Batch:
     """One mini-batch.
@@ -44,11 +70,19 @@ class Batch:
     labels: torch.Tensor
     rows: torch.Tensor
 
+    #: The same rows give the same batch every time (no augmentation), so a frozen teacher's
+    #: outputs may be cached by row.
+    deterministic = True
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.sparse.to(device), self.labels.to(device), self.rows.to(device))
+
+    def select_rows(self, positions: torch.Tensor) -> "Batch":
+        """The sub-batch of the rows at ``positions`` (``[b]`` int64 positions in this batch)."""
+        return Batch(slice_kjt(self.sparse, positions), self.labels[positions], self.rows[positions])
 
     def ids(self, feature: str) -> torch.Tensor:
         """``[B]`` vocabulary indices of a single-valued feature (``user_id``, ``item_id``, ...)."""
@@ -117,8 +151,19 @@ class RatingsData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batch(self, rows: torch.Tensor) -> Batch:
-        """The batch of the given row ids (``[B]`` int64)."""
+    #: Ratings are a regression (MSE), scored with the cold / warm slices; the name is looked
+    #: up by ``recdistill.training.tasks.task_of`` (features never imports recdistill).
+    task = "regression"
+
+    def entity_ids(self, feature: str) -> torch.Tensor:
+        """``[N]`` vocabulary index of a single-valued feature on every row (for the slices)."""
+        if feature not in SINGLE:
+            raise KeyError(f"{feature!r} is not a single-valued feature; expected one of {', '.join(SINGLE)}")
+        return self.single[:, SINGLE.index(feature)]
+
+    def batch(self, rows: torch.Tensor, train: bool = False) -> Batch:
+        """The batch of the given row ids (``[B]`` int64); ``train`` changes nothing here (a data
+        set with augmentation applies it to training batches only)."""
         single = self.single[rows]  # [B, F1]
         lengths = self.genre_lengths[rows]  # [B]
         padded = self.genres[rows]  # [B, G]

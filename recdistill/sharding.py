@@ -41,7 +41,7 @@ from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from recdistill.training import OPTIMIZERS, TrainConfig, optimizer_kwargs
+from recdistill.training import TrainConfig, optimizer_class, optimizer_kwargs
 
 log = logging.getLogger(__name__)
 # The planner warns about dry runs and hand-built topologies; neither applies to a real run.
@@ -211,7 +211,7 @@ def shard_model(
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             _apply_optimizer_in_backward(
-                OPTIMIZERS[kind], module.parameters(), optimizer_kwargs(kind, train.embedding_lr)
+                optimizer_class(kind), module.parameters(), optimizer_kwargs(kind, train.embedding_lr)
             )
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sharders = [FullEmbeddingBagCollectionSharder()]

@@ -202,7 +202,7 @@ def test_nan_validation_mse_stops_distillation_and_best_stays_the_last_good_epoc
         student.register_forward_hook(lambda m, args, out: out if m.training else out * math.nan)
 
     train = dataclasses.replace(QUICK, checkpoint_dir=str(tmp_path))
-    with pytest.raises(TrainingError, match=r"validation MSE is nan .* epoch 2, step 15 \(global step "
+    with pytest.raises(TrainingError, match=r"validation mse is nan .* epoch 2, step 15 \(global step "
                                             r"30\) of diverse_distill; last good checkpoint .*epoch 1"):
         distill(student, [("t", teacher)], prepared, DistillConfig(), train, on_epoch=poison_evaluation)
     for name in ("best.pt", "last.pt"):

@@ -131,7 +131,7 @@ def test_a_nan_validation_mse_stops_the_run_and_keeps_the_last_good_checkpoint(p
         model.poisoned = True
 
     checkpoints = EpochCheckpoints(tmp_path, "constant", {"start": START})
-    pattern = (r"validation MSE is nan after the last step, at epoch 2, step 2 \(global step 4\); "
+    pattern = (r"validation mse is nan after the last step, at epoch 2, step 2 \(global step 4\); "
                r"last good checkpoint .*last\.pt \(epoch 1\), best .*best\.pt \(epoch 1\)")  # fmt: skip
     with pytest.raises(TrainingError, match=pattern):
         fit(model, prepared.data, TrainConfig(epochs=3, **QUICK), rising_step(model),
@@ -193,7 +193,7 @@ def test_progress_on_a_terminal_is_a_bar():
     progress.start_epoch(1)
     for number in range(1, 5):
         progress.step(number, {"loss": 1.0}, rows_per_s=10.0)
-    progress.end_epoch({"loss": 1.0}, valid_mse=1.0, rows_per_s=10.0, seconds=1.0)
+    progress.end_epoch({"loss": 1.0}, {"valid_mse": 1.0}, rows_per_s=10.0, seconds=1.0)
     assert "\r" in stream.getvalue() and "m epoch 1" in stream.getvalue()
 
 

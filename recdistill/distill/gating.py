@@ -15,50 +15,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.batches import Batch
 from recdistill.distill.config import GatingConfig
-
-
-def slice_kjt(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
-    """The rows ``rows`` (``[b]`` positions in the batch) of every feature of ``kjt``.
-
-    Vectorized: each selected (feature, row) segment of ``values`` is gathered with one
-    ``repeat_interleave``; no Python loop over rows.
-    """
-    keys = kjt.keys()
-    stride = kjt.stride()
-    starts = torch.cumsum(kjt.lengths(), 0) - kjt.lengths()  # [F*B] segment starts
-    # lengths are feature-major: position f * B + r is feature f of row r
-    picked = (torch.arange(len(keys)).unsqueeze(1) * stride + rows.unsqueeze(0)).reshape(-1)
-    new_lengths = kjt.lengths()[picked]  # [F*b]
-    seg_start = torch.repeat_interleave(starts[picked], new_lengths)
-    seg_offset = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(
-        torch.cumsum(new_lengths, 0) - new_lengths, new_lengths
-    )
-    index = seg_start + seg_offset
-    weights = kjt.weights_or_none()
-    return KeyedJaggedTensor(
-        keys=keys,
-        values=kjt.values()[index],
-        lengths=new_lengths,
-        weights=None if weights is None else weights[index],
-    )
 
 
 def slice_batch(batch: Any, rows: torch.Tensor) -> Any:
     """The sub-batch of the rows at positions ``rows`` (``[b]`` int64) of ``batch``.
 
-    Understands a :class:`features.batches.Batch`, a plain tensor (rows on dim 0) and any
-    object with a ``select_rows(rows)`` method (how other data types opt in).
+    Understands any batch with a ``select_rows(rows)`` method (the batch protocol: ratings,
+    images) and a plain tensor (rows on dim 0).
     """
-    if isinstance(batch, Batch):
-        return Batch(slice_kjt(batch.sparse, rows), batch.labels[rows], batch.rows[rows])
-    if isinstance(batch, torch.Tensor):
-        return batch[rows]
     if hasattr(batch, "select_rows"):
         return batch.select_rows(rows)
+    if isinstance(batch, torch.Tensor):
+        return batch[rows]
     raise TypeError(
         f"cannot slice a batch of type {type(batch).__name__} for gating; "
         "give it a select_rows(rows) method"

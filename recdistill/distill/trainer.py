@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from features.batches import Prepared
 from recdistill.distill.config import DistillConfig
 from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
@@ -38,6 +37,9 @@ from recdistill.training import (
     fit,
     make_optimizer,
 )
+
+if TYPE_CHECKING:
+    from features.batches import Prepared
 
 
 @dataclass
@@ -86,12 +88,12 @@ def module_optimizer(method: DistillMethod, config: DistillConfig):
 
 
 def importance_scores(
-    method: DistillMethod, prepared: Prepared, split: str, batch_size: int
+    method: DistillMethod, data: Any, split: str, batch_size: int
 ) -> dict[str, torch.Tensor] | None:
-    """``{teacher: [N_split]}`` importance of each teacher on every row of ``split``."""
+    """``{teacher: [N_split]}`` importance of each teacher on every row of ``split`` of ``data``."""
     was_training = method.training
     method.eval()
-    parts = [method.importance(batch) for batch in prepared.data.batches(split, batch_size)]
+    parts = [method.importance(batch) for batch in data.batches(split, batch_size)]
     method.train(was_training)
     if any(p is None for p in parts):
         return None
@@ -131,7 +133,7 @@ def module_state(method: DistillMethod) -> dict[str, Any]:
 def distill(
     student: nn.Module,
     committee: Sequence[tuple[str, nn.Module]],
-    prepared: Prepared,
+    prepared: Prepared | Any,
     config: DistillConfig,
     train: TrainConfig | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
@@ -156,7 +158,9 @@ def distill(
         student: the student (stage API), trained in place.
         committee: ``[(name, teacher)]``; each teacher is frozen (eval mode, no gradients) and
             checked on one training batch before any step (a misfit is a ``ValueError``).
-        prepared: the data.
+        prepared: the data: a :class:`features.batches.Prepared` (its ``data``) or any data set
+            of the protocol (``splits``, ``batch(rows)``, ``batches(...)``, ``task``; e.g.
+            ``vision_ext`` images). The task decides the metrics and what early stopping watches.
         config: the ``distill:`` section.
         train: the ``train:`` section: epochs, batch sizes, patience, the student's learning
             rates, seed, ``max_steps_per_epoch``, progress bar, checkpoint directory.
@@ -174,7 +178,7 @@ def distill(
             it, the epoch and step, and where the last good checkpoint is.
     """
     train = train or TrainConfig()
-    data = prepared.data
+    data = getattr(prepared, "data", prepared)
     probe = data.batch(data.splits["train"][: min(8, len(data.splits["train"]))])
     torch.manual_seed(train.seed)  # the module's init and dropout
     runner = build_method(method or config.method, student, committee, config, probe_batch=probe)
@@ -213,7 +217,7 @@ def distill(
         valid=trained.valid,
         test=trained.test,
         teacher_passes=runner.passes.summary(),
-        importance=importance_scores(runner, prepared, "valid", train.eval_batch_size),
+        importance=importance_scores(runner, data, "valid", train.eval_batch_size),
         stopped_early=trained.stopped_early,
         steps=runner.step,
         checkpoint=trained.checkpoint,

@@ -48,10 +48,11 @@ from recdistill.training.loop import EarlyStopping, TrainStep, backward_sum, fit
 from recdistill.training.optim import (
     ADAGRAD_EPS,
     EMBEDDING_OPTIMIZERS,
-    OPTIMIZERS,
+    OPTIMIZER_NAMES,
     build_optimizer,
     embedding_parameters,
     make_optimizer,
+    optimizer_class,
     optimizer_kwargs,
 )
 from recdistill.training.progress import Progress
@@ -64,7 +65,7 @@ __all__ = [
     "ADAGRAD_EPS",
     "DEFAULT_SLICE_EDGES",
     "EMBEDDING_OPTIMIZERS",
-    "OPTIMIZERS",
+    "OPTIMIZER_NAMES",
     "Position",
     "Progress",
     "SLICE_ENTITIES",
@@ -84,6 +85,7 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "mse_losses",
+    "optimizer_class",
     "optimizer_kwargs",
     "portable_state_dict",
     "read_checkpoint",

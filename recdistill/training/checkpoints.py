@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
-from features.batches import Prepared
 from recdistill.training.ranks import _world
 
 if TYPE_CHECKING:
+    from features.batches import Prepared
     from recdistill.training.config import TrainConfig
 
 BEST, LAST, RESUME, RESUME_SHARDED = "best.pt", "last.pt", "resume.pt", "resume_dcp"
@@ -198,7 +198,10 @@ class EpochCheckpoints:
         model_config = model_config if model_config is not None else getattr(model, "config", None)
         if model_name is None or model_config is None:
             raise ValueError("train.checkpoint_dir is set: pass model_name and model_config")
-        always = {"train_config": dataclasses.asdict(cfg), "vocab_sizes": prepared.vocabs.sizes}
+        always = {"train_config": dataclasses.asdict(cfg)}
+        vocabs = getattr(prepared, "vocabs", None)  # ratings carry vocabularies, images none
+        if vocabs is not None:
+            always["vocab_sizes"] = vocabs.sizes
         return cls(Path(cfg.checkpoint_dir), model_name, model_config, {**always, **(extra or {})},
                    last_extra)  # fmt: skip
 

@@ -14,13 +14,12 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from features.batches import SINGLE, RatingsData
 from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
 
 #: ``(cold, warm)``: fewer than ``cold`` training ratings is cold, more than ``warm`` is warm.
@@ -44,7 +43,7 @@ def check_slice_edges(edges: Sequence[int], name: str = "slice_edges") -> tuple[
     return edges[0], edges[1]
 
 
-def label_range(data: RatingsData) -> tuple[float, float]:
+def label_range(data: Any) -> tuple[float, float]:
     """``(lowest, highest)`` label of the training split: the scale predictions are clipped to."""
     labels = data.labels[data.splits["train"]]
     if len(labels) == 0:
@@ -52,9 +51,9 @@ def label_range(data: RatingsData) -> tuple[float, float]:
     return labels.min().item(), labels.max().item()
 
 
-def training_counts(data: RatingsData, feature: str) -> torch.Tensor:
+def training_counts(data: Any, feature: str) -> torch.Tensor:
     """``[V]`` number of training ratings of each id of ``feature`` (``V``: largest id + 1)."""
-    ids = data.single[:, SINGLE.index(feature)]  # [N]
+    ids = data.entity_ids(feature)  # [N]
     return torch.bincount(ids[data.splits["train"]], minlength=int(ids.max()) + 1)
 
 
@@ -64,18 +63,21 @@ def slice_index(counts: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
     return (counts >= cold).long() + (counts > warm).long()
 
 
-def _slice_cells(data: RatingsData, edges: Sequence[int]) -> torch.Tensor:
-    """``[N, E]``: for every row and entity, its cell ``entity * len(SLICE_NAMES) + slice``."""
+def _slice_cells(data: Any, edges: Sequence[int]) -> torch.Tensor:
+    """``[N, E]``: for every row and entity, its cell ``entity * len(SLICE_NAMES) + slice``;
+    ``[N, 0]`` for data without entity ids (``data.entity_ids``)."""
+    if not callable(getattr(data, "entity_ids", None)):
+        return torch.zeros(len(data), 0, dtype=torch.int64)
     columns = []
     for position, feature in enumerate(SLICE_ENTITIES.values()):
         per_id = slice_index(training_counts(data, feature), edges)  # [V]
-        columns.append(per_id[data.single[:, SINGLE.index(feature)]] + position * len(SLICE_NAMES))
+        columns.append(per_id[data.entity_ids(feature)] + position * len(SLICE_NAMES))
     return torch.stack(columns, dim=1)
 
 
 def evaluate(
     model: nn.Module,
-    data: RatingsData,
+    data: Any,
     split: str,
     batch_size: int = 8192,
     *,
@@ -108,7 +110,8 @@ def evaluate(
     edges = check_slice_edges(list(slice_edges))
     low, high = label_range(data) if clip else (-math.inf, math.inf)
     cells = _slice_cells(data, edges)  # [N, E]
-    n_cells = len(SLICE_ENTITIES) * len(SLICE_NAMES)
+    entities = list(SLICE_ENTITIES) if cells.shape[1] else []
+    n_cells = len(entities) * len(SLICE_NAMES)
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -130,7 +133,7 @@ def evaluate(
     totals, by_cell = packed[:3].tolist(), packed[3:].view(2, n_cells).tolist()
     mse = totals[0] / totals[2]
     metrics = {"mse": mse, "rmse": math.sqrt(mse), "mae": totals[1] / totals[2]}
-    names = [f"{entity}_{name}" for entity in SLICE_ENTITIES for name in SLICE_NAMES]
+    names = [f"{entity}_{name}" for entity in entities for name in SLICE_NAMES]
     for name, squared, count in zip(names, *by_cell):
         metrics[f"mse_{name}"] = squared / count if count else math.nan
     for name, count in zip(names, by_cell[1]):

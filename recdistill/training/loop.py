@@ -9,9 +9,10 @@ That is a :class:`TrainStep`; :func:`fit` owns the rest, the same for all of the
 - progress: a tqdm bar on a terminal, plain lines in logs (:mod:`~recdistill.training.progress`);
 - a NaN or infinite loss entry stops the run before the update, naming the bad entry, epoch,
   step, every entry's value at that step and the last good checkpoints; so does a NaN
-  validation MSE, before anything is written;
+  validation metric, before anything is written;
 - the epoch mean of every loss entry, the validation metrics, throughput, ``on_epoch``;
-- early stopping on validation MSE with the best weights restored at the end;
+- evaluation and early stopping by the data's task (:mod:`~recdistill.training.tasks`:
+  validation MSE for ratings, accuracy for classes) with the best weights restored at the end;
 - ``best.pt`` / ``last.pt`` after every epoch (:class:`EpochCheckpoints`), and ``resume.pt``
   (``resume_dcp/`` under a process group) every ``cfg.checkpoint_every_steps`` steps and at
   each epoch end, from which ``fit(..., resume_from=...)`` continues exactly where the run
@@ -37,10 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from features.batches import Batch, RatingsData
 from recdistill.training.checkpoints import EpochCheckpoints, write_atomically
 from recdistill.training.config import TrainConfig, TrainingError, TrainResult
-from recdistill.training.evaluation import evaluate
 from recdistill.training.progress import Progress
 from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
 from recdistill.training.resume import (
@@ -54,18 +53,20 @@ from recdistill.training.resume import (
     set_random_state,
     write_sharded,
 )
+from recdistill.training.tasks import task_of
 
 Losses = dict[str, torch.Tensor]
 
 
 class EarlyStopping:
-    """Keep the weights of the best validation MSE and count epochs without improvement.
+    """Keep the weights of the best validation score (lower is better: the task's
+    :meth:`~recdistill.training.tasks.Task.score`) and count epochs without improvement.
 
     Example::
 
         stopper = EarlyStopping(cfg.patience)
         for epoch in ...:
-            improved = stopper.update(model, valid_mse, epoch)
+            improved = stopper.update(model, task.score(valid), epoch)
             if stopper.should_stop:
                 break
         stopper.restore(model)
@@ -73,15 +74,16 @@ class EarlyStopping:
 
     def __init__(self, patience: int):
         self.patience = patience
-        self.best_mse = math.inf
+        self.best_score = math.inf
         self.best_epoch = 0
         self.stale = 0
         self._best_state: dict[str, torch.Tensor] | None = None
 
-    def update(self, model: nn.Module, valid_mse: float, epoch: int) -> bool:
-        """Record one epoch's validation MSE; returns whether it is the best so far."""
-        if valid_mse < self.best_mse:
-            self.best_mse, self.best_epoch, self.stale = valid_mse, epoch, 0
+    def update(self, model: nn.Module, score: float, epoch: int) -> bool:
+        """Record one epoch's validation score (lower is better); returns whether it is the
+        best so far."""
+        if score < self.best_score:
+            self.best_score, self.best_epoch, self.stale = score, epoch, 0
             self._best_state = copy.deepcopy(model.state_dict())
             return True
         self.stale += 1
@@ -97,16 +99,17 @@ class EarlyStopping:
             model.load_state_dict(self._best_state)
 
     def state_dict(self) -> dict[str, Any]:
-        """What resuming needs: the best MSE, its epoch and weights, the epochs without improvement."""
-        return {"best_mse": self.best_mse, "best_epoch": self.best_epoch, "stale": self.stale,
+        """What resuming needs: the best score, its epoch and weights, the epochs without improvement."""
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "stale": self.stale,
                 "best_state": self._best_state}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_mse, self.best_epoch, self.stale = state["best_mse"], state["best_epoch"], state["stale"]
+        self.best_score = state["best_score"] if "best_score" in state else state["best_mse"]  # older files
+        self.best_epoch, self.stale = state["best_epoch"], state["stale"]
         self._best_state = state["best_state"]
 
 
-def steps_in_epoch(data: RatingsData, cfg: TrainConfig) -> int:
+def steps_in_epoch(data: Any, cfg: TrainConfig) -> int:
     """Steps per epoch: the whole training split, or ``cfg.max_steps_per_epoch`` if fewer."""
     steps = data.num_batches("train", cfg.batch_size)
     return steps if cfg.max_steps_per_epoch is None else min(steps, cfg.max_steps_per_epoch)
@@ -137,7 +140,7 @@ class TrainStep:
         load_state: puts back what ``state`` returned.
     """
 
-    losses: Callable[[Batch], Losses]
+    losses: Callable[[Any], Losses]
     optimizers: Sequence[Any]
     backward: Callable[[Losses], None] = backward_sum
     module: nn.Module | None = None
@@ -184,7 +187,7 @@ def _check_finite(losses: Losses, where: Callable[[], str]) -> None:
 
 def fit(
     model: nn.Module,
-    data: RatingsData,
+    data: Any,
     cfg: TrainConfig,
     step: TrainStep,
     *,
@@ -198,7 +201,8 @@ def fit(
     Args:
         model: what is evaluated on the validation split, early-stopped, restored and
             checkpointed (the student when distilling; possibly wrapped by DMP).
-        data: the ratings.
+        data: a data set of the protocol: ``splits``, ``batch(rows, train=...)``, ``task``
+            (:mod:`~recdistill.training.tasks`; ratings when it has none).
         cfg: the ``train:`` section (epochs, batch sizes, patience, seed, progress, slices,
             ``checkpoint_every_steps``).
         step: the losses of one batch and how they update the parameters.
@@ -219,11 +223,12 @@ def fit(
         :class:`TrainResult` with the history and the restored weights' valid and test metrics.
 
     Raises:
-        TrainingError: a loss entry or the validation MSE is NaN or infinite.
+        TrainingError: a loss entry or the validation metric is NaN or infinite.
         ValueError: ``resume_from`` is not a resume checkpoint of this run (another batch size,
             seed, optimizer layout, number of ranks).
     """
     rank, world = _world()
+    task = task_of(data)
     steps_per_epoch = steps_in_epoch(data, cfg)
     stopper = EarlyStopping(cfg.patience)
     result = TrainResult(checkpoint=checkpoints.best if checkpoints is not None else None)
@@ -283,9 +288,10 @@ def fit(
             loss_means, seen = _train_epoch(model, data, cfg, step, position, steps_per_epoch,
                                             progress, where, snapshot if resume is not None else None)  # fmt: skip
             seconds = position.seconds
-            valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
-            if not math.isfinite(valid["mse"]):  # only the overall MSE: an empty slice is NaN
-                raise TrainingError(f"validation MSE is {valid['mse']} after the last step, "
+            valid = task.evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+            watched = valid[task.monitor]
+            if not math.isfinite(watched):  # only the watched metric: an empty slice is NaN
+                raise TrainingError(f"validation {task.monitor} is {watched} after the last step, "
                                     f"{where(epoch, steps_per_epoch)}")  # fmt: skip
             metrics = {
                 **loss_means,
@@ -295,9 +301,9 @@ def fit(
                 "seconds": seconds,
                 "examples_per_s": seen / seconds,
             }
-            progress.end_epoch(loss_means, valid["mse"], seen / seconds, seconds)
+            progress.end_epoch(loss_means, {f"valid_{task.monitor}": watched}, seen / seconds, seconds)
             result.history.append({"epoch": epoch, **metrics})
-            improved = stopper.update(model, valid["mse"], epoch)
+            improved = stopper.update(model, task.score(valid), epoch)
             if checkpoints is not None:
                 checkpoints.save(model, epoch, valid, improved)
             if on_epoch is not None:
@@ -311,8 +317,8 @@ def fit(
     result.stopped_early = position.stopped and position.epoch - 1 < cfg.epochs
     stopper.restore(model)
     result.best_epoch = stopper.best_epoch
-    result.valid = evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
-    result.test = evaluate(model, data, "test", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+    result.valid = task.evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+    result.test = task.evaluate(model, data, "test", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
     return result
 
 
@@ -343,7 +349,7 @@ def _resume(
 
 def _train_epoch(
     model: nn.Module,
-    data: RatingsData,
+    data: Any,
     cfg: TrainConfig,
     step: TrainStep,
     position: Position,
@@ -370,7 +376,7 @@ def _train_epoch(
             break
         if number <= position.step:  # taken before the run was resumed
             continue
-        losses = step.losses(data.batch(_local_rows(rows)).to(device))
+        losses = step.losses(data.batch(_local_rows(rows), train=True).to(device))
         _check_finite(losses, lambda: where(epoch, number))
         step.update(losses)
         sums = position.loss_sums

@@ -1,7 +1,9 @@
 """Optimizers: Adagrad (or row-wise Adagrad) for embedding tables, Adam for the rest.
 
 Every optimizer is a TorchRec ``KeyedOptimizer`` (its ``state_dict`` keyed by parameter
-name), whether it runs fused inside a sharded model's backward or over plain tensors.
+name), whether it runs fused inside a sharded model's backward or over plain tensors. TorchRec
+is imported when an optimizer is built, not with this module, so that importing the training
+loop or ``recdistill.distill`` does not load it (a vision job never needs its tables).
 """
 
 from __future__ import annotations
@@ -10,29 +12,42 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 from torch import nn
-from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 if TYPE_CHECKING:
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+
     from recdistill.training.config import TrainConfig
 
-#: Optimizers by config name. ``torch.optim.Adagrad`` and torchrec's ``RowWiseAdagrad`` are the
-#: classes TorchRec maps to FBGEMM's fused EXACT_ADAGRAD / EXACT_ROWWISE_ADAGRAD kernels.
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adagrad": torch.optim.Adagrad,
-    "rowwise_adagrad": RowWiseAdagrad,
-}
+#: The optimizers a config may name (:func:`optimizer_class` gives each one's class).
+OPTIMIZER_NAMES: tuple[str, ...] = ("adam", "adagrad", "rowwise_adagrad")
 EMBEDDING_OPTIMIZERS: tuple[str, ...] = ("adagrad", "rowwise_adagrad")
 #: FBGEMM's default epsilon; used on both paths so a single process and a sharded run agree.
 ADAGRAD_EPS = 1e-8
 
 
+def optimizer_class(kind: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class of config name ``kind``. ``torch.optim.Adagrad`` and TorchRec's
+    ``RowWiseAdagrad`` are the classes TorchRec maps to FBGEMM's fused EXACT_ADAGRAD /
+    EXACT_ROWWISE_ADAGRAD kernels."""
+    if kind not in OPTIMIZER_NAMES:
+        raise ValueError(f"unknown optimizer {kind!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    if kind == "rowwise_adagrad":
+        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+        return RowWiseAdagrad
+    return torch.optim.Adam if kind == "adam" else torch.optim.Adagrad
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OPTIMIZERS":  # the old table, built on first use (it loads TorchRec)
+        return {kind: optimizer_class(kind) for kind in OPTIMIZER_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable parameters of every TorchRec embedding collection in ``model``, by name."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
     found: dict[str, nn.Parameter] = {}
     for prefix, module in model.named_modules():
         if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
@@ -44,8 +59,8 @@ def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def optimizer_kwargs(kind: str, lr: float, weight_decay: float = 0.0) -> dict[str, Any]:
     """Constructor arguments of optimizer ``kind``; also what TorchRec hands to FBGEMM."""
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {kind!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if kind not in OPTIMIZER_NAMES:
+        raise ValueError(f"unknown optimizer {kind!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
     if kind == "adam":
         return {"lr": lr, "weight_decay": weight_decay}
     return {"lr": lr, "eps": ADAGRAD_EPS}
@@ -64,15 +79,17 @@ def make_optimizer(
 
     Args:
         params: named parameters (a mapping or ``named_parameters()``-style pairs).
-        kind: optimizer name, a key of ``OPTIMIZERS``.
+        kind: optimizer name, one of ``OPTIMIZER_NAMES``.
         lr: learning rate.
         weight_decay: L2 penalty (Adam only).
     """
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+
     named = dict(params)
     if not named:
         raise ValueError(f"make_optimizer({kind!r}): no parameters to optimize")
     kwargs = optimizer_kwargs(kind, lr, weight_decay)
-    cls = OPTIMIZERS[kind]
+    cls = optimizer_class(kind)
     return KeyedOptimizerWrapper(named, lambda ps: cls(ps, **kwargs))
 
 
@@ -103,6 +120,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
             parameters are found wherever they sit.
         cfg: learning rates and the embedding optimizer.
     """
+    from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+    from torchrec.optim.keyed import CombinedOptimizer
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
     parts: list[tuple[str, KeyedOptimizer]] = []
     fused = getattr(model, "fused_optimizer", None)
     if fused is not None:  # DistributedModelParallel

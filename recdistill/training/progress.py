@@ -64,14 +64,15 @@ class Progress:
             self._write(f"{self.label}epoch {self.epoch}/{self.epochs} step {number}/"
                         f"{self.steps_per_epoch}: {_values(means)}; {rows_per_s:,.0f} rows/s")  # fmt: skip
 
-    def end_epoch(self, losses: Mapping[str, float], valid_mse: float, rows_per_s: float,
+    def end_epoch(self, losses: Mapping[str, float], valid: Mapping[str, float], rows_per_s: float,
                   seconds: float) -> None:  # fmt: skip
-        """The epoch is done: its mean losses, validation MSE, speed and duration."""
+        """The epoch is done: its mean losses, validation metric (``{"valid_mse": ...}``), speed
+        and duration."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self.enabled:
-            shown = _values({**losses, "valid_mse": valid_mse})
+            shown = _values({**losses, **valid})
             self._write(f"{self.label}epoch {self.epoch}/{self.epochs}: {shown}; "
                         f"{rows_per_s:,.0f} rows/s, {seconds:.1f} s")  # fmt: skip
 

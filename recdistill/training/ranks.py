@@ -6,13 +6,11 @@ same loop serves one process and TorchRec's ``DistributedModelParallel`` over se
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from features.batches import RatingsData
 
 
 def _world() -> tuple[int, int]:
@@ -38,7 +36,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _global_batches(
-    data: RatingsData, split: str, batch_size: int, shuffle: bool, seed: int
+    data: Any, split: str, batch_size: int, shuffle: bool, seed: int
 ) -> Iterable[torch.Tensor]:
     """``[B]`` row ids of each global batch of ``split``; shuffled with ``seed`` when asked.
 

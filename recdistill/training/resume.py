@@ -39,7 +39,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from recdistill.training.checkpoints import RESUME_SHARDED, write_atomically
 from recdistill.training.config import TrainConfig
@@ -80,6 +79,8 @@ def optimizer_state(optimizer: Any) -> Any:
     ``load_state_dict`` refuses to fill state that Adam has not created yet (before its first
     step), the plain torch one does not.
     """
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
     if isinstance(optimizer, CombinedOptimizer):
         return {name: optimizer_state(part) for name, part in optimizer.optimizers}
     if isinstance(optimizer, KeyedOptimizerWrapper):
@@ -89,6 +90,8 @@ def optimizer_state(optimizer: Any) -> Any:
 
 def load_optimizer_state(optimizer: Any, state: Any) -> None:
     """Load what :func:`optimizer_state` returned into an optimizer built the same way."""
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
     if isinstance(optimizer, CombinedOptimizer):
         parts = dict(optimizer.optimizers)
         if set(parts) != set(state):

@@ -1,4 +1,5 @@
-"""Supervised training: the rating MSE as the step of the one training loop.
+"""Supervised training: the task's loss (rating MSE, class cross-entropy) as the step of the one
+training loop.
 
 Example::
 
@@ -12,25 +13,33 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from features.batches import Batch, Prepared
 from recdistill.training.checkpoints import EpochCheckpoints
 from recdistill.training.config import TrainConfig, TrainResult
 from recdistill.training.loop import TrainStep, fit
 from recdistill.training.optim import build_optimizer
+from recdistill.training.tasks import RegressionTask, Task, task_of
+
+if TYPE_CHECKING:
+    from features.batches import Prepared
 
 
-def mse_losses(model: nn.Module) -> Callable[[Batch], dict[str, torch.Tensor]]:
-    """The supervised step's losses: ``{"train_loss": MSE of model(batch) against the labels}``."""
+def task_losses(model: nn.Module, task: Task) -> Callable[[Any], dict[str, torch.Tensor]]:
+    """The supervised step's losses: ``{"train_loss": task.loss(model(batch), batch.labels)}``."""
 
-    def losses(batch: Batch) -> dict[str, torch.Tensor]:
-        return {"train_loss": nn.functional.mse_loss(model(batch), batch.labels)}
+    def losses(batch: Any) -> dict[str, torch.Tensor]:
+        return {"train_loss": task.loss(model(batch), batch.labels)}
 
     return losses
+
+
+def mse_losses(model: nn.Module) -> Callable[[Any], dict[str, torch.Tensor]]:
+    """The rating step's losses: ``{"train_loss": MSE of model(batch) against the labels}``."""
+    return task_losses(model, RegressionTask())
 
 
 def train_supervised(
@@ -43,7 +52,8 @@ def train_supervised(
     model_config: Any = None,
     resume_from: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``model`` on the ratings with MSE, early-stopping on validation MSE.
+    """Train ``model`` with its data's task loss (ratings: MSE), early-stopping on the task's
+    validation metric (ratings: MSE; classes: accuracy).
 
     The loop (:func:`recdistill.training.loop.fit`) shuffles each epoch, checks every loss,
     keeps the best epoch's weights and, with ``cfg.checkpoint_dir``, writes ``best.pt`` and
@@ -54,7 +64,8 @@ def train_supervised(
     Args:
         model: a model mapping a :class:`features.batches.Batch` to ``[B]`` ratings (possibly
             wrapped by :func:`recdistill.sharding.shard_model`).
-        prepared: the data.
+        prepared: the data: a :class:`features.batches.Prepared` (its ``data``) or any data set
+            of the protocol (``splits``, ``batch(rows)``, ``task``; e.g. ``vision_ext`` images).
         cfg: the ``train:`` section.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch with ``train_loss``,
             ``valid_mse``, ``valid_rmse``, ``valid_mae``, the validation slices, ``seconds``,
@@ -69,8 +80,9 @@ def train_supervised(
         :class:`TrainResult` with the per-epoch history and final valid and test metrics.
     """
     checkpoints = EpochCheckpoints.for_run(model, prepared, cfg, model_name, model_config)
-    step = TrainStep(losses=mse_losses(model), optimizers=[build_optimizer(model, cfg)])
+    data = getattr(prepared, "data", prepared)
+    step = TrainStep(losses=task_losses(model, task_of(data)), optimizers=[build_optimizer(model, cfg)])
     torch.manual_seed(cfg.seed)  # dropout
     desc = checkpoints.model_name if checkpoints is not None else getattr(model, "model_name", "")
-    return fit(model, prepared.data, cfg, step, checkpoints=checkpoints, on_epoch=on_epoch, desc=desc,
+    return fit(model, data, cfg, step, checkpoints=checkpoints, on_epoch=on_epoch, desc=desc,
                resume_from=resume_from)

@@ -129,10 +129,12 @@ class AMTML(DistillMethod):
     def importance(self, batch: Any) -> torch.Tensor:
         """``[B, K]`` teacher weights of each row (rows sum to 1), without gradients."""
         with torch.no_grad():
-            return self.teacher_weights(self.student.middle(self.student.early(batch), batch))
+            own = self.student_context(batch)
+            return self.teacher_weights(self.student.middle(self.student.early(own), own))
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        z = self.student.middle(self.student.early(batch), batch)  # [B, d_z]
+        own = self.student_context(batch)
+        z = self.student.middle(self.student.early(own), own)  # [B, d_z]
         prediction = self.student.head(z)  # [B] or [B, C]
         outputs = self.teacher_outputs(batch)
         temperature = self.config.kl_temperature

@@ -166,7 +166,7 @@ class DistillMethod(nn.Module):
 
         With ``distill.cache_teacher_outputs`` (the default) a row's output is computed the
         first time the row is seen and looked up after (:class:`RowCache`); a batch without
-        ``rows`` is always computed.
+        ``rows``, or one whose ``deterministic`` is False (augmented images), is always computed.
         """
         name, teacher = self._committee[k]
         size = _batch_size(batch)
@@ -184,7 +184,8 @@ class DistillMethod(nn.Module):
                 return out
 
         rows = getattr(batch, "rows", None)
-        if not getattr(self.config, "cache_teacher_outputs", False) or rows is None:
+        cacheable = rows is not None and getattr(batch, "deterministic", True)
+        if not getattr(self.config, "cache_teacher_outputs", False) or not cacheable:
             out = compute(batch)
         else:
             device = _batch_device(batch)
@@ -207,6 +208,13 @@ class DistillMethod(nn.Module):
     def learnable_parameters(self) -> list[nn.Parameter]:
         """Parameters of the modules the method trains besides the student (none by default)."""
         return []
+
+    def student_context(self, batch: Any) -> Any:
+        """``batch`` with the context the student's ``early`` and ``middle`` share, fetched once
+        (the stage API's ``with_context``; a ViT's token states), for methods that run the two
+        stages apart. Only the student's own stages may be handed the result."""
+        with_context = getattr(self.student, "with_context", None)
+        return with_context(batch) if callable(with_context) else batch
 
     def student_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]

@@ -91,8 +91,9 @@ class DiverseDistill(DistillMethod):
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch.labels
         size = labels.shape[0]
-        h = self.student.early(batch)  # [B, d_s]
-        z = self.student.middle(h, batch)  # [B, d_z]
+        own = self.student_context(batch)
+        h = self.student.early(own)  # [B, d_s]
+        z = self.student.middle(h, own)  # [B, d_z]
         prediction = self.student.head(z)  # [B]
         questions, importance = self.module.question(h)  # [[B, d_k]], [B, K]
         asked = self.gate.select(importance, self.step) if self.training else torch.ones_like(

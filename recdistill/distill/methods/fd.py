@@ -80,7 +80,8 @@ def feature_losses(
         ``(prediction [B] or [B, C], {"loss_task", "loss_kd"})``, ``loss_kd`` already
         multiplied by ``kd_weight``.
     """
-    z = method.student.middle(method.student.early(batch), batch)  # [B, d_z]
+    own = method.student_context(batch)
+    z = method.student.middle(method.student.early(own), own)  # [B, d_z]
     prediction = method.student.head(z)
     targets = [out.hidden for out in method.teacher_outputs(batch)]  # K x [B, m_k]
     kd = projection.distance(z, targets, method.config.divergence_reduction)

@@ -1,0 +1,162 @@
+"""What is learned, and how it is scored: the task of a data set.
+
+The loop and the distillation methods know data only through a small protocol (a batch has
+``labels``, ``len(batch)``, ``to(device)`` and ``select_rows(positions)``; a data set has
+``splits``, ``batch(rows)`` and ``task``). The task says the rest: the training loss, the
+evaluation metrics, and which metric early stopping watches. Ratings are a
+:class:`RegressionTask` (MSE, with the cold / warm slices of
+:mod:`~recdistill.training.evaluation`); images a :class:`ClassificationTask` (cross-entropy,
+accuracy overall and per class).
+
+Example::
+
+    task = task_of(data)                       # data.task, or regression for older data sets
+    loss = task.loss(model(batch), batch.labels)
+    metrics = task.evaluate(model, data, "valid", 8192)
+    task.score(metrics)                        # lower is better: what early stopping minimizes
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from recdistill.training.evaluation import DEFAULT_SLICE_EDGES, evaluate
+from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
+
+
+class Task(Protocol):
+    """Loss and metrics of one kind of label.
+
+    Attributes:
+        name: ``"regression"``, ``"classification"``.
+        monitor: the validation metric early stopping and the NaN check watch.
+        higher_is_better: whether a larger ``monitor`` is better.
+    """
+
+    name: str
+    monitor: str
+    higher_is_better: bool
+
+    def loss(self, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, data: Any, split: str, batch_size: int,
+                 **options: Any) -> dict[str, float]: ...  # fmt: skip
+
+    def score(self, metrics: dict[str, float]) -> float: ...
+
+
+def _score(task: Task, metrics: dict[str, float]) -> float:
+    value = metrics[task.monitor]
+    return -value if task.higher_is_better else value
+
+
+class RegressionTask:
+    """Ratings: MSE loss; MSE, RMSE, MAE and the cold / medium / warm slices
+    (:func:`~recdistill.training.evaluation.evaluate`)."""
+
+    name = "regression"
+    monitor = "mse"
+    higher_is_better = False
+
+    def loss(self, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(prediction, labels)
+
+    def evaluate(self, model: nn.Module, data: Any, split: str, batch_size: int = 8192,
+                 slice_edges: Sequence[int] = DEFAULT_SLICE_EDGES, **_: Any) -> dict[str, float]:  # fmt: skip
+        return evaluate(model, data, split, batch_size, slice_edges=slice_edges)
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """What early stopping minimizes."""
+        return _score(self, metrics)
+
+
+class ClassificationTask:
+    """Classes: cross-entropy over ``[B, C]`` logits; accuracy overall and per class.
+
+    Args:
+        classes: the class names, in label order (label ``i`` is ``classes[i]``).
+    """
+
+    name = "classification"
+    monitor = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, classes: Sequence[str]):
+        if len(classes) < 2:
+            raise ValueError(f"a classification task needs at least 2 classes, got {list(classes)}")
+        self.classes = list(classes)
+
+    def loss(self, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(prediction, labels)
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """What early stopping minimizes."""
+        return _score(self, metrics)
+
+    def evaluate(self, model: nn.Module, data: Any, split: str, batch_size: int = 8192,
+                 **_: Any) -> dict[str, float]:  # fmt: skip
+        """``accuracy``, ``loss`` (mean cross-entropy), ``accuracy_<class>`` per class and ``n_rows``.
+
+        Eval mode, no gradients, the model's mode put back; under a process group each rank
+        scores its slice of every batch and the sums are all-reduced.
+        """
+        if split not in data.splits:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(data.splits)}")
+        if len(data.splits[split]) == 0:
+            raise ValueError(f"split {split!r} is empty")
+        n_classes = len(self.classes)
+        was_training = model.training
+        model.eval()
+        device = _device(model)
+        # per class: rows, right answers; and the summed cross-entropy
+        counts = torch.zeros(2, n_classes, dtype=torch.float64, device=device)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for rows in _global_batches(data, split, batch_size, shuffle=False, seed=0):
+                batch = data.batch(_local_rows(rows)).to(device)
+                logits = model(batch).float()  # [B, C]
+                if logits.dim() != 2 or logits.shape[1] != n_classes:
+                    raise ValueError(f"a classification model must give [B, {n_classes}] logits, "
+                                     f"got {tuple(logits.shape)}")  # fmt: skip
+                right = (logits.argmax(dim=1) == batch.labels).double()
+                counts[0].index_add_(0, batch.labels, torch.ones_like(right))
+                counts[1].index_add_(0, batch.labels, right)
+                loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
+        model.train(was_training)
+        packed = torch.cat([counts.flatten(), loss_sum])
+        if _world()[1] > 1:
+            dist.all_reduce(packed)
+        rows, right = packed[:-1].view(2, n_classes).tolist()
+        total = sum(rows)
+        metrics = {"accuracy": sum(right) / total, "loss": packed[-1].item() / total, "n_rows": int(total)}
+        for name, count, hits in zip(self.classes, rows, right):
+            metrics[f"accuracy_{_metric_name(name)}"] = hits / count if count else math.nan
+        return metrics
+
+
+def _metric_name(name: str) -> str:
+    """A class name as a metric key MLflow accepts (letters, digits, ``_``)."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "class"
+
+
+#: Tasks a data set may name instead of giving the object (the ones without arguments).
+TASKS: dict[str, type] = {"regression": RegressionTask}
+
+
+def task_of(data: Any) -> Task:
+    """The task of a data set: ``data.task`` (a task, or the name of one in :data:`TASKS`), or
+    regression for a data set that does not say."""
+    task = getattr(data, "task", None)
+    if task is None:
+        return RegressionTask()
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        return TASKS[task]()
+    return task
