@@ -9,9 +9,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-setup: $(STAMP)
+.PHONY: setup test test-fast demo clean fashion-mnist
+
+setup: $(STAMP) fashion-mnist
 
 # Reinstalls only when a lock file or pyproject changes, so a second `make setup` is instant.
 $(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
@@ -20,6 +22,17 @@ $(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
 	$(PIP) install -q --no-deps -r requirements-nodeps.lock
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# The vision jobs read Fashion-MNIST from a Debian package: installed when we are root, a hint otherwise.
+fashion-mnist:
+	@if [ -d $(FASHION_MNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; } \
+		|| echo "note: could not install dataset-fashion-mnist; the vision jobs need it"; \
+	else \
+		echo "note: Fashion-MNIST is not in $(FASHION_MNIST); the vision jobs need it: sudo apt-get install dataset-fashion-mnist"; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q
