@@ -55,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, ConnectionError) as err:
+    except (ValueError, ConnectionError, FileNotFoundError) as err:
         # Bad input: ConfigError and DataError (both ValueErrors, named here by their base so
         # that parsing imports neither layer), the constructor checks that name what is wrong,
-        # and a tracking server that does not answer (TrackingUnavailable, a ConnectionError).
+        # a tracking server that does not answer (TrackingUnavailable, a ConnectionError), and a
+        # data set that is not there (its message says how to get it).
         print(f"recdistill: error: {err}", file=sys.stderr)
         return 2
 

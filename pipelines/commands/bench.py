@@ -63,8 +63,26 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def cmd_bench_vision(args: argparse.Namespace) -> int:
+    from pipelines.bench_vision import run_vision_bench, write_vision_report
+    from pipelines.vision_config import load_vision_config
+
+    cfg = load_vision_config(args.config, args.overrides)
+    out = Path(args.out or "runs/bench_vision")
+    parts = ["recdistill", "bench", "vision", "--config", args.config,
+             *[p for o in args.overrides for p in ("--set", o)], "--seeds", *map(str, args.seeds),
+             "--workers", str(args.workers)]  # fmt: skip
+    if args.out:
+        parts += ["--out", args.out]
+    if not args.report_only:
+        print(f"bench vision: seeds {args.seeds} -> {out} ({args.workers} worker(s))", flush=True)
+        run_vision_bench(cfg, out, args.seeds, args.workers, say=lambda line: print(line, flush=True))
+    print(f"report {write_vision_report(out, ' '.join(shlex.quote(p) for p in parts), cfg)}")
+    return 0
+
+
 def add_commands(sub, with_config) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: the paper's experiments")
+    bench = sub.add_parser("bench", help="benchmarks: the paper's experiments (paper, vision)")
     kinds = bench.add_subparsers(dest="bench", required=True)
     cmd = with_config(kinds.add_parser("paper", help="the paper's recommendation tables, resumable"))
     cmd.add_argument("--quick", action="store_true",
@@ -78,3 +96,12 @@ def add_commands(sub, with_config) -> None:
     cmd.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
     cmd.add_argument("--tracking-uri", help="log one MLflow run per cell (default $MLFLOW_TRACKING_URI)")
     cmd.set_defaults(func=cmd_bench_paper)
+    vision = kinds.add_parser("vision", help="the paper's vision experiment on Fashion-MNIST, resumable")
+    vision.add_argument("--config", default="vision_default", help="vision job YAML, or a shipped name")
+    vision.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config value (--set train.epochs=3); repeatable")
+    vision.add_argument("--out", help="output folder (default runs/bench_vision)")
+    vision.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    vision.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
+    vision.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
+    vision.set_defaults(func=cmd_bench_vision)

@@ -1,0 +1,224 @@
+"""The paper's vision experiment on Fashion-MNIST: a ViT student, a ViT and a CLIP teacher.
+
+``recdistill bench vision`` runs, on a vision job config (``vision_default``):
+
+- each teacher alone, trained once (``OUT/teachers/NAME/best.pt``) with the job's settings;
+- the student alone;
+- LD, FD and DiverseDistill from the ViT teacher, from the CLIP teacher, and from both;
+
+at every seed, each cell one student run under the job's ``train:`` budget, its result a JSON
+file in ``OUT/cells/`` written as soon as it finishes (a killed bench resumes with the same
+command). Method settings are the ones the recommendation bench used (``METHOD_OPTIONS`` of
+:mod:`pipelines.bench_paper`); none is tuned on the test split. The report
+(``vision.md``, with the command) and a CSV of every cell are rebuilt from the cell files.
+
+Example::
+
+    run_vision_bench(load_vision_config("vision_default"), Path("runs/bench_vision"), seeds=[0, 1, 2])
+    write_vision_report(Path("runs/bench_vision"), "recdistill bench vision")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import statistics
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.bench_paper import METHOD_OPTIONS, _mean_std, _write_json, read_cells
+from pipelines.vision_config import VisionJobConfig
+
+METHODS = ("ld", "fd", "diverse_distill")
+METHOD_NAMES = {"ld": "LD", "fd": "FD", "diverse_distill": "DiverseDistill"}
+#: FD's weight: the one the recommendation bench chose on its validation split.
+VISION_OPTIONS: dict[str, dict[str, Any]] = {**METHOD_OPTIONS, "fd": {"kd_weight": 10.0}}
+
+
+@dataclass(frozen=True)
+class VisionCell:
+    """One student run: ``method`` (None: alone) from ``teachers`` at ``seed``."""
+
+    method: str | None
+    teachers: tuple[str, ...]
+    seed: int
+
+    @property
+    def row(self) -> str:
+        return f"{self.method or 'alone'}-{'+'.join(self.teachers) or 'none'}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.row}-s{self.seed}"
+
+
+def plan_cells(cfg: VisionJobConfig, seeds: list[int]) -> list[VisionCell]:
+    """Seed-major: a bench stopped part-way has every row at its first seeds."""
+    teachers = list(cfg.distill.teachers)
+    groups = [(t,) for t in teachers] + ([tuple(teachers)] if len(teachers) > 1 else [])
+    rows = [(None, ())] + [(m, g) for g in groups for m in METHODS]
+    return [VisionCell(m, g, s) for s in seeds for m, g in rows]
+
+
+def train_teachers(cfg: VisionJobConfig, out: Path, say: Callable[[str], None] = print) -> dict[str, dict]:
+    """Train each teacher once into ``out/teachers/NAME/`` (or reuse it); their test metrics."""
+    from recdistill.training import seed_everything, train_supervised
+    from vision_ext.data import load_vision_data
+    from vision_ext.models import build_vision_model
+
+    data = None
+    scores = {}
+    for k, name in enumerate(cfg.distill.teachers):
+        folder = out / "teachers" / name
+        done = folder / "metrics.json"
+        if done.is_file():
+            import json
+
+            scores[name] = json.loads(done.read_text())
+            continue
+        data = data or load_vision_data(cfg.data)
+        seed_everything(cfg.train.seed + 100 + k)
+        model = build_vision_model(cfg.models[name].kind, data.classes, cfg.models[name].spec)
+        train = dataclasses.replace(cfg.teacher_train(name), checkpoint_dir=str(folder), progress=False)
+        start = time.perf_counter()
+        say(f"teacher {name}: training")
+        result = train_supervised(model, data, train)
+        scores[name] = {"test": result.test, "valid": result.valid, "best_epoch": result.best_epoch,
+                        "seconds": time.perf_counter() - start}  # fmt: skip
+        _write_json(done, scores[name])
+        say(f"teacher {name}: test accuracy {result.test['accuracy']:.4f} "
+            f"({scores[name]['seconds'] / 60:.1f} min)")  # fmt: skip
+    return scores
+
+
+_ENV: dict[str, Any] = {}
+
+
+def _init_worker(cfg: VisionJobConfig, out: Path, threads: int) -> None:
+    import torch
+
+    from recdistill.distill.methods.base import freeze
+    from vision_ext.data import load_vision_data
+
+    from pipelines.vision_job import load_vision_checkpoint
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data = load_vision_data(cfg.data)
+
+    class _Loader:  # what load_vision_checkpoint reads of a job: the classes
+        pass
+
+    job = _Loader()
+    job.data = data
+    teachers = {n: freeze(load_vision_checkpoint(out / "teachers" / n, job)) for n in cfg.distill.teachers}
+    _ENV.update(cfg=cfg, data=data, teachers=teachers)
+
+
+def run_cell(cell: VisionCell) -> dict[str, Any]:
+    """Train one student for ``cell`` in this worker; its JSON record."""
+    from recdistill.distill.trainer import distill
+    from recdistill.training import seed_everything, train_supervised
+    from vision_ext.models import build_vision_model
+
+    cfg, data = _ENV["cfg"], _ENV["data"]
+    train = dataclasses.replace(cfg.train, seed=cell.seed, progress=False, checkpoint_dir=None)
+    seed_everything(cell.seed)
+    spec = cfg.models[cfg.student]
+    student = build_vision_model(spec.kind, data.classes, spec.spec)
+    start = time.perf_counter()
+    record: dict[str, Any] = {"key": cell.key, "row": cell.row, "method": cell.method,
+                              "teachers": list(cell.teachers), "seed": cell.seed,
+                              "load": os.getloadavg()[0]}  # fmt: skip
+    if cell.method is None:
+        result = train_supervised(student, data, train)
+    else:
+        config = dataclasses.replace(cfg.distill, method=cell.method, teachers=list(cell.teachers),
+                                     **VISION_OPTIONS[cell.method])  # fmt: skip
+        record["options"] = VISION_OPTIONS[cell.method]
+        committee = [(name, _ENV["teachers"][name]) for name in cell.teachers]
+        result = distill(student, committee, data, config, train)
+        record["passes_saved"] = result.teacher_passes["all"]["saved"]
+    record.update(test=result.test, valid=result.valid, best_epoch=result.best_epoch,
+                  epochs_run=len(result.history), seconds=time.perf_counter() - start)  # fmt: skip
+    return record
+
+
+def _run_and_save(cell: VisionCell, out: Path) -> dict[str, Any]:
+    record = run_cell(cell)
+    _write_json(out / "cells" / f"{cell.key}.json", record)
+    return record
+
+
+def run_vision_bench(cfg: VisionJobConfig, out: Path, seeds: list[int], workers: int = 2,
+                     say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Teachers once, then every cell not yet in ``out/cells`` in ``workers`` processes."""
+    out.mkdir(parents=True, exist_ok=True)
+    train_teachers(cfg, out, say)
+    done = read_cells(out)
+    todo = [c for c in plan_cells(cfg, seeds) if c.key not in done]
+    say(f"{len(todo)} cells to run ({len(done)} done), {workers} worker(s) of 1 thread")
+    started = time.perf_counter()
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                               initializer=_init_worker, initargs=(cfg, out, 1))  # fmt: skip
+    try:
+        running: dict[Future, VisionCell] = {pool.submit(_run_and_save, c, out): c for c in todo}
+        while running:
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell = running.pop(future)
+                record = done[cell.key] = future.result()
+                say(f"  {cell.key}: test accuracy {record['test']['accuracy']:.4f} "
+                    f"({record['seconds'] / 60:.1f} min; {(time.perf_counter() - started) / 60:.1f} min in)")  # fmt: skip
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return done
+
+
+def write_vision_report(out: Path, command: str, cfg: VisionJobConfig) -> Path:
+    """``out/vision.md`` and ``out/vision_cells.csv`` from the cell files."""
+    import json
+
+    done = read_cells(out)
+    teachers = {n: json.loads((out / "teachers" / n / "metrics.json").read_text())
+                for n in cfg.distill.teachers if (out / "teachers" / n / "metrics.json").is_file()}  # fmt: skip
+    by_row: dict[str, list[dict]] = {}
+    for record in done.values():
+        by_row.setdefault(record["row"], []).append(record)
+    alone = [r["test"]["accuracy"] for r in by_row.get("alone-none", [])]
+    best_teacher = max((t["test"]["accuracy"] for t in teachers.values()), default=None)
+    lines = [f"Command: `{command}`", "",
+             "| student | teachers | test accuracy (mean ± std) | seeds | gap closed | teacher passes saved | minutes per run |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, t in teachers.items():
+        lines.append(f"| {name} (teacher alone) | - | {t['test']['accuracy']:.4f} | 1 | | | {t['seconds'] / 60:.1f} |")
+    for cell in plan_cells(cfg, [0]):
+        records = by_row.get(cell.row, [])
+        if not records:
+            continue
+        acc = [r["test"]["accuracy"] for r in records]
+        gap = ""
+        if cell.method and alone and best_teacher is not None and best_teacher != statistics.mean(alone):
+            gap = f"{(statistics.mean(acc) - statistics.mean(alone)) / (best_teacher - statistics.mean(alone)):.0%}"
+        saved = [r["passes_saved"] for r in records if "passes_saved" in r]
+        minutes = statistics.mean(r["seconds"] for r in records) / 60
+        lines.append(f"| {METHOD_NAMES.get(cell.method, 'alone')} | {' + '.join(cell.teachers) or '-'} | "
+                     f"{_mean_std(acc)} | {len(acc)} | {gap} | "
+                     f"{f'{statistics.mean(saved):.1%}' if saved else ''} | {minutes:.1f} |")  # fmt: skip
+    report = out / "vision.md"
+    report.write_text("\n".join(lines) + "\n")
+    with (out / "vision_cells.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "method", "teachers", "seed", "test_accuracy", "valid_accuracy",
+                         "best_epoch", "epochs_run", "seconds", "passes_saved", "load"])  # fmt: skip
+        for r in sorted(done.values(), key=lambda r: r["key"]):
+            writer.writerow([r["key"], r["method"] or "alone", "+".join(r["teachers"]), r["seed"],
+                             r["test"]["accuracy"], r["valid"]["accuracy"], r["best_epoch"],
+                             r["epochs_run"], round(r["seconds"], 1), r.get("passes_saved", ""),
+                             round(r["load"], 2)])  # fmt: skip
+    return report

@@ -1,0 +1,125 @@
+"""The vision job end to end on real Fashion-MNIST, and one distillation loop for images and ratings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vision_ext.data import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(),
+    reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (make setup installs dataset-fashion-mnist as root)",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from pipelines.vision_config import load_vision_config
+    from pipelines.vision_job import run_vision_job
+
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip(f"Fashion-MNIST is not in {FASHION_MNIST_DIR}")
+    out = tmp_path_factory.mktemp("vision")
+    cfg = load_vision_config("vision_quick")
+    return run_vision_job(cfg, tracking_uri=f"sqlite:///{out}/mlflow.db", output_dir=out / "runs",
+                          say=lambda line: None), out  # fmt: skip
+
+
+@needs_fashion_mnist
+def test_vision_quick_trains_both_teachers_the_student_alone_and_distilled(quick_run):
+    result, _ = quick_run
+    assert [(r["model"], r["role"]) for r in result.rows] == [
+        ("vit_l", "teacher"), ("clip", "teacher"), ("student", "alone"), ("student", "distilled")]
+    assert all(0.1 <= r["test_accuracy"] <= 1.0 for r in result.rows)  # 10 classes: chance is 0.1
+    assert result.rows[-1]["params"] == result.rows[2]["params"] < result.rows[0]["params"]
+    assert set(result.per_class["distilled student"]) == set(
+        ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"])
+    assert "Test accuracy per class" in (result.output_dir / "results.md").read_text()
+
+
+@needs_fashion_mnist
+def test_the_exported_student_loads_with_torch_alone_and_gives_the_models_logits(quick_run):
+    result, _ = quick_run
+    assert result.parity < 1e-4
+    code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); y = m(torch.zeros(3, 1, 28, 28)); "
+            "print(tuple(y.shape), sorted({n.split('.')[0] for n in sys.modules} & {'transformers', 'recdistill', 'vision_ext'}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(result.student_file)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "(3, 10) []"
+
+
+@needs_fashion_mnist
+def test_mlflow_holds_a_parent_run_with_a_nested_run_per_model_and_the_student_file(quick_run):
+    from mlflow.tracking import MlflowClient
+
+    result, out = quick_run
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    parent = client.get_run(result.run_id)
+    assert parent.data.metrics["export_parity"] < 1e-4
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.run_id}'")  # fmt: skip
+    roles = sorted(c.data.tags["role"] for c in children)
+    assert roles == ["alone", "distilled", "teacher", "teacher"]
+    for child in children:
+        assert 0.0 < child.data.metrics["test_accuracy"] <= 1.0
+        assert "test_accuracy_ankle_boot" in child.data.metrics
+    assert [a.path for a in client.list_artifacts(result.run_id) if a.path == "student.pt"] == ["student.pt"]
+
+
+@needs_fashion_mnist
+def test_one_distillation_loop_takes_a_step_on_real_images_and_on_movielens(prepared):
+    """The same ``distill`` (DiverseDistill, gating on) on a Fashion-MNIST batch with ViT models
+    and on an ML-100K batch with TorchRec models."""
+    from recdistill.distill import DistillConfig
+    from recdistill.distill.trainer import distill
+    from recdistill.models import build_model
+    from recdistill.training import TrainConfig, seed_everything
+    from vision_ext.data import VisionDataConfig, load_vision_data
+    from vision_ext.models import build_vision_model
+
+    one_step = TrainConfig(epochs=1, batch_size=32, eval_batch_size=4096, max_steps_per_epoch=1, progress=False)
+    config = DistillConfig(method="diverse_distill", teachers=["big"])
+    seed_everything(0)
+    images = load_vision_data(VisionDataConfig(train_limit=64, valid_fraction=0.01))
+    tiny = {"patch_size": 7, "hidden_size": 16, "num_layers": 2, "num_heads": 2}
+    on_images = distill(build_vision_model("vit", 10, tiny), [("big", build_vision_model("vit", 10, tiny))],
+                        images, config, one_step)  # fmt: skip
+    on_ratings = distill(build_model("mlp_s", prepared), [("big", build_model("mlp_m", prepared))],
+                         prepared, config, one_step)  # fmt: skip
+    assert on_images.steps == on_ratings.steps == 1
+    assert "valid_accuracy" in on_images.history[0] and "valid_mse" in on_ratings.history[0]
+    for result in (on_images, on_ratings):
+        losses = {k: v for k, v in result.history[0].items() if k.startswith("loss_")}
+        assert {"loss_task", "loss_kd", "loss_reg_teacher"} <= set(losses)
+        assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_a_missing_data_set_stops_the_command_with_how_to_install_it(tmp_path):
+    from pipelines.cli import main
+
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "vision", "run", "vision_quick",
+                           "--set", f"data.path={tmp_path / 'nowhere'}", "--output", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr and "Traceback" not in proc.stderr
+    assert main  # the command above is this module's entry point
+
+
+@pytest.mark.parametrize("override, message", [
+    ("models.student.spec.hidden=8", r"models.student.spec: unknown key\(s\) hidden"),
+    ("student=clip", "models.clip.kind: the student must be a vit"),
+    ("distill.teachers=[vit_l, resnet]", "distill.teachers: 'resnet' is not in models"),
+    ("data.dataset=mnist", "data.dataset: expected one of 'fashion_mnist'"),
+])  # fmt: skip
+def test_a_bad_vision_config_fails_before_any_work_naming_the_key(override, message):
+    from pipelines.schema import ConfigError
+    from pipelines.vision_config import load_vision_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_vision_config("vision_quick", [override])
