@@ -1,4 +1,4 @@
-"""``recdistill data summary`` and ``recdistill data prompts``."""
+"""``recdistill data summary``, ``recdistill data prompts`` and ``recdistill data synth``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,28 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write the synthetic set; a size below 1 is named before anything is imported or written."""
+    for option in ("rows", "users", "items", "shard_rows"):
+        if getattr(args, option) < 1:
+            flag = "--" + option.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1 (got {getattr(args, option)})")
+    from features.synth import SynthSpec, write_synthetic
+
+    spec = SynthSpec(
+        rows=args.rows, users=args.users, items=args.items, seed=args.seed,
+        shard_rows=args.shard_rows,
+    )  # fmt: skip
+    start = time.perf_counter()
+    meta = write_synthetic(args.out, spec, force=args.force)
+    elapsed = time.perf_counter() - start
+    print(
+        f"wrote {spec.rows:,} ratings in {meta['shards']} shard(s), {spec.users:,} users, "
+        f"{spec.items:,} items to {args.out} in {elapsed:.1f} s"
+    )
+    return 0
+
+
 def add_commands(sub, with_config) -> None:
     data = sub.add_parser("data", help="inspect the configured data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -65,3 +87,15 @@ def add_commands(sub, with_config) -> None:
     prompts = with_config(data_sub.add_parser("prompts", help="print verbalized prompts"))
     prompts.add_argument("--limit", type=int, default=10, help="how many prompts")
     prompts.set_defaults(func=cmd_prompts)
+    synth = data_sub.add_parser(
+        "synth", help="write a synthetic rating log in the MovieLens shape as parquet shards"
+    )
+    synth.add_argument("--rows", type=int, required=True, help="ratings to write")
+    synth.add_argument("--users", type=int, required=True, help="users, ids 1..U")
+    synth.add_argument("--items", type=int, required=True, help="items, ids 1..I")
+    synth.add_argument("--out", required=True, help="folder to write (must be empty or new)")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
+    synth.add_argument("--shard-rows", type=int, default=1_000_000,
+                       help="most ratings per parquet shard (default 1,000,000)")  # fmt: skip
+    synth.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    synth.set_defaults(func=cmd_synth)
