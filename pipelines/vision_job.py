@@ -90,8 +90,9 @@ class _Job:
 
     @contextmanager
     def model_run(self, name: str, role: str) -> Iterator[TrackedRun | NullRun]:
-        with self.run.child(f"{role} {name}", suffix=None if role == "distilled" else name,
-                            tags={"model": name, "role": role}) as run:  # fmt: skip
+        # the curves' keys the learning-curve plot splits its panels by (recdistill.plots.split_model)
+        suffix = {"teacher": f"teacher_{name}", "alone": "student_alone"}.get(role)
+        with self.run.child(f"{role} {name}", suffix=suffix, tags={"model": name, "role": role}) as run:
             run.log_params({"model": name, "role": role, "kind": self.cfg.models[name].kind,
                             "spec": self.cfg.models[name].spec})  # fmt: skip
             yield run
@@ -108,6 +109,14 @@ class _Job:
         self.say(f"  {role} {name}: test accuracy {test['accuracy']:.4f}")
 
 
+def curve_logger(run: TrackedRun | NullRun) -> Callable[[int, dict[str, float]], None]:
+    """:func:`pipelines.jobs.epoch_logger` without the per-class accuracies (ten curves more per
+    model would bury the others; the final ones are logged with the test metrics)."""
+    log = epoch_logger(run)
+    return lambda epoch, metrics: log(epoch, {k: v for k, v in metrics.items()
+                                              if not k.startswith("valid_accuracy_")})  # fmt: skip
+
+
 def _class_keys(metrics: dict[str, float]) -> list[str]:
     """The per-class accuracy keys of ``metrics`` in label order (``accuracy_<class>``)."""
     return [k[len("accuracy_"):] for k in metrics if k.startswith("accuracy_")]
@@ -118,7 +127,7 @@ def _train(job: _Job, name: str, role: str, cfg: TrainConfig, folder: str, seed:
     model = job.build(name)
     cfg = dataclasses.replace(cfg, checkpoint_dir=str(job.out / folder))
     with job.model_run(name, role) as run:
-        result = train_supervised(model, job.data, cfg, on_epoch=epoch_logger(run))
+        result = train_supervised(model, job.data, cfg, on_epoch=curve_logger(run))
         job.record(run, name, role, model, result.test, best_epoch=result.best_epoch)
     return model
 
@@ -233,7 +242,7 @@ def run_vision_job(
         student = job.build(cfg.student)
         train = dataclasses.replace(cfg.train, checkpoint_dir=str(out / "student"))
         with job.model_run(cfg.student, "distilled") as child:
-            result = distill(student, committee, data, cfg.distill, train, on_epoch=epoch_logger(child))
+            result = distill(student, committee, data, cfg.distill, train, on_epoch=curve_logger(child))
             gap = gap_closed([*job.rows, {"role": "distilled", "test_accuracy": result.test["accuracy"]}])
             extra = {"teacher_passes_saved": round(result.teacher_passes["all"]["saved"], 4),
                      "best_epoch": result.best_epoch}  # fmt: skip

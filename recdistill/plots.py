@@ -70,7 +70,7 @@ def plot_learning_curves(
 
 
 #: Metric names that are fractions in [0, 1]: they get their own axis (right, in %).
-FRACTION_MARKERS = ("saved", "share", "importance", "fraction")
+FRACTION_MARKERS = ("saved", "share", "importance", "fraction", "accuracy")
 #: Per-epoch metrics left out of the job's curves: a slice's MSE (cold/medium/warm users and
 #: items) belongs in the results table, and six more lines per panel make it unreadable.
 SLICE_MARKERS = ("_user_", "_item_")
@@ -142,7 +142,7 @@ def plot_model_curves(
                                    **style)  # fmt: skip
         ax.set_title(model, fontweight="bold" if model == "distilled student" else None)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("loss / MSE")
+        ax.set_ylabel("loss / MSE" if any("mse" in m for m in series) else "loss")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if right is not None:

@@ -57,7 +57,8 @@ def test_bad_choice_lists_the_allowed_values(tmp_path):
 
 HEAVY = ("torch", "polars", "mlflow", "torchrec", "transformers")
 HELP_COMMANDS = [[], ["run"], ["train"], ["distill"], ["export"], ["promote"], ["demo"],
-                 ["data"], ["data", "summary"], ["data", "prompts"], ["bench"], ["bench", "paper"]]  # fmt: skip
+                 ["data"], ["data", "summary"], ["data", "prompts"], ["data", "synth"], ["bench"],
+                 ["bench", "paper"], ["bench", "vision"], ["vision"], ["vision", "run"]]  # fmt: skip
 
 
 def _modules_loaded_by(argv: list[str]) -> set[str]:

@@ -15,7 +15,6 @@ from features.sources import MovieLens
 from features.synth import GENERATOR_VERSION, SynthSpec, write_synthetic
 from features.vocab import FeatureVocabs, age_bucket_expr
 from pipelines.cli import main
-from tests.test_cli import HEAVY, _modules_loaded_by
 
 SPEC = SynthSpec(rows=20_000, users=300, items=200, seed=7, shard_rows=8_000)
 #: The frames of ``features.sources.load_movielens``, column for column.
@@ -259,8 +258,3 @@ def test_spec_rejects_a_size_below_one_naming_it(name):
     sizes = {"rows": 10, "users": 5, "items": 5, "shard_rows": 10, name: 0}
     with pytest.raises(ValueError, match=f"^{name} must be an integer of at least 1"):
         SynthSpec(**sizes)
-
-
-def test_synth_help_imports_no_heavy_module():
-    loaded = _modules_loaded_by(["data", "synth", "--help"])
-    assert sorted(m for m in loaded if m.split(".")[0] in HEAVY) == []
