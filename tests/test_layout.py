@@ -61,3 +61,13 @@ def _modules_after_import(module: str) -> set[str]:
 def test_importing_the_distillation_trainer_loads_no_model_zoo_and_no_pipelines():
     loaded = _modules_after_import("recdistill.distill.trainer")
     assert not any(m.startswith(("recdistill.models", "pipelines")) for m in loaded)
+
+
+def test_the_distillation_layer_knows_neither_torchrec_nor_features_nor_vision_not_even_lazily():
+    assert forbidden_imports("recdistill/distill", ("torchrec", "features", "vision_ext")) == []
+
+
+def test_nothing_below_vision_ext_imports_it_and_it_never_imports_the_recommendation_data():
+    assert forbidden_imports("recdistill", ("vision_ext",)) == []
+    assert forbidden_imports("features", ("vision_ext",)) == []
+    assert forbidden_imports("vision_ext", ("features", "pipelines", "torchrec")) == []

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,9 +37,6 @@ from recdistill.training import (
     fit,
     make_optimizer,
 )
-
-if TYPE_CHECKING:
-    from features.batches import Prepared
 
 
 @dataclass
@@ -133,7 +130,7 @@ def module_state(method: DistillMethod) -> dict[str, Any]:
 def distill(
     student: nn.Module,
     committee: Sequence[tuple[str, nn.Module]],
-    prepared: Prepared | Any,
+    prepared: Any,
     config: DistillConfig,
     train: TrainConfig | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
