@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 import pipelines.commands
+import recdistill  # noqa: F401  (sets OpenMP's passive wait before any command loads torch)
 
 
 def with_config(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -188,3 +189,31 @@ def test_train_command_prints_sizes_and_metrics_and_saves(capsys, tmp_path):
 def test_train_command_lists_the_models_for_an_unknown_name(capsys):
     assert main(["train", "--model", "mlp_xl", "--epochs", "1"]) == 2
     assert "unknown model 'mlp_xl'; expected one of" in capsys.readouterr().err
+
+
+def test_importing_recdistill_makes_openmp_wait_passively_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = "import os, recdistill; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"  # fmt: skip
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"  # fmt: skip
+
+
+def test_train_threads_sets_torchs_intra_op_threads_and_refuses_zero(prepared):
+    from recdistill.models import build_model
+    from recdistill.training import TrainConfig, train_supervised
+
+    with pytest.raises(ValueError, match="train.threads must be at least 1 or null, got 0"):
+        TrainConfig(threads=0)
+    before = torch.get_num_threads()
+    try:
+        train_supervised(build_model("mlp_s", prepared), prepared,
+                         TrainConfig(epochs=1, max_steps_per_epoch=2, threads=1, progress=False))  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -50,6 +50,10 @@ class TrainConfig:
             epoch.
         slice_edges: ``[cold, warm]``: evaluation reports users and items with fewer than
             ``cold`` training ratings as cold, more than ``warm`` as warm, the rest as medium.
+        threads: torch's intra-op threads for the run (``torch.set_num_threads``); None keeps
+            torch's default, one per core. With OpenMP's passive wait (set on ``import
+            recdistill``) a busy machine slows the default in proportion instead of collapsing;
+            1 is the choice when several jobs share the cores (docs/results/scale.md).
     """
 
     epochs: int = 20
@@ -67,6 +71,7 @@ class TrainConfig:
     progress: bool = True
     progress_every_steps: int | None = None
     slice_edges: list[int] = field(default_factory=lambda: list(DEFAULT_SLICE_EDGES))
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
@@ -85,7 +90,7 @@ class TrainConfig:
                 f"train.embedding_optimizer must be one of {', '.join(EMBEDDING_OPTIMIZERS)}, "
                 f"got {self.embedding_optimizer!r}"
             )
-        for name in ("max_steps_per_epoch", "checkpoint_every_steps", "progress_every_steps"):
+        for name in ("max_steps_per_epoch", "checkpoint_every_steps", "progress_every_steps", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"train.{name} must be at least 1 or null, got {value}")

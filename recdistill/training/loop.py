@@ -228,6 +228,8 @@ def fit(
             seed, optimizer layout, number of ranks).
     """
     rank, world = _world()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     task = task_of(data)
     steps_per_epoch = steps_in_epoch(data, cfg)
     stopper = EarlyStopping(cfg.patience)
