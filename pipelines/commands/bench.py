@@ -77,7 +77,7 @@ def cmd_bench_vision(args: argparse.Namespace) -> int:
     if not args.report_only:
         print(f"bench vision: seeds {args.seeds} -> {out} ({args.workers} worker(s))", flush=True)
         run_vision_bench(cfg, out, args.seeds, args.workers, say=lambda line: print(line, flush=True))
-    print(f"report {write_vision_report(out, ' '.join(shlex.quote(p) for p in parts), cfg)}")
+    print(f"report {write_vision_report(out, ' '.join(shlex.quote(p) for p in parts), cfg, args.seeds)}")
     return 0
 
 
