@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test test-fast demo clean fashion-mnist
+.PHONY: setup setup-gpu test test-fast demo clean fashion-mnist
 
 setup: $(STAMP) fashion-mnist
 
@@ -42,6 +42,18 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/recdistill demo
+
+# GPU machines (UNTESTED: no session has had a GPU yet; docs/results/scale.md): a separate venv
+# with PyPI's CUDA build of torch, the CUDA fbgemm-gpu and torchrec; the sharded job then runs
+# on NCCL (sharding.backend auto). Not part of `make test`.
+GPU_VENV := .venv-gpu
+setup-gpu:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q torch==2.13.0 fbgemm-gpu==1.8.0 torchrec==1.8.0
+	grep -v -E '^(torch|fbgemm-gpu-cpu)==' requirements.lock | $(GPU_VENV)/bin/pip install -q -r /dev/stdin
+	grep -v '^torchrec==' requirements-nodeps.lock | $(GPU_VENV)/bin/pip install -q --no-deps -r /dev/stdin
+	$(GPU_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_VENV)/bin/python -c "import torch, fbgemm_gpu, torchrec; print('cuda', torch.cuda.is_available(), torch.cuda.device_count(), 'gpus')"
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db
