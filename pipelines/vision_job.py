@@ -33,11 +33,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from pipelines.jobs import FINISHED, NullRun, epoch_logger, new_run_folder, point_latest
+from pipelines.jobs import FINISHED, NullRun, epoch_logger, new_run_folder, open_run, point_latest
 from pipelines.schema import to_dict
 from pipelines.vision_config import VisionJobConfig
 from recdistill.distill.trainer import DistillResult, distill
-from recdistill.tracking import TrackedRun, markdown_table, start_run
+from recdistill.tracking import TrackedRun, markdown_table
 from recdistill.training import TrainConfig, read_checkpoint, seed_everything, train_supervised
 from recdistill.training.checkpoints import BEST
 from vision_ext.data import ImageData, load_vision_data
@@ -196,15 +196,6 @@ def gap_closed(rows: list[dict[str, Any]]) -> float | None:
     return (distilled - alone) / (max(teachers) - alone)
 
 
-@contextmanager
-def _open_run(cfg: VisionJobConfig, tracking_uri: str | None) -> Iterator[TrackedRun | NullRun]:
-    if not cfg.tracking.enabled:
-        yield NullRun()
-        return
-    with start_run(cfg.tracking, run_name=cfg.name, tracking_uri=tracking_uri) as run:
-        yield run
-
-
 def run_vision_job(
     cfg: VisionJobConfig,
     tracking_uri: str | None = None,
@@ -224,7 +215,7 @@ def run_vision_job(
     summary = data.summary()
     say(f"[1/5] data: {summary['name']} {summary['split_sizes']}, {len(data.classes)} classes")
     root = Path(output_dir or cfg.output_dir) / cfg.name
-    with _open_run(cfg, tracking_uri) as run:
+    with open_run(cfg, tracking_uri) as run:  # it reads cfg.name and cfg.tracking only
         out = new_run_folder(root)
         say(f"  output folder {out}")
         job = _Job(cfg, data, out, run, say)
