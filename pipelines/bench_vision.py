@@ -148,13 +148,8 @@ def _init_worker(cfg: VisionJobConfig, out: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data = load_vision_data(cfg.data)
-
-    class _Loader:  # what load_vision_checkpoint reads of a job: the classes
-        pass
-
-    job = _Loader()
-    job.data = data
-    teachers = {n: freeze(load_vision_checkpoint(out / "teachers" / n, job)) for n in cfg.distill.teachers}
+    teachers = {n: freeze(load_vision_checkpoint(out / "teachers" / n, data.classes))
+                for n in cfg.distill.teachers}  # fmt: skip
     _ENV.update(cfg=cfg, data=data, teachers=teachers)
 
 

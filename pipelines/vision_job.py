@@ -138,7 +138,7 @@ def stage_teachers(job: _Job) -> list[tuple[str, nn.Module]]:
     for k, name in enumerate(job.cfg.distill.teachers):
         source = job.cfg.teachers.get(name)
         if source is not None and source.checkpoint:
-            model = load_vision_checkpoint(source.checkpoint, job)
+            model = load_vision_checkpoint(source.checkpoint, job.data.classes)
             with job.model_run(name, "teacher") as run:
                 test = job.data.task.evaluate(model, job.data, "test", job.cfg.train.eval_batch_size)
                 job.record(run, name, "teacher", model, test, checkpoint=source.checkpoint)
@@ -149,14 +149,15 @@ def stage_teachers(job: _Job) -> list[tuple[str, nn.Module]]:
     return committee
 
 
-def load_vision_checkpoint(path: str | Path, job: _Job) -> nn.Module:
-    """A teacher's ``best.pt`` (written by an earlier vision job), rebuilt from its own spec."""
+def load_vision_checkpoint(path: str | Path, classes: list[str]) -> nn.Module:
+    """A model's ``best.pt`` (or the folder holding it) written by an earlier vision job or
+    bench, rebuilt from its own spec for the data set's ``classes``."""
     path = Path(path)
     if path.is_dir():
         path = path / BEST
     payload = read_checkpoint(path)
     kind = payload["model_name"].split(":")[0]
-    model = build_vision_model(kind, job.data.classes, payload["model_config"])
+    model = build_vision_model(kind, classes, payload["model_config"])
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
