@@ -521,8 +521,26 @@ def run_bench(config: Any, plan: BenchPlan, out: Path, workers: int = 1, rerun: 
                 done[cell.key] = future.result()
                 _finished(say, done[cell.key], on_cell, started)
     finally:
-        pool.shutdown(cancel_futures=True)
+        stop_pool(pool)
     return done
+
+
+def stop_pool(pool: Any) -> None:
+    """Shut the workers down, the running ones too: a bench stopped (Ctrl-C, SIGTERM) leaves no
+    worker computing a cell nobody waits for (finished cells are on disk; the rest rerun)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+    pool.shutdown(cancel_futures=True)
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, a scheduler's stop) into ``SystemExit`` so ``finally`` blocks run."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class _InProcess:

@@ -33,7 +33,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.bench_paper import METHOD_OPTIONS, _mean_std, _write_json, read_cells
+from pipelines.bench_paper import METHOD_OPTIONS, _mean_std, _write_json, read_cells, stop_pool
 from pipelines.vision_config import VisionJobConfig
 
 METHODS = ("ld", "fd", "diverse_distill")
@@ -219,7 +219,7 @@ def run_vision_bench(cfg: VisionJobConfig, out: Path, seeds: list[int], workers:
                     f"{record['valid']['accuracy']:.4f} ({record['seconds'] / 60:.1f} min; "
                     f"{(time.perf_counter() - started) / 60:.1f} min in)")  # fmt: skip
     finally:
-        pool.shutdown(cancel_futures=True)
+        stop_pool(pool)
     return done
 
 

@@ -123,3 +123,18 @@ def test_a_bad_vision_config_fails_before_any_work_naming_the_key(override, mess
 
     with pytest.raises(ConfigError, match=message):
         load_vision_config("vision_quick", [override])
+
+
+@needs_fashion_mnist
+def test_a_teacher_given_as_a_checkpoint_is_reused_not_retrained(quick_run, tmp_path):
+    from pipelines.vision_config import load_vision_config
+    from pipelines.vision_job import run_vision_job
+
+    first, _ = quick_run
+    folder = first.output_dir / "teacher_vit_l"
+    cfg = load_vision_config("vision_quick", [f"teachers.vit_l.checkpoint={folder}", "student_alone=false",
+                                              "tracking.enabled=false"])  # fmt: skip
+    again = run_vision_job(cfg, output_dir=tmp_path, say=lambda line: None)
+    reused = next(r for r in again.rows if r["model"] == "vit_l")
+    assert reused["test_accuracy"] == first.rows[0]["test_accuracy"] and reused["checkpoint"] == str(folder)
+    assert not (again.output_dir / "teacher_vit_l").exists()  # nothing trained for it

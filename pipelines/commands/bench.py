@@ -21,7 +21,7 @@ DEFAULT_OUT = "runs/bench_paper"
 
 
 def cmd_bench_paper(args: argparse.Namespace) -> int:
-    from pipelines.bench_paper import mlflow_logger, paper_plan, run_bench, write_report
+    from pipelines.bench_paper import mlflow_logger, paper_plan, run_bench, stop_on_sigterm, write_report
     from pipelines.config import load_config
 
     config = load_config(args.config, args.overrides)
@@ -31,6 +31,7 @@ def cmd_bench_paper(args: argparse.Namespace) -> int:
     out = Path(args.out or (DEFAULT_OUT + ("_quick" if args.quick else "")))
     command = _command(args)
     if not args.report_only:
+        stop_on_sigterm()
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         on_cell = mlflow_logger(uri) if uri else None
         print(f"bench paper: {len(plan.rows)} rows x seeds {plan.seeds} -> {out} "
@@ -64,6 +65,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_bench_vision(args: argparse.Namespace) -> int:
+    from pipelines.bench_paper import stop_on_sigterm
     from pipelines.bench_vision import run_vision_bench, write_vision_report
     from pipelines.vision_config import load_vision_config
 
@@ -75,6 +77,7 @@ def cmd_bench_vision(args: argparse.Namespace) -> int:
     if args.out:
         parts += ["--out", args.out]
     if not args.report_only:
+        stop_on_sigterm()
         print(f"bench vision: seeds {args.seeds} -> {out} ({args.workers} worker(s))", flush=True)
         run_vision_bench(cfg, out, args.seeds, args.workers, say=lambda line: print(line, flush=True))
     print(f"report {write_vision_report(out, ' '.join(shlex.quote(p) for p in parts), cfg, args.seeds)}")
