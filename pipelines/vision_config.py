@@ -97,11 +97,10 @@ def _check_models(cfg: VisionJobConfig) -> None:
         if name not in cfg.distill.teachers:
             raise ConfigError(f"teachers.{name}: not a teacher of distill.teachers "
                               f"({', '.join(cfg.distill.teachers)})")  # fmt: skip
-    from vision_ext.models import VISION_MODELS
+    from vision_ext.models import unknown_spec_keys
 
     for name, model in cfg.models.items():  # every spec key checked before any work
-        allowed = {f.name for f in dataclasses.fields(VISION_MODELS[model.kind][1])}
-        unknown = sorted(set(model.spec) - allowed)
+        unknown, allowed = unknown_spec_keys(model.kind, model.spec)
         if unknown:
             raise ConfigError(f"models.{name}.spec: unknown key(s) {', '.join(unknown)}; "
                               f"allowed: {', '.join(sorted(allowed))}")  # fmt: skip

@@ -169,13 +169,14 @@ def export_student(student: nn.Module, data: ImageData, path: Path) -> float:
     """Trace the student to TorchScript at ``path``; returns the largest logit difference on a
     test batch, after checking that a fresh process loads and runs it with torch alone."""
     student.eval()
-    images = data.batch(data.splits["test"][:64]).images
+    batch = data.batch(data.splits["test"][:64])
+    images = batch.images
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings of torch.jit.trace
         traced = torch.jit.trace(ServedViT(student), images)
     traced.save(str(path))
     with torch.no_grad():
-        parity = (torch.jit.load(str(path))(images) - student(data.batch(data.splits["test"][:64]))).abs().max().item()
+        parity = (torch.jit.load(str(path))(images) - student(batch)).abs().max().item()
     if parity > PARITY_TOLERANCE:
         raise RuntimeError(f"TorchScript student {path} differs from the model by {parity:.2e}")
     shape = list(images.shape[1:])

@@ -459,6 +459,13 @@ VISION_MODELS: dict[str, tuple[type[SplitTower], type[ViTSpec]]] = {
 }
 
 
+def unknown_spec_keys(kind: str, spec: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(unknown keys of spec, allowed keys)`` for a model of ``kind`` (a key of
+    ``VISION_MODELS``): the one check :func:`build_vision_model` and config validation share."""
+    allowed = [f.name for f in fields(VISION_MODELS[kind][1])]
+    return sorted(set(spec) - set(allowed)), allowed
+
+
 def build_vision_model(kind: str, classes: int | Sequence[str], spec: dict[str, Any] | None = None) -> SplitTower:
     """A vision model by name, from a plain dict (a YAML section).
 
@@ -478,8 +485,7 @@ def build_vision_model(kind: str, classes: int | Sequence[str], spec: dict[str, 
         raise ValueError(f"unknown vision model kind {kind!r}; expected one of {', '.join(sorted(VISION_MODELS))}")
     model_cls, spec_cls = VISION_MODELS[kind]
     spec = dict(spec or {})
-    allowed = [f.name for f in fields(spec_cls)]
-    unknown = sorted(set(spec) - set(allowed))
+    unknown, allowed = unknown_spec_keys(kind, spec)
     if unknown:
         raise ValueError(
             f"unknown key(s) {', '.join(map(repr, unknown))} in the {kind!r} spec; allowed: {', '.join(allowed)}"
