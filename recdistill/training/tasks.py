@@ -6,7 +6,8 @@ The loop and the distillation methods know data only through a small protocol (a
 evaluation metrics, and which metric early stopping watches. Ratings are a
 :class:`RegressionTask` (MSE, with the cold / warm slices of
 :mod:`~recdistill.training.evaluation`); images a :class:`ClassificationTask` (cross-entropy,
-accuracy overall and per class).
+accuracy overall and per class); clicks a :class:`BinaryTask` (a 2-class classification over
+``[0, l]`` logits, so cross-entropy is the log loss of ``l``; scored by log loss, with ROC AUC).
 
 Example::
 
@@ -19,7 +20,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ class Task(Protocol):
     """Loss and metrics of one kind of label.
 
     Attributes:
-        name: ``"regression"``, ``"classification"``.
+        name: ``"regression"``, ``"classification"``, ``"binary"``.
         monitor: the validation metric early stopping and the NaN check watch.
         higher_is_better: whether a larger ``monitor`` is better.
     """
@@ -106,29 +107,22 @@ class ClassificationTask:
         Eval mode, no gradients, the model's mode put back; under a process group each rank
         scores its slice of every batch and the sums are all-reduced.
         """
-        if split not in data.splits:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(data.splits)}")
-        if len(data.splits[split]) == 0:
-            raise ValueError(f"split {split!r} is empty")
+        batches = _logits_and_labels(model, data, split, batch_size, len(self.classes))
+        return self._metrics(batches, _device(model))
+
+    def _metrics(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> dict[str, float]:  # fmt: skip
+        """The metrics of :meth:`evaluate` from this rank's ``([B, C] logits, [B] labels)`` on
+        ``device`` (the model's, where the all-reduce runs)."""
         n_classes = len(self.classes)
-        was_training = model.training
-        model.eval()
-        device = _device(model)
         # per class: rows, right answers; and the summed cross-entropy
         counts = torch.zeros(2, n_classes, dtype=torch.float64, device=device)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for rows in _global_batches(data, split, batch_size, shuffle=False, seed=0):
-                batch = data.batch(_local_rows(rows)).to(device)
-                logits = model(batch).float()  # [B, C]
-                if logits.dim() != 2 or logits.shape[1] != n_classes:
-                    raise ValueError(f"a classification model must give [B, {n_classes}] logits, "
-                                     f"got {tuple(logits.shape)}")  # fmt: skip
-                right = (logits.argmax(dim=1) == batch.labels).double()
-                counts[0].index_add_(0, batch.labels, torch.ones_like(right))
-                counts[1].index_add_(0, batch.labels, right)
-                loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
-        model.train(was_training)
+        for logits, labels in batches:
+            right = (logits.argmax(dim=1) == labels).double()
+            counts[0].index_add_(0, labels, torch.ones_like(right))
+            counts[1].index_add_(0, labels, right)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         packed = torch.cat([counts.flatten(), loss_sum])
         if _world()[1] > 1:
             dist.all_reduce(packed)
@@ -140,13 +134,105 @@ class ClassificationTask:
         return metrics
 
 
+class BinaryTask(ClassificationTask):
+    """Clicks: a 2-class classification (``no_click``, ``click``) of ``[B, 2]`` logits ``[0, l]``,
+    so cross-entropy is the binary log loss of ``l`` and the distillation methods' soft targets
+    apply unchanged. Early stopping minimizes ``log_loss``; ``auc`` is reported beside it.
+
+    Example::
+
+        task = BinaryTask()
+        metrics = task.evaluate(model, data, "valid", 8192)
+        metrics["auc"], metrics["log_loss"], metrics["mean_prediction"]
+    """
+
+    name = "binary"
+    monitor = "log_loss"
+    higher_is_better = False
+
+    def __init__(self):
+        super().__init__(["no_click", "click"])
+
+    def evaluate(self, model: nn.Module, data: Any, split: str, batch_size: int = 8192,
+                 **_: Any) -> dict[str, float]:  # fmt: skip
+        """What :meth:`ClassificationTask.evaluate` gives, plus ``auc`` (ROC AUC of the click
+        probability ``softmax(logits)[:, 1]``), ``log_loss`` (the mean cross-entropy, equal to
+        ``loss``), ``positive_rate`` (share of clicks) and ``mean_prediction`` (mean click
+        probability; against ``positive_rate`` it shows calibration at a glance).
+
+        ``auc`` is NaN when the split holds only one class (no pair to rank). Under a process
+        group each rank scores its slice and the click probabilities and labels of all ranks
+        are gathered before the AUC.
+        """
+        clicks, labels = [], []  # per batch: [B] click probability, [B] label, on the CPU
+
+        def keeping(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]):
+            for logits, y in batches:
+                clicks.append(logits.softmax(dim=1)[:, 1].cpu())
+                labels.append(y.cpu())
+                yield logits, y
+
+        batches = keeping(_logits_and_labels(model, data, split, batch_size, 2))
+        metrics = self._metrics(batches, _device(model))
+        probability, clicked = _gathered(torch.cat(clicks), torch.cat(labels))  # [N], [N]
+        metrics["auc"] = _auc(probability, clicked)
+        metrics["log_loss"] = metrics["loss"]
+        metrics["positive_rate"] = clicked.double().mean().item()
+        metrics["mean_prediction"] = probability.double().mean().item()
+        return metrics
+
+
+@torch.no_grad()  # on a generator, torch disables gradients around each step only
+def _logits_and_labels(model: nn.Module, data: Any, split: str, batch_size: int,
+                       n_classes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """This rank's ``[B, C]`` float logits and ``[B]`` labels of every batch of ``split``, in eval
+    mode; the model's mode is put back when the batches end."""
+    if split not in data.splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(data.splits)}")
+    if len(data.splits[split]) == 0:
+        raise ValueError(f"split {split!r} is empty")
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        for rows in _global_batches(data, split, batch_size, shuffle=False, seed=0):
+            batch = data.batch(_local_rows(rows)).to(device)
+            logits = model(batch).float()  # [B, C]
+            if logits.dim() != 2 or logits.shape[1] != n_classes:
+                raise ValueError(f"a classification model must give [B, {n_classes}] logits, "
+                                 f"got {tuple(logits.shape)}")  # fmt: skip
+            yield logits, batch.labels
+    finally:
+        model.train(was_training)
+
+
+def _gathered(*local: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of this rank's CPU tensors concatenated with the same tensor of every other rank."""
+    world = _world()[1]
+    if world == 1:
+        return local
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, local)
+    return tuple(torch.cat(parts) for parts in zip(*everyone))
+
+
+def _auc(probability: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of ``[N]`` probabilities against ``[N]`` 0/1 labels; NaN with one class only."""
+    if labels.min() == labels.max():
+        return math.nan  # binary_auroc would warn and return 0
+    # imported here: torchmetrics takes seconds to import, and only click data needs it
+    from torchmetrics.functional.classification import binary_auroc
+
+    return binary_auroc(probability, labels).item()
+
+
 def _metric_name(name: str) -> str:
     """A class name as a metric key MLflow accepts (letters, digits, ``_``)."""
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "class"
 
 
 #: Tasks a data set may name instead of giving the object (the ones without arguments).
-TASKS: dict[str, type] = {"regression": RegressionTask}
+TASKS: dict[str, type] = {"regression": RegressionTask, "binary": BinaryTask}
 
 
 def task_of(data: Any) -> Task:
