@@ -26,8 +26,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from features.batches import SINGLE, RatingsData, prepare  # noqa: E402
-from features.vocab import FEATURES  # noqa: E402
+from features.batches import RatingsData, prepare  # noqa: E402
 from recdistill.models import build_model  # noqa: E402
 from recdistill.training import TrainConfig, build_optimizer, seed_everything  # noqa: E402
 
@@ -38,7 +37,7 @@ class PlainRecommender(nn.Module):
     def __init__(self, torchrec_model: nn.Module):
         super().__init__()
         bags = torchrec_model.sparse_arch.ebc.embedding_bags
-        self.features = list(FEATURES)
+        self.features = list(torchrec_model.sparse_arch.features)  # KJT order: genres last
         self.bags = nn.ModuleList(
             nn.EmbeddingBag.from_pretrained(bags[f"t_{f}"].weight.detach().clone(), freeze=False, mode="sum")
             for f in self.features
@@ -52,13 +51,13 @@ class PlainRecommender(nn.Module):
             if feature == "genres":
                 pooled.append(bag(genres, genre_offsets))
             else:
-                pooled.append(bag(single[:, SINGLE.index(feature)].unsqueeze(1)))
+                pooled.append(bag(single[:, self.features.index(feature)].unsqueeze(1)))
         return self.rating_head(self.tower(torch.cat(pooled, dim=1))).squeeze(-1)
 
 
 def plain_inputs(data: RatingsData, rows: torch.Tensor):
-    lengths = data.genre_lengths[rows]
-    padded = data.genres[rows]
+    lengths = data.multi["genres"].lengths[rows]
+    padded = data.multi["genres"].padded[rows]
     mask = torch.arange(padded.shape[1]) < lengths.unsqueeze(1)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]])
     return data.single[rows], padded[mask], offsets, data.labels[rows]

@@ -1,8 +1,9 @@
 """Encoded ratings as tensors, and batches as a TorchRec ``KeyedJaggedTensor`` plus labels.
 
 Everything per row is precomputed once into tensors (``[N, F]`` indices of the single-valued
-features, ``[N, G]`` padded genre indices and their lengths), so building a batch is a few
-gathers: no per-row Python in the batch loop.
+features, ``[N, G]`` padded indices and lengths per multi-hot feature), so building a batch is
+a few gathers: no per-row Python in the batch loop. Which features there are, and how each is
+derived, is the feature spec's (:mod:`features.spec`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from features.config import DataConfig
-from features.sources import MovieLens, load_movielens
+from features.sources import DataError, MovieLens, load_movielens
+from features.spec import check_columns
 from features.splits import SPLITS, split_rows
-from features.vocab import FEATURES, MULTI_HOT, FeatureVocabs
-
-SINGLE: tuple[str, ...] = tuple(f for f in FEATURES if f not in MULTI_HOT)
+from features.tables import scan_tables
+from features.vocab import FeatureVocabs
 
 
 def slice_kjt(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
@@ -59,9 +60,9 @@ class Batch:
     """One mini-batch.
 
     Attributes:
-        sparse: KeyedJaggedTensor with keys ``FEATURES`` (one value per row for single-valued
-            features, a bag for ``genres``).
-        labels: ``[B]`` float ratings.
+        sparse: KeyedJaggedTensor with one key per feature, in the spec's KeyedJaggedTensor
+            order (single-valued features, one value per row; then multi-hot bags).
+        labels: ``[B]`` float ratings, or ``[B]`` int64 clicks (0 / 1).
         rows: ``[B]`` row ids in the full ratings frame; language teachers and teacher caches
             look up per-example data (prompt tokens, encoder states) with them.
     """
@@ -86,23 +87,75 @@ class Batch:
 
     def ids(self, feature: str) -> torch.Tensor:
         """``[B]`` vocabulary indices of a single-valued feature (``user_id``, ``item_id``, ...)."""
-        if feature not in SINGLE:
-            raise KeyError(f"{feature!r} is not a single-valued feature; expected one of {', '.join(SINGLE)}")
+        keys = self.sparse.keys()
+        if feature not in keys:
+            raise KeyError(f"no feature {feature!r} in the batch; it has {', '.join(keys)}")
+        position = keys.index(feature)
         offsets = self.sparse.offset_per_key()
-        position = FEATURES.index(feature)
-        return self.sparse.values()[offsets[position] : offsets[position + 1]]
+        values = self.sparse.values()[offsets[position] : offsets[position + 1]]
+        if values.numel() != len(self):
+            raise KeyError(f"{feature!r} is not a single-valued feature")
+        return values
+
+
+@dataclass
+class MultiHot:
+    """The indices of one multi-hot feature for every row: ``padded[i, :lengths[i]]``.
+
+    Attributes:
+        padded: ``[N, G]`` indices, left-aligned, padded with 0 past each row's length.
+        lengths: ``[N]`` number of values per row (0 allowed).
+    """
+
+    padded: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def from_lists(cls, column: pl.Series) -> "MultiHot":
+        """From a polars column of index lists (null: no values)."""
+        lengths = column.list.len().fill_null(0)
+        width = max(int(lengths.max() or 0), 1)
+        padded = column.to_frame().select(
+            pl.col(column.name).fill_null([]).list.concat(pl.lit([0] * width, dtype=pl.List(pl.Int64)))
+            .list.head(width)
+            .list.to_array(width)
+        )[column.name].to_numpy()
+        return cls(torch.from_numpy(np.array(padded, dtype=np.int64)),
+                   torch.from_numpy(lengths.to_numpy().astype(np.int64)))  # fmt: skip
+
+
+#: The data set's task (``recdistill.training.tasks.TASKS``) per label kind.
+LABEL_TASKS = {"rating": "regression", "click": "binary"}
+
+
+def label_tensor(column: pl.Series, kind: str) -> torch.Tensor:
+    """``[N]`` labels: float32 ratings, or int64 clicks.
+
+    Raises:
+        DataError: a click label that is not 0 / 1 (or a null), naming the column and a value.
+    """
+    if kind == "rating":
+        return torch.from_numpy(column.cast(pl.Float32).to_numpy().copy())
+    clicks = column.cast(pl.Int64, strict=False)
+    bad = clicks.is_null() | ~clicks.is_in([0, 1])
+    if bad.any():
+        first = column.filter(bad)[0]
+        raise DataError(f"label column {column.name!r}: a click label must be 0 or 1; "
+                        f"{int(bad.sum())} rows are not (first: {first!r})")  # fmt: skip
+    return torch.from_numpy(clicks.to_numpy().astype(np.int64))
 
 
 class RatingsData:
-    """All ratings of a source, encoded, with their splits.
+    """All interactions of a source, encoded, with their splits.
 
     Args:
-        single: ``[N, len(SINGLE)]`` indices of the single-valued features.
-        genres: ``[N, G]`` genre indices, left-aligned, padded past ``genre_lengths``.
-        genre_lengths: ``[N]`` number of genres per row.
-        labels: ``[N]`` ratings.
+        single: ``[N, F1]`` indices of the single-valued features (``single_names`` order).
+        multi: per multi-hot feature (``multi_names`` order), its :class:`MultiHot` indices.
+        labels: ``[N]`` ratings (float32) or clicks (int64).
         splits: row ids per split name.
-        sizes: embedding rows per feature (vocabulary size + unknown slot).
+        sizes: embedding rows per feature (vocabulary size + unknown slot), KJT order.
+        single_names: the single-valued features, in KJT order.
+        task: ``"regression"`` (ratings) or ``"binary"`` (clicks).
 
     Example::
 
@@ -114,65 +167,65 @@ class RatingsData:
     def __init__(
         self,
         single: torch.Tensor,
-        genres: torch.Tensor,
-        genre_lengths: torch.Tensor,
+        multi: dict[str, MultiHot],
         labels: torch.Tensor,
         splits: dict[str, torch.Tensor],
         sizes: dict[str, int],
+        single_names: tuple[str, ...],
+        task: str = "regression",
     ):
         self.single = single
-        self.genres = genres
-        self.genre_lengths = genre_lengths
+        self.multi = multi
         self.labels = labels
         self.splits = splits
         self.sizes = sizes
+        self.single_names = tuple(single_names)
+        self.keys = list(self.single_names) + list(multi)
+        self.task = task
 
     @classmethod
     def from_frames(cls, ml: MovieLens, vocabs: FeatureVocabs, config: DataConfig) -> "RatingsData":
-        encoded = vocabs.encode(ml.joined())
-        single = torch.from_numpy(encoded.select(SINGLE).to_numpy().astype(np.int64))
-        lengths = encoded["genres"].list.len().fill_null(0)
-        width = max(int(lengths.max() or 0), 1)
-        padded = encoded.select(
-            pl.col("genres").list.concat(pl.lit([0] * width, dtype=pl.List(pl.Int64)))
-            .list.head(width)
-            .list.to_array(width)
-        )["genres"].to_numpy()
+        spec = vocabs.spec
+        encoded = vocabs.encode(ml.joined(spec.user_key, spec.item_key))
+        single = torch.from_numpy(encoded.select(spec.single_names).to_numpy().astype(np.int64))
+        multi = {name: MultiHot.from_lists(encoded[name]) for name in spec.multi_names}
+        label = spec.label
+        if label.column not in ml.ratings.columns:
+            raise DataError(f"data.label.column: the interactions have no column {label.column!r} "
+                            f"(they have {', '.join(ml.ratings.columns)})")  # fmt: skip
         splits = {k: torch.from_numpy(v.astype(np.int64)) for k, v in split_rows(ml.ratings, config).items()}
         return cls(
             single=single,
-            genres=torch.from_numpy(np.array(padded, dtype=np.int64)),
-            genre_lengths=torch.from_numpy(lengths.to_numpy().astype(np.int64)),
-            labels=torch.from_numpy(ml.ratings["rating"].to_numpy().astype(np.float32)),
+            multi=multi,
+            labels=label_tensor(ml.ratings[label.column], label.kind),
             splits=splits,
             sizes=vocabs.sizes,
+            single_names=spec.single_names,
+            task=LABEL_TASKS[label.kind],
         )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    #: Ratings are a regression (MSE), scored with the cold / warm slices; the name is looked
-    #: up by ``recdistill.training.tasks.task_of`` (features never imports recdistill).
-    task = "regression"
-
     def entity_ids(self, feature: str) -> torch.Tensor:
         """``[N]`` vocabulary index of a single-valued feature on every row (for the slices)."""
-        if feature not in SINGLE:
-            raise KeyError(f"{feature!r} is not a single-valued feature; expected one of {', '.join(SINGLE)}")
-        return self.single[:, SINGLE.index(feature)]
+        if feature not in self.single_names:
+            raise KeyError(f"{feature!r} is not a single-valued feature; expected one of "
+                           f"{', '.join(self.single_names)}")  # fmt: skip
+        return self.single[:, self.single_names.index(feature)]
 
     def batch(self, rows: torch.Tensor, train: bool = False) -> Batch:
         """The batch of the given row ids (``[B]`` int64); ``train`` changes nothing here (a data
         set with augmentation applies it to training batches only)."""
         single = self.single[rows]  # [B, F1]
-        lengths = self.genre_lengths[rows]  # [B]
-        padded = self.genres[rows]  # [B, G]
-        mask = torch.arange(padded.shape[1]) < lengths.unsqueeze(1)
-        values = torch.cat([single.t().reshape(-1), padded[mask]])
-        all_lengths = torch.cat(
-            [torch.ones(single.numel(), dtype=torch.int64), lengths]
-        )  # feature-major, as KeyedJaggedTensor expects
-        kjt = KeyedJaggedTensor(keys=list(FEATURES), values=values, lengths=all_lengths)
+        values = [single.t().reshape(-1)]
+        lengths = [torch.ones(single.numel(), dtype=torch.int64)]  # feature-major, as KJT expects
+        for bag in self.multi.values():
+            bag_lengths = bag.lengths[rows]  # [B]
+            padded = bag.padded[rows]  # [B, G]
+            values.append(padded[torch.arange(padded.shape[1]) < bag_lengths.unsqueeze(1)])
+            lengths.append(bag_lengths)
+        kjt = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
         return Batch(kjt, self.labels[rows], rows)
 
     def batches(
@@ -207,18 +260,25 @@ class Prepared:
     vocabs: FeatureVocabs
     data: RatingsData
 
+    def joined(self) -> pl.DataFrame:
+        """Every interaction with its user's and item's attributes (joined on the spec's keys)."""
+        spec = self.vocabs.spec
+        return self.movielens.joined(spec.user_key, spec.item_key)
+
     def summary(self) -> dict:
         """Counts of the source and its splits (what ``recdistill data summary`` prints)."""
         ratings = self.movielens.ratings
+        spec = self.vocabs.spec
+        label = spec.label.column
         return {
-            "source": self.config.source,
+            "source": self.config.interactions or self.config.source,
             "dataset": self.movielens.name,
             "ratings": ratings.height,
-            "users": self.movielens.users.height,
-            "items": self.movielens.items.height,
-            "rated_users": ratings["user_id"].n_unique(),
-            "rated_items": ratings["item_id"].n_unique(),
-            "rating_mean": round(float(ratings["rating"].mean()), 4),
+            "users": None if self.movielens.users is None else self.movielens.users.height,
+            "items": None if self.movielens.items is None else self.movielens.items.height,
+            "rated_users": ratings[spec.user_key].n_unique() if spec.user_key in ratings.columns else None,
+            "rated_items": ratings[spec.item_key].n_unique() if spec.item_key in ratings.columns else None,
+            f"{spec.label.kind}_mean": round(float(ratings[label].cast(pl.Float64).mean()), 4),
             "split": self.config.split,
             "split_sizes": {name: len(self.data.splits[name]) for name in SPLITS},
             "vocab_sizes": self.vocabs.sizes,
@@ -230,13 +290,22 @@ def entity_frame(prepared: Prepared, part: str) -> pl.DataFrame:
 
     Row 0 is the unknown entity (every attribute null); an id in the vocabulary that the table
     lacks gets a row of nulls too, so the frame always has ``vocabs.sizes[key]`` rows.
+
+    Raises:
+        ValueError: the spec has no id feature for that part, or it is hashed (no index order).
     """
     if part not in ("user", "item"):
         raise ValueError(f"part must be 'user' or 'item', got {part!r}")
-    key = f"{part}_id"
+    spec = prepared.vocabs.spec
+    feature = spec.entity_feature(part)
+    vocab = prepared.vocabs[feature] if feature else None
+    if vocab is None or vocab.hash_buckets:
+        raise ValueError(f"the feature spec has no {part} id feature with a stored vocabulary "
+                         f"(a kind-id feature over {part}s' key)")  # fmt: skip
+    key = spec.user_key if part == "user" else spec.item_key
     table = prepared.movielens.users if part == "user" else prepared.movielens.items
-    ids = [None] + [int(v) for v in prepared.vocabs[key].values]
-    order = pl.DataFrame({key: ids}, schema={key: table.schema[key]})
+    order = pl.DataFrame({key: [None] + list(vocab.values)}, schema={key: pl.Utf8})
+    order = order.with_columns(pl.col(key).cast(table.schema[key]))
     return order.join(table, on=key, how="left", maintain_order="left")
 
 
@@ -245,9 +314,34 @@ def prepare(config: DataConfig | None = None, vocabs: FeatureVocabs | None = Non
 
     Args:
         config: the data config (default: the embedded ML-100K, random split, seed 0).
-        vocabs: vocabularies to reuse (e.g. loaded from a trained model's file).
+        vocabs: vocabularies to reuse (e.g. loaded from a trained model's file); their spec
+            is the one used.
     """
     config = config or DataConfig()
-    ml = load_movielens(config)
-    vocabs = vocabs or FeatureVocabs.build(ml, config)
+    ml = load_source(config)
+    spec = vocabs.spec if vocabs is not None else config.spec_for(ml.name)
+    tables = {"interactions": ml.ratings, "users": ml.users, "items": ml.items}
+    check_columns(spec, {name: t.schema for name, t in tables.items() if t is not None})
+    if vocabs is None:
+        vocabs = FeatureVocabs.build(spec, ml.ratings, ml.users, ml.items)
     return Prepared(config, ml, vocabs, RatingsData.from_frames(ml, vocabs, config))
+
+
+def load_source(config: DataConfig) -> MovieLens:
+    """The configured tables: a team's own (``data.interactions``, with users and items when
+    given) read whole, or a MovieLens source. The column check against the spec happens
+    before the read, on the scans' schemas.
+
+    Raises:
+        DataError: a missing file or table (named).
+        SpecError: a column the spec needs is missing (with its key path).
+    """
+    if config.interactions is None:
+        return load_movielens(config)
+    tables = scan_tables(config.interactions, config.users, config.items)
+    check_columns(config.spec_for(tables.name), tables.schemas())
+
+    def read(frame: pl.LazyFrame | None) -> pl.DataFrame | None:
+        return None if frame is None else frame.collect(engine="streaming")
+
+    return MovieLens(read(tables.interactions), read(tables.users), read(tables.items), tables.name)

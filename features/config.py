@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from features.spec import DataSpec
+
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 #: A rating prompt is a user part followed by an item part (DESIGN.md section 2): the user part
 #: may name only user fields and the item part only item fields, so a language teacher can
@@ -20,6 +25,11 @@ class DataConfig:
         source: ``"embedded"`` (ML-100K shipped in the recbole wheel) or a path to a GroupLens
             ``ml-100k`` folder (``u.data``, ``u.user``, ``u.item``) or ``ml-1m`` folder
             (``ratings.dat``, ``users.dat``, ``movies.dat``).
+        interactions: a team's own interaction log instead of ``source``: parquet or CSV, a
+            file, a folder of shards or a glob (``logs/part-*.parquet``); ``features`` must
+            then say what to read from it (a spec file or a list).
+        users: with ``interactions``: the users table (parquet or CSV), joined on ``user_key``.
+        items: with ``interactions``: the items table, joined on ``item_key``.
         strict: reject (instead of dropping with a logged count) ratings outside 1..5 or not
             numbers.
         dedupe_titles: map items whose title and year repeat an earlier item onto that item's
@@ -27,8 +37,16 @@ class DataConfig:
         split: ``"random"`` (seeded 80/10/10) or ``"temporal"`` (per user, by timestamp).
         split_fractions: train / validation / test shares.
         seed: the seed of the random split.
-        zip_prefix_len: how many leading characters of the zip code form the zip feature.
-        year_bucket: width in years of the release-year buckets.
+        features: the feature spec (:mod:`features.spec`): the name of a shipped spec
+            (``ml100k``, ``ml1m``) or a spec YAML file, or the list of features itself (then
+            ``label``, ``user_key``, ``item_key`` and ``embedding_dim`` here complete it).
+            Default: the source's shipped spec (``ml100k`` or ``ml1m``).
+        label: with a features list: ``{column, kind}`` (kind ``rating`` or ``click``);
+            default ``{column: rating, kind: rating}``.
+        user_key: with a features list: the users table's key column.
+        item_key: with a features list: the items table's key column.
+        embedding_dim: with a features list: the width of features that name none (else the
+            model's id / side widths).
         user_template: the user part of a prompt; fields in braces are user columns
             (``user_id``, ``age``, ``gender``, ``occupation``, ``zip_code``).
         item_template: the item part, which follows the user part after one space; fields
@@ -37,13 +55,19 @@ class DataConfig:
     """
 
     source: str = "embedded"
+    interactions: str | None = None
+    users: str | None = None
+    items: str | None = None
     strict: bool = False
     dedupe_titles: bool = False
     split: Literal["random", "temporal"] = "random"
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     seed: int = 0
-    zip_prefix_len: int = 3
-    year_bucket: int = 5
+    features: str | list[dict[str, Any]] | None = None
+    label: dict[str, Any] | None = None
+    user_key: str = "user_id"
+    item_key: str = "item_id"
+    embedding_dim: int | None = None
     user_template: str = DEFAULT_USER_TEMPLATE
     item_template: str = DEFAULT_ITEM_TEMPLATE
     genre_separator: str = ", "
@@ -55,13 +79,49 @@ class DataConfig:
             )
         if abs(sum(self.split_fractions) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must sum to 1, got {self.split_fractions}")
-        if self.zip_prefix_len < 1:
-            raise ValueError(f"zip_prefix_len must be at least 1, got {self.zip_prefix_len}")
-        if self.year_bucket < 1:
-            raise ValueError(f"year_bucket must be at least 1, got {self.year_bucket}")
         from features.verbalizer import check_templates  # late: the verbalizer imports this
 
         check_templates(self.user_template, self.item_template)
+        for key in ("users", "items"):
+            if getattr(self, key) is not None and self.interactions is None:
+                raise ValueError(f"data.{key}: a {key} table goes with data.interactions (a team's "
+                                 "own tables); a GroupLens source brings its own")  # fmt: skip
+        if self.interactions is not None and self.features is None:
+            raise ValueError("data.features: your own tables (data.interactions) need a feature "
+                             "spec: a spec file, or a list of features with data.label")  # fmt: skip
+        self.spec_for("ml-100k")  # a bad spec fails on load, naming its key path
+
+    def spec_for(self, dataset: str) -> "DataSpec":
+        """The feature spec of this config for a source named ``dataset`` (``ml-100k``,
+        ``ml-1m``, ...: the default spec is the source's shipped one).
+
+        Raises:
+            SpecError: a bad spec (with its key path under ``data``), or no spec for a source
+                that ships none.
+        """
+        from features.spec import SpecError, load_spec, spec_from_dict  # late: spec imports polars
+
+        spec_keys = ("label", "embedding_dim")
+        if not isinstance(self.features, list):
+            given = [k for k in spec_keys if getattr(self, k) is not None]
+            given += [k for k in ("user_key", "item_key") if getattr(self, k) != f"{k[:4]}_id"]
+            if given:
+                raise SpecError(f"data.{given[0]}: set only with a list of data.features (a "
+                                "spec file gives its own)")  # fmt: skip
+        if isinstance(self.features, str):
+            return load_spec(self.features)
+        if self.features is None:
+            shipped = {"ml-100k": "ml100k", "ml-1m": "ml1m"}
+            if dataset not in shipped:
+                raise SpecError(f"data.features: the source {dataset!r} ships no feature spec; "
+                                "give one (a list of features, or a spec file)")  # fmt: skip
+            return load_spec(shipped[dataset])
+        raw: dict[str, Any] = {"features": self.features, "user_key": self.user_key,
+                               "item_key": self.item_key}  # fmt: skip
+        raw["label"] = self.label if self.label is not None else {"column": "rating"}
+        if self.embedding_dim is not None:
+            raw["embedding_dim"] = self.embedding_dim
+        return spec_from_dict(raw, "data")
 
     @property
     def template(self) -> str:

@@ -54,15 +54,18 @@ class MovieLens:
     """The three normalized frames of one MovieLens source."""
 
     ratings: pl.DataFrame
-    users: pl.DataFrame
-    items: pl.DataFrame
+    users: pl.DataFrame | None
+    items: pl.DataFrame | None
     name: str
 
-    def joined(self) -> pl.DataFrame:
-        """One row per rating with the user's and the item's attributes, in rating order."""
-        return self.ratings.join(self.users, on="user_id", how="left", maintain_order="left").join(
-            self.items, on="item_id", how="left", maintain_order="left"
-        )
+    def joined(self, user_key: str = "user_id", item_key: str = "item_id") -> pl.DataFrame:
+        """One row per rating (interaction) with the user's and the item's attributes, in
+        rating order (a source without a users or items table: without those)."""
+        out = self.ratings
+        for table, key in ((self.users, user_key), (self.items, item_key)):
+            if table is not None:
+                out = out.join(table, on=key, how="left", maintain_order="left")
+        return out
 
 
 def _read_delimited(path: Path, separator: str, columns: list[str], header: bool) -> pl.DataFrame:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -269,8 +269,46 @@ class DataSpec:
 
     @property
     def multi_hot(self) -> frozenset[str]:
-        """Names of the multi-valued features (what ``features.vocab.MULTI_HOT`` holds today)."""
+        """Names of the multi-valued features."""
         return frozenset(f.name for f in self.features if f.multi_valued)
+
+    @property
+    def kjt_names(self) -> tuple[str, ...]:
+        """Feature names in KeyedJaggedTensor key order: the single-valued features in spec
+        order, then the multi-valued ones. Models concatenate pooled embeddings in this order."""
+        return self.single_names + self.multi_names
+
+    @property
+    def single_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features if not f.multi_valued)
+
+    @property
+    def multi_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features if f.multi_valued)
+
+    def entity_feature(self, part: str) -> str | None:
+        """The id feature of the users (``part="user"``) or items table: the kind-``id`` feature
+        reading that table's key (from either table), or None when the spec has none."""
+        table, key = ("users", self.user_key) if part == "user" else ("items", self.item_key)
+        for f in self.features:
+            if f.kind == "id" and f.column == key and f.table in (table, "interactions"):
+                return f.name
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a mapping :func:`spec_from_dict` reads back (unset keys left out)."""
+        def clean(obj: Any) -> dict[str, Any]:
+            return {k: v for k, v in asdict(obj).items() if v is not None}
+
+        out: dict[str, Any] = {
+            "label": clean(self.label), "user_key": self.user_key, "item_key": self.item_key,
+            "features": [clean(f) for f in self.features],
+        }  # fmt: skip
+        if self.embedding_dim is not None:
+            out["embedding_dim"] = self.embedding_dim
+        if self.kind_embedding_dims:
+            out["kind_embedding_dims"] = dict(self.kind_embedding_dims)
+        return out
 
     def __getitem__(self, name: str) -> FeatureSpec:
         for feature in self.features:
@@ -456,7 +494,9 @@ def feature_expr(feature: FeatureSpec) -> pl.Expr:
 
 
 def _boundary_buckets(col: pl.Expr, boundaries: list[float], labels: list[str]) -> pl.Expr:
-    expr = pl.when(col.is_null()).then(None)
+    # NaN compares below nothing: without this it would land in the last bucket; it is missing
+    # (unknown), as the served module treats it.
+    expr = pl.when(col.is_null() | col.cast(pl.Float64).is_nan()).then(None)
     for upper, label in zip(boundaries, labels):
         expr = expr.when(col < upper).then(pl.lit(label))
     return expr.otherwise(pl.lit(labels[-1]))

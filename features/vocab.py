@@ -1,9 +1,23 @@
-"""Categorical features and their vocabularies.
+"""Vocabularies: each feature of the spec maps its raw values to indices ``1..n``.
 
-Each feature maps raw values to indices ``1..n``; index 0 is reserved for unknown, so an id
-never seen at training time still encodes (to 0) at serving time. Vocabularies are saved to and
-loaded from one JSON file so that training and serving share the exact mapping, together with
-the parameters that derive a feature from raw attributes (zip prefix length, year bucket).
+Index 0 is reserved for unknown under every policy, so a value never seen at training time
+still encodes (to 0) at serving time. A feature's raw value comes from its one declaration in
+the spec (:func:`features.spec.feature_expr`); its vocabulary follows the spec's policy:
+
+- every value of the feature's table (the default): sorted, integer ids numerically, so the
+  same data gives the same indices;
+- ``min_count`` / ``max_size``: a value's count is the number of interactions carrying it (a
+  user attribute counts once per rating of that user), values below ``min_count`` are unknown,
+  and ``max_size`` keeps the most frequent (ties by sort order);
+- ``hash_buckets``: an open vocabulary, ``1 + stable_hash(value) % hash_buckets``, nothing stored.
+
+The vocabularies are saved to one JSON file together with the spec, so training and serving
+share the exact mapping and the exact derivations.
+
+Example::
+
+    vocabs = FeatureVocabs.build(load_spec("ml100k"), ml.ratings, ml.users, ml.items)
+    encoded = vocabs.encode(ml.joined())  # one index column per feature (lists for multi-hot)
 """
 
 from __future__ import annotations
@@ -11,131 +25,162 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from features.config import DataConfig
-from features.sources import DataError, MovieLens
+from features.sources import DataError
+from features.spec import DataSpec, FeatureSpec, feature_expr, hash_bucket_expr, load_spec, spec_from_dict
 
-#: Every categorical feature, in the fixed order used for KeyedJaggedTensor keys and MLP inputs.
-FEATURES: tuple[str, ...] = (
-    "user_id", "item_id", "age", "gender", "occupation", "zip_prefix", "release_year", "genres",
-)  # fmt: skip
-#: Features with several values per row (pooled by the embedding bag).
-MULTI_HOT: frozenset[str] = frozenset({"genres"})
-#: ML-1M's age groups, also used to bucket ML-100K's exact ages.
-AGE_BUCKETS: tuple[tuple[int, str], ...] = (
-    (18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"),
-)  # fmt: skip
-OLDEST_BUCKET = "56+"
-
-
-def age_bucket_expr(age: pl.Expr) -> pl.Expr:
-    """Bucket an integer age (or an ML-1M age code) into the ML-1M age groups."""
-    expr = pl.when(age.is_null()).then(None)
-    for upper, label in AGE_BUCKETS:
-        expr = expr.when(age < upper).then(pl.lit(label))
-    return expr.otherwise(pl.lit(OLDEST_BUCKET))
-
-
-def feature_columns(
-    frame: pl.DataFrame, zip_prefix_len: int, year_bucket: int, features: tuple[str, ...]
-) -> pl.DataFrame:
-    """Derive the raw categorical feature values (strings) from user and item attributes."""
-    exprs = {
-        "user_id": lambda: pl.col("user_id").cast(pl.Utf8),
-        "item_id": lambda: pl.col("item_id").cast(pl.Utf8),
-        "age": lambda: age_bucket_expr(pl.col("age")),
-        "gender": lambda: pl.col("gender"),
-        "occupation": lambda: pl.col("occupation"),
-        "zip_prefix": lambda: pl.col("zip_code").str.slice(0, zip_prefix_len),
-        "release_year": lambda: ((pl.col("year") // year_bucket) * year_bucket).cast(pl.Utf8),
-        "genres": lambda: pl.col("genres"),
-    }
-    return frame.select([exprs[name]().alias(name) for name in features])
+#: What a vocabulary file holds (``format``); files without it are the first, MovieLens-only
+#: layout, read as the ML-100K spec with their zip prefix length and year bucket.
+VOCAB_FORMAT = 2
 
 
 @dataclass
 class Vocabulary:
-    """The values of one feature; ``values[i]`` has index ``i + 1`` (0 is unknown)."""
+    """The values of one feature; ``values[i]`` has index ``i + 1`` (0 is unknown).
+
+    Args:
+        name: the feature.
+        values: the known values, in index order (empty for a hashed vocabulary).
+        hash_buckets: an open vocabulary of this many hashed slots instead of ``values``.
+        integer: the values are integers (the feature's column is an integer column): the
+            served module takes them as an integer tensor.
+    """
 
     name: str
     values: list[str]
+    hash_buckets: int | None = None
+    integer: bool = False
 
     def __post_init__(self) -> None:
         self.index = {v: i + 1 for i, v in enumerate(self.values)}
 
     @property
     def size(self) -> int:
-        """Number of embedding rows: the known values plus the unknown slot 0."""
-        return len(self.values) + 1
+        """Number of embedding rows: the known values (or hash slots) plus the unknown slot 0."""
+        return (self.hash_buckets if self.hash_buckets else len(self.values)) + 1
 
     def encode(self, expr: pl.Expr) -> pl.Expr:
         """An expression mapping raw values to indices, unknown (and null) to 0."""
+        if self.hash_buckets:
+            return hash_bucket_expr(expr, self.hash_buckets)
         return expr.replace_strict(self.index, default=0, return_dtype=pl.Int64).fill_null(0)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.hash_buckets:
+            return {"hash_buckets": self.hash_buckets, "integer": self.integer}
+        return {"values": self.values, "integer": self.integer}
+
+
+def _sorted_values(values: pl.Series, integer: bool) -> pl.Series:
+    return values.cast(pl.Int64).sort().cast(pl.Utf8) if integer else values.sort()
+
+
+def _is_integer(feature: FeatureSpec, schema: dict[str, Any]) -> bool:
+    """Whether the raw values are integers: an id or categorical over an integer column."""
+    dtype = schema.get(feature.column)
+    return feature.kind in ("id", "categorical") and dtype is not None and dtype.is_integer()
+
+
+def _lazy(frame: pl.DataFrame | pl.LazyFrame | None) -> pl.LazyFrame | None:
+    return frame.lazy() if isinstance(frame, pl.DataFrame) else frame
 
 
 class FeatureVocabs:
-    """All feature vocabularies plus the derivation parameters that go with them."""
+    """The vocabulary of every feature of a spec, and the spec itself.
 
-    def __init__(self, vocabs: dict[str, Vocabulary], zip_prefix_len: int, year_bucket: int):
-        missing = [f for f in FEATURES if f not in vocabs]
+    Args:
+        spec: the feature spec the vocabularies were built for.
+        vocabs: one :class:`Vocabulary` per feature of the spec.
+
+    Raises:
+        DataError: a feature of the spec has no vocabulary.
+    """
+
+    def __init__(self, spec: DataSpec, vocabs: dict[str, Vocabulary]):
+        missing = [f for f in spec.names if f not in vocabs]
         if missing:
             raise DataError(f"vocabularies lack feature(s) {', '.join(missing)}")
-        self.vocabs = vocabs
-        self.zip_prefix_len = zip_prefix_len
-        self.year_bucket = year_bucket
+        self.spec = spec
+        self.vocabs = {name: vocabs[name] for name in spec.names}
 
     def __getitem__(self, name: str) -> Vocabulary:
         return self.vocabs[name]
 
     @property
     def sizes(self) -> dict[str, int]:
-        """Embedding rows per feature (including the unknown slot)."""
-        return {name: self.vocabs[name].size for name in FEATURES}
+        """Embedding rows per feature (including the unknown slot), in KeyedJaggedTensor order."""
+        return {name: self.vocabs[name].size for name in self.spec.kjt_names}
 
     @classmethod
-    def build(cls, ml: MovieLens, config: DataConfig) -> "FeatureVocabs":
-        """Vocabularies from the user and item tables (sorted, so the same data gives the same ids)."""
-        user_feats = feature_columns(
-            ml.users, config.zip_prefix_len, config.year_bucket,
-            ("user_id", "age", "gender", "occupation", "zip_prefix"),
-        )  # fmt: skip
-        item_feats = feature_columns(
-            ml.items, config.zip_prefix_len, config.year_bucket,
-            ("item_id", "release_year", "genres"),
-        )  # fmt: skip
-        vocabs = {}
-        for frame in (user_feats, item_feats):
-            for name in frame.columns:
-                col = frame[name].explode() if name in MULTI_HOT else frame[name]
-                values = col.drop_nulls().unique()
-                if name in ("user_id", "item_id"):
-                    values = values.cast(pl.Int64).sort().cast(pl.Utf8)
-                else:
-                    values = values.sort()
-                vocabs[name] = Vocabulary(name, values.to_list())
-        return cls(vocabs, config.zip_prefix_len, config.year_bucket)
+    def build(
+        cls,
+        spec: DataSpec,
+        interactions: pl.DataFrame | pl.LazyFrame,
+        users: pl.DataFrame | pl.LazyFrame | None = None,
+        items: pl.DataFrame | pl.LazyFrame | None = None,
+    ) -> "FeatureVocabs":
+        """Vocabularies of every feature of ``spec``, by its policy (see the module docstring).
 
-    def encode(self, joined: pl.DataFrame) -> pl.DataFrame:
-        """Indices of every feature for every row of a joined rating frame (genres as a list)."""
-        raw = feature_columns(joined, self.zip_prefix_len, self.year_bucket, FEATURES)
-        return raw.select(
-            [
-                pl.col(name).list.eval(self.vocabs[name].encode(pl.element()))
-                if name in MULTI_HOT
-                else self.vocabs[name].encode(pl.col(name))
-                for name in FEATURES
-            ]
-        )
+        Lazy frames are scanned, not loaded: each table is read once for the distinct values of
+        its features (and the interactions once more for counts when a feature has
+        ``min_count`` or ``max_size``).
+
+        Args:
+            spec: the spec.
+            interactions, users, items: the tables (eager or lazy); users and items may be
+                absent when no feature reads them.
+        """
+        tables = {"interactions": _lazy(interactions), "users": _lazy(users), "items": _lazy(items)}
+        vocabs: dict[str, Vocabulary] = {}
+        for table, frame in tables.items():
+            features = spec.on_table(table)
+            if not features:
+                continue
+            if frame is None:
+                raise DataError(f"feature {features[0].name!r} reads table {table!r}, which the "
+                                "source does not have")  # fmt: skip
+            schema = frame.collect_schema()
+            counted = [f for f in features if f.hash_buckets is None and
+                       (f.vocab_min_count > 1 or f.max_size is not None)]  # fmt: skip
+            plain = [f for f in features if f.hash_buckets is None and f not in counted]
+            for f in features:
+                if f.hash_buckets is not None:
+                    vocabs[f.name] = Vocabulary(f.name, [], f.hash_buckets, _is_integer(f, schema))
+            if plain:
+                raw = frame.select([feature_expr(f) for f in plain]).collect(engine="streaming")
+                for f in plain:
+                    col = raw[f.name].explode() if f.multi_valued else raw[f.name]
+                    integer = _is_integer(f, schema)
+                    values = _sorted_values(col.drop_nulls().unique(), integer)
+                    vocabs[f.name] = Vocabulary(f.name, values.to_list(), integer=integer)
+            for f in counted:
+                counts = _value_counts(f, frame, tables["interactions"], spec)
+                vocabs[f.name] = _by_count(f, counts, _is_integer(f, schema))
+        return cls(spec, vocabs)
+
+    def encode(self, joined: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | pl.LazyFrame:
+        """Indices of every feature (spec order) for every row of a joined interaction frame;
+        multi-hot features as lists of indices."""
+        exprs = []
+        for f in self.spec.features:
+            vocab = self.vocabs[f.name]
+            raw = feature_expr(f)
+            if f.multi_valued and not vocab.hash_buckets:
+                exprs.append(raw.list.eval(vocab.encode(pl.element())).alias(f.name))
+            else:
+                exprs.append(vocab.encode(raw).alias(f.name))
+        return joined.select(exprs)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "zip_prefix_len": self.zip_prefix_len,
-            "year_bucket": self.year_bucket,
-            "features": {name: self.vocabs[name].values for name in FEATURES},
+            "format": VOCAB_FORMAT,
+            "spec": self.spec.to_dict(),
+            "features": {name: vocab.to_dict() for name, vocab in self.vocabs.items()},
         }
         path.write_text(json.dumps(payload))
         return path
@@ -147,7 +192,54 @@ class FeatureVocabs:
             raise DataError(f"expected a vocabulary file at {path} (not found)")
         try:
             payload = json.loads(path.read_text())
-            vocabs = {n: Vocabulary(n, list(v)) for n, v in payload["features"].items()}
-            return cls(vocabs, int(payload["zip_prefix_len"]), int(payload["year_bucket"]))
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            if "format" not in payload:
+                return _load_first_format(payload)
+            spec = spec_from_dict(payload["spec"], "spec")
+            vocabs = {}
+            for name, entry in payload["features"].items():
+                vocabs[name] = Vocabulary(name, list(entry.get("values", [])),
+                                          entry.get("hash_buckets"), bool(entry["integer"]))  # fmt: skip
+            return cls(spec, vocabs)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise DataError(f"{path}: not a recdistill vocabulary file ({err})") from err
+
+
+def _load_first_format(payload: dict[str, Any]) -> FeatureVocabs:
+    """A vocabulary file of the first layout: ML-100K's features with a zip prefix length and a
+    release-year bucket width of its own."""
+    spec = load_spec("ml100k")
+    spec["zip_prefix"].length = int(payload["zip_prefix_len"])
+    spec["release_year"].width = int(payload["year_bucket"])
+    integer = {"user_id", "item_id"}
+    vocabs = {n: Vocabulary(n, list(v), integer=n in integer) for n, v in payload["features"].items()}
+    return FeatureVocabs(spec, vocabs)
+
+
+def _value_counts(
+    feature: FeatureSpec, frame: pl.LazyFrame, interactions: pl.LazyFrame, spec: DataSpec
+) -> pl.DataFrame:
+    """``value``, ``count``: interactions per raw value of ``feature`` (one streaming pass)."""
+    raw = feature_expr(feature)
+    if feature.table == "interactions":
+        values = interactions.select(raw)
+    else:
+        key = spec.user_key if feature.table == "users" else spec.item_key
+        per_key = interactions.group_by(key).agg(pl.len().alias("_n"))
+        values = frame.select(pl.col(key), raw).join(per_key, on=key, how="inner")
+    if feature.multi_valued:
+        values = values.explode(feature.name)
+    count = pl.col("_n").sum() if "_n" in values.collect_schema() else pl.len()
+    counts = values.filter(pl.col(feature.name).is_not_null()).group_by(feature.name).agg(
+        count.cast(pl.Int64).alias("count")
+    )  # fmt: skip
+    return counts.rename({feature.name: "value"}).collect(engine="streaming")
+
+
+def _by_count(feature: FeatureSpec, counts: pl.DataFrame, integer: bool) -> Vocabulary:
+    """The values kept by ``min_count`` and ``max_size``, in the usual sort order."""
+    kept = counts.filter(pl.col("count") >= feature.vocab_min_count)
+    if feature.max_size is not None and kept.height > feature.max_size:
+        order = pl.col("value").cast(pl.Int64) if integer else pl.col("value")
+        kept = kept.sort([pl.col("count"), order], descending=[True, False]).head(feature.max_size)
+    values = _sorted_values(kept["value"], integer)
+    return Vocabulary(feature.name, values.to_list(), integer=integer)

@@ -244,7 +244,7 @@ def data_inputs(prepared: Prepared) -> list:
     a digest of its rows."""
     cfg = prepared.config
     folder = embedded_ml100k_folder() if cfg.source == "embedded" else Path(cfg.source).expanduser()
-    joined = prepared.movielens.joined()
+    joined = prepared.joined()
     frames = {split: joined[rows.tolist()] for split, rows in prepared.data.splits.items()}
     return split_datasets(frames, prepared.movielens.name, folder.resolve().as_uri())
 
@@ -467,7 +467,7 @@ def stage_register(
         ctx.say("  tracking disabled: nothing registered")
         return None, None
     rows = ctx.prepared.data.splits[ctx.config.export.parity_split][:1]
-    example = serving_inputs(ctx.prepared.movielens.joined()[rows.tolist()])
+    example = serving_inputs(ctx.prepared.joined()[rows.tolist()], ctx.prepared.vocabs)
     ctx.run.set_description(description)
     ctx.run.log_student(report.path, report, example)
     version = ctx.run.register_student(description)

@@ -130,6 +130,8 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
+        if path and str(err).startswith(f"{path}."):  # the error names its full key path already
+            raise ConfigError(str(err)) from err
         raise ConfigError(f"{where}: {err}") from err
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from features.batches import SINGLE, RatingsData
+from features.batches import RatingsData
 from recdistill.training.evaluation import label_range
 
 #: The lambdas :func:`choose_bias_model` tries, on the validation split.
@@ -59,8 +59,7 @@ class BiasModel:
 
 
 def _ids(data: RatingsData, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    single = data.single[rows]
-    return single[:, SINGLE.index("user_id")], single[:, SINGLE.index("item_id")]
+    return data.entity_ids("user_id")[rows], data.entity_ids("item_id")[rows]
 
 
 def fit_bias_model(data: RatingsData, lam: float, iterations: int = 15) -> BiasModel:

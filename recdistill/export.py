@@ -1,33 +1,51 @@
-"""TorchScript export of the student for serving: raw MovieLens values in, ratings out.
+"""TorchScript export of the student for serving: raw values in, ratings (or click
+probabilities) out.
 
 The served model is the student alone (the distillation module and the teachers are dropped)
 rebuilt from plain torch parts, so the file loads with ``torch.jit.load`` and nothing else — no
 torchrec, no fbgemm, no recdistill:
 
-- :class:`RawFeatureEncoder`: raw ids and attributes -> vocabulary indices, with the same
-  derivations as ``features.vocab`` (age buckets, zip prefix, release-year bucket; unknown -> 0).
+- :class:`FeatureEncoder`: raw values -> vocabulary indices, one small encoder per feature of
+  the spec (:mod:`features.spec`), built from the feature's declaration and its vocabulary —
+  the same derivation the training batches use, written once per *kind*, not per feature
+  (ids and categories looked up, numbers bucketized by boundaries or width, string prefixes
+  cut by characters, multi-hot bags, hashed open vocabularies; unknown -> 0).
 - :class:`ServingSparseArch`: the embedding tables, weights copied from the student's TorchRec
-  ``EmbeddingBagCollection`` (an ``nn.EmbeddingBag`` for the genres; the single-valued features
-  of one width merged into one ``nn.Embedding``, :class:`MergedTable`); pooled embeddings
-  concatenated in ``FEATURES`` order (``[B, F*D]``, the student's ``early``).
-- the student's MLP tower and rating head, copied (``middle`` and ``head``), its rating clipped
-  to the range of the training labels (:func:`training_rating_range`; 1..5 for MovieLens): the
-  model was never taught a rating outside it.
+  ``EmbeddingBagCollection`` (an ``nn.EmbeddingBag`` per multi-hot feature; single-valued
+  features of one width merged into one ``nn.Embedding``, :class:`MergedTable`); pooled
+  embeddings concatenated in the spec's KeyedJaggedTensor order (the student's ``early``).
+- the student's MLP tower and head, copied (``middle`` and ``head``); a rating is clipped to
+  the range of the training labels (:func:`training_rating_range`; 1..5 for MovieLens), a
+  click logit becomes a probability.
+
+The served module takes three dictionaries keyed by feature name (:class:`ServingInputs`):
+``numbers`` (``Dict[str, Tensor]``, ``[B]`` each: integer ids and categories, and the numbers
+of bucketized features), ``strings`` (``Dict[str, List[str]]``: string ids, categories and
+prefix columns, ``B`` each; multi-hot values flat) and ``lengths`` (``Dict[str, Tensor]``:
+``[B]`` values per row of each multi-hot feature). Each holds the raw value of the feature's
+column (``zip_prefix`` gets the whole zip code; the module keeps the prefix). A missing number
+is NaN. From C++::
+
+    auto served = torch::jit::load("student.pt");
+    c10::Dict<std::string, at::Tensor> numbers;  // user_id, item_id, age, release_year
+    c10::Dict<std::string, c10::List<std::string>> strings;  // gender, ..., genres (flat)
+    c10::Dict<std::string, at::Tensor> lengths;  // genres: [B] names per row
+    at::Tensor ratings = served.forward({numbers, strings, lengths}).toTensor();  // [B]
 
 :func:`export_torchscript` scripts :class:`ServingStudent`, saves it, loads it back and checks
-it against the eager student, clipped the same way, on real rows (max abs difference within
-``tolerance``).
+it against the eager student on real rows (max abs difference within ``tolerance``).
 
-The served module never answers wrong in silence: an input of the wrong rank or a non-integer
-id fails naming the input, string values are normalized (:class:`RawFeatureEncoder`), and
-``served.unknowns(...)`` counts, per feature, the values that mapped to the unknown index 0.
+The served module never answers wrong in silence: a feature name it does not take, a missing
+one, an input of the wrong rank or a non-integer id fails naming the input; string values are
+normalized (:class:`StringEncoder`); and ``served.unknowns(...)`` counts, per feature, the
+values that mapped to the unknown index 0.
 
 Example::
 
     report = export_torchscript(student, prepared.vocabs, "runs/student.pt",
                                 ParityRows.sample(prepared, 2048))
     served = torch.jit.load("runs/student.pt")
-    inputs = serving_inputs(prepared.movielens.joined().head(4))
+    inputs = serving_inputs(prepared.joined().head(4), prepared.vocabs)
     served(*inputs.args)  # [4] ratings
     served.unknowns(*inputs.args)  # {"user_id": 0, ..., "genres": 0}
 """
@@ -46,15 +64,13 @@ import torch
 from torch import nn
 
 from features.batches import Batch, Prepared
-from features.vocab import (
-    AGE_BUCKETS, FEATURES, MULTI_HOT, OLDEST_BUCKET, FeatureVocabs, Vocabulary,
-)  # fmt: skip
+from features.spec import FeatureSpec, stable_hash, stable_hash_scriptable
+from features.vocab import FeatureVocabs, Vocabulary
 from recdistill.training.evaluation import label_range
 
-#: What a missing integer attribute (age, release year) is passed as; it encodes to unknown (0).
-MISSING_INT = -1
-#: The serving inputs that are lists of strings (one per row, or flat for the genres).
-STRING_INPUTS = ("gender", "occupation", "zip_code", "genres")
+#: Which dictionary of the inputs carries a feature: ``numbers``, ``strings`` (multi-hot
+#: features also have ``lengths``).
+INPUT_DICTS = ("numbers", "strings", "lengths")
 
 
 @dataclass
@@ -99,41 +115,42 @@ def training_rating_range(prepared: Prepared) -> Tuple[float, float]:
     return label_range(prepared.data)
 
 
-class ServingInputs(NamedTuple):
-    """Raw inputs of the served student, one entry per rating row (``B`` rows).
+def input_dict(feature: FeatureSpec, vocab: Vocabulary) -> str:
+    """``numbers`` or ``strings``: where the served module reads ``feature``'s raw values."""
+    if feature.kind == "bucketized" or (vocab.integer and not feature.multi_valued):
+        return "numbers"
+    return "strings"
 
-    The tensors are 1-D (``[B]``) of any integer dtype (int64, int32, int16, int8, uint8);
-    floats are refused rather than rounded. String values are matched as
-    :class:`RawFeatureEncoder` describes (case and surrounding whitespace do not matter).
+
+# ---------------------------------------------------------------------------------------------
+# Raw inputs
+
+
+class ServingInputs(NamedTuple):
+    """Raw inputs of the served student for ``B`` rows, keyed by feature name.
 
     Attributes:
-        user_id: ``[B]`` int64 MovieLens user ids.
-        item_id: ``[B]`` int64 MovieLens item ids.
-        age: ``[B]`` int64 ages in years (or ML-1M age codes); ``MISSING_INT`` when unknown.
-        gender: ``B`` strings (``"M"``, ``"F"``).
-        occupation: ``B`` strings.
-        zip_code: ``B`` strings (the model keeps the configured prefix; ASCII, as MovieLens
-            zip codes are: TorchScript slices strings by bytes, polars by characters).
-        year: ``[B]`` int64 release years; ``MISSING_INT`` when unknown.
-        genres: the genre names of all rows, concatenated (``G`` strings); flat rather than a
-            list per row because TorchScript converts a flat list of strings about twice as fast.
-        genre_lengths: ``[B]`` int64 number of genres of each row (0 allowed), as the
-            ``lengths`` of a jagged tensor: row ``i`` owns the next ``genre_lengths[i]`` names.
+        numbers: ``[B]`` tensors: integer ids and categories (any integer dtype; floats are
+            refused rather than rounded) and the numbers of bucketized features (integer or
+            floating; NaN is missing).
+        strings: lists of ``B`` strings (string ids, categories, prefix columns); for a
+            multi-hot feature its values of all rows, concatenated (flat rather than a list
+            per row because TorchScript converts a flat list of strings about twice as fast).
+        lengths: per multi-hot feature, ``[B]`` integer counts: row ``i`` owns the next
+            ``lengths[name][i]`` values of ``strings[name]`` (0 allowed).
     """
 
-    user_id: torch.Tensor
-    item_id: torch.Tensor
-    age: torch.Tensor
-    gender: List[str]
-    occupation: List[str]
-    zip_code: List[str]
-    year: torch.Tensor
-    genres: List[str]
-    genre_lengths: torch.Tensor
+    numbers: Dict[str, torch.Tensor]
+    strings: Dict[str, List[str]]
+    lengths: Dict[str, torch.Tensor]
 
     @property
     def batch_size(self) -> int:
-        return int(self.user_id.shape[0])
+        for values in self.numbers.values():
+            return int(values.shape[0])
+        for name, values in self.strings.items():
+            return len(self.lengths[name]) if name in self.lengths else len(values)
+        return 0
 
     @property
     def args(self) -> tuple:
@@ -143,68 +160,93 @@ class ServingInputs(NamedTuple):
             ValueError: a bare string where a list of strings is expected: the scripted
                 module cannot refuse it itself, TorchScript hands it over as its characters.
         """
-        for name in STRING_INPUTS:
-            value = getattr(self, name)
+        for name, value in self.strings.items():
             if isinstance(value, str):
                 raise ValueError(
-                    f"serving input {name} must be a list of strings, got the string {value!r} "
-                    f"(write [{value!r}] for one row)"
+                    f"serving input strings[{name!r}] must be a list of strings, got the string "
+                    f"{value!r} (write [{value!r}] for one row)"
                 )
-        return tuple(self)
+        return (self.numbers, self.strings, self.lengths)
+
+    @classmethod
+    def from_records(cls, frame) -> "ServingInputs":
+        """From a table of one row per interaction and one column per feature, as
+        :func:`recdistill.tracking.serving_example` writes it (a pandas or polars frame, e.g. the
+        MLflow input example): numeric columns become ``numbers``, string columns ``strings``,
+        list columns a multi-hot feature's flat values and lengths."""
+        import pandas as pd
+
+        frame = frame.to_pandas() if isinstance(frame, pl.DataFrame) else pd.DataFrame(frame)
+        numbers: Dict[str, torch.Tensor] = {}
+        strings: Dict[str, List[str]] = {}
+        lengths: Dict[str, torch.Tensor] = {}
+        for name in frame.columns:
+            column = frame[name]
+            if pd.api.types.is_numeric_dtype(column):
+                numbers[name] = torch.as_tensor(column.to_numpy().copy())
+            elif len(column) and not isinstance(column.iloc[0], str):  # lists (or arrays)
+                rows = [list(v) for v in column]
+                strings[name] = [str(v) for row in rows for v in row]
+                lengths[name] = torch.tensor([len(row) for row in rows], dtype=torch.int64)
+            else:
+                strings[name] = [str(v) for v in column]
+        return cls(numbers, strings, lengths)
+
+    def replace(self, dict_name: str, name: str, value) -> "ServingInputs":
+        """A copy with ``getattr(self, dict_name)[name] = value`` (the others shared)."""
+        changed = dict(getattr(self, dict_name))
+        changed[name] = value
+        return self._replace(**{dict_name: changed})
 
 
-def serving_inputs(joined: pl.DataFrame) -> ServingInputs:
-    """Raw serving inputs from rows of ``MovieLens.joined()`` (nulls become "unknown").
-
-    Args:
-        joined: a frame with columns user_id, item_id, age, gender, occupation, zip_code, year,
-            genres (as ``prepared.movielens.joined()`` returns).
+def serving_inputs(joined: pl.DataFrame, vocabs: FeatureVocabs) -> ServingInputs:
+    """Raw serving inputs from rows of a joined interaction frame (``MovieLens.joined()``):
+    each feature's column, in the dictionary :func:`input_dict` names (a null number is NaN,
+    a null string ``""``, a null list empty).
 
     Raises:
-        ValueError: a required column is missing (named).
+        ValueError: a feature's column is missing (named).
     """
-    needed = ("user_id", "item_id", "age", "gender", "occupation", "zip_code", "year", "genres")
-    missing = [c for c in needed if c not in joined.columns]
+    spec = vocabs.spec
+    missing = [f"{f.column} (feature {f.name})" for f in spec.features if f.column not in joined.columns]
     if missing:
-        raise ValueError(
-            f"serving_inputs: frame lacks column(s) {', '.join(missing)} "
-            f"(expected rows of MovieLens.joined(): {', '.join(needed)})"
-        )
-
-    def ints(name: str) -> torch.Tensor:
-        col = joined[name].cast(pl.Int64).fill_null(MISSING_INT)
-        return torch.from_numpy(col.to_numpy().copy())
-
-    def strings(name: str) -> list[str]:
-        return joined[name].cast(pl.Utf8).fill_null("").to_list()
-
-    genres = joined["genres"].fill_null([])
-    return ServingInputs(
-        user_id=ints("user_id"),
-        item_id=ints("item_id"),
-        age=ints("age"),
-        gender=strings("gender"),
-        occupation=strings("occupation"),
-        zip_code=strings("zip_code"),
-        year=ints("year"),
-        genres=genres.explode().drop_nulls().to_list(),
-        genre_lengths=torch.from_numpy(genres.list.len().cast(pl.Int64).to_numpy().copy()),
-    )
+        raise ValueError(f"serving_inputs: frame lacks column(s) {', '.join(missing)}")
+    numbers: Dict[str, torch.Tensor] = {}
+    strings: Dict[str, List[str]] = {}
+    lengths: Dict[str, torch.Tensor] = {}
+    for f in spec.features:
+        col = joined[f.column]
+        if f.multi_valued:
+            values = feature_lists(joined, f)
+            strings[f.name] = values.explode().drop_nulls().to_list()
+            lengths[f.name] = torch.from_numpy(values.list.len().cast(pl.Int64).to_numpy().copy())
+        elif input_dict(f, vocabs[f.name]) == "numbers":
+            if f.kind == "bucketized":
+                col = col.cast(pl.Float64).fill_null(float("nan"))
+            else:
+                col = col.cast(pl.Int64)
+            numbers[f.name] = torch.from_numpy(col.to_numpy().copy())
+        else:
+            strings[f.name] = col.cast(pl.Utf8).fill_null("").to_list()
+    return ServingInputs(numbers, strings, lengths)
 
 
-def _sorted_lookup(values: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted integer keys and their vocabulary indices, for a vectorized id lookup."""
-    try:
-        keys = torch.tensor([int(v) for v in values], dtype=torch.int64)
-    except ValueError as err:
-        raise ValueError(f"vocabulary {name!r} has a value that is not an integer: {err}") from err
-    keys, order = torch.sort(keys)
-    return keys, order + 1  # index i+1 belongs to values[i]
+def feature_lists(joined: pl.DataFrame, feature: FeatureSpec) -> pl.Series:
+    """A multi-hot feature's raw values per row, as lists of strings (a separated string column
+    split as training splits it; null -> empty)."""
+    if feature.separator is None:
+        return joined[feature.column].cast(pl.List(pl.Utf8)).fill_null([])
+    parts = pl.col(feature.column).str.split(feature.separator)
+    return joined.select(parts.list.eval(pl.element().filter(pl.element() != ""))).to_series().fill_null([])
+
+
+# ---------------------------------------------------------------------------------------------
+# String normalization and hashing, scriptable
 
 
 def strip_space(value: str) -> str:
-    """``value`` without surrounding whitespace (spaces, tabs, line breaks): how a zip code is
-    matched."""
+    """``value`` without surrounding whitespace (spaces, tabs, line breaks): how ids and
+    prefix columns are matched when the value as given is unknown."""
     # A loop, not str.strip: TorchScript's default strip leaves "\r", and a "\r" constant
     # cannot be saved (torch.jit.load fails on it).
     start = len(value)
@@ -221,9 +263,33 @@ def strip_space(value: str) -> str:
 
 
 def fold_case(value: str) -> str:
-    """``value`` stripped and lower-cased (ASCII, as TorchScript lower-cases): how gender,
-    occupation and genre names are matched."""
+    """``value`` stripped and lower-cased (ASCII, as TorchScript lower-cases): how categories
+    and multi-hot values (gender, occupation, genre names) are matched."""
     return strip_space(value).lower()
+
+
+def char_prefix(value: str, length: int) -> str:
+    """The first ``length`` characters of ``value``, as polars' ``str.slice`` cuts them in
+    training. TorchScript strings are UTF-8 bytes, so there the cut is placed after whole
+    characters (a continuation byte is ``0b10xxxxxx``), not after ``length`` bytes."""
+    if not torch.jit.is_scripting():
+        return value[:length]
+    count = 0
+    end = 0
+    for i in range(len(value)):
+        if (ord(value[i]) & 0xC0) != 0x80:  # the first byte of a character
+            if count == length:
+                break
+            count += 1
+        end = i + 1
+    return value[:end]
+
+
+def hash_index(value: str, buckets: int) -> int:
+    """``1 + stable_hash(value) % buckets``, as training hashes an open vocabulary."""
+    if not torch.jit.is_scripting():
+        return 1 + stable_hash(value) % buckets
+    return 1 + stable_hash_scriptable(value) % buckets
 
 
 def _normalized_index(
@@ -254,206 +320,280 @@ def _normalized_index(
     return index
 
 
-class RawFeatureEncoder(nn.Module):
-    """Raw MovieLens values -> vocabulary indices (0 = unknown), inside the scripted module.
+# ---------------------------------------------------------------------------------------------
+# Per-kind encoders: every one takes the three input dictionaries and returns the feature's
+# indices and, for a multi-hot feature, its bag offsets (empty otherwise).
 
-    Integer features (user and item ids, release-year buckets) are looked up with
-    ``searchsorted`` over the sorted known values, the age with ``bucketize`` over the age
-    groups; string features (gender, occupation, zip prefix, genres) with ``Dict[str, int]``.
 
-    String values are normalized, so a client's spelling does not silently change a rating:
-    gender, occupation and genre names are matched without surrounding whitespace and
-    case-insensitively (``" m "`` is ``"M"``, ``"comedy"`` is ``"Comedy"``: :func:`fold_case`);
-    zip codes only without surrounding whitespace, then cut to the prefix (:func:`strip_space`).
-    A value spelled exactly as in the vocabulary is found without normalizing (the same
-    index, faster). Building the encoder fails when two values of a vocabulary are one after
-    normalization. Any other value is unknown (index 0); :meth:`unknowns` counts them.
+def _check_rank(name: str, values: torch.Tensor) -> None:
+    if values.dim() != 1:
+        raise ValueError(f"serving input {name} must have shape [B] (one value per row), "
+                         f"got shape {list(values.shape)}")  # fmt: skip
 
-    Inputs are checked, each failure naming the input: the id tensors (user_id, item_id, age,
-    year, genre_lengths) must be 1-D ``[B]`` of an integer dtype (a float is refused, not
-    rounded), every input must have ``B`` rows. A bare string where a list of strings is
-    expected is refused by the eager module; the scripted module never sees it, since
-    TorchScript converts a Python ``str`` passed as ``List[str]`` into the list of its
-    characters — the row count check then refuses it unless the string has exactly ``B``
-    characters, and :attr:`ServingInputs.args` refuses it on the Python side.
+
+def _check_integer(name: str, values: torch.Tensor) -> None:
+    _check_rank(name, values)
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ValueError(
+            f"serving input {name} must be an integer tensor (int64, int32, int16, int8 "
+            f"or uint8), not floating-point, complex or bool: its values are not rounded"
+        )
+
+
+def _lookup(keys: torch.Tensor, values: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """``values[j]`` where ``keys[j] == raw`` (``keys`` sorted), else 0; vectorized."""
+    if keys.numel() == 0:
+        return torch.zeros(raw.shape, dtype=torch.int64)
+    pos = torch.searchsorted(keys, raw).clamp(max=keys.numel() - 1)
+    return torch.where(keys[pos] == raw, values[pos], torch.zeros_like(values[pos]))
+
+
+class IntegerEncoder(nn.Module):
+    """An id or category over an integer column: ``numbers[name]``, looked up with
+    ``searchsorted`` over the sorted known values (or hashed for an open vocabulary)."""
+
+    name: str
+    buckets: int
+
+    def __init__(self, feature: FeatureSpec, vocab: Vocabulary):
+        super().__init__()
+        self.name = feature.name
+        self.buckets = int(vocab.hash_buckets or 0)
+        keys = torch.tensor([int(v) for v in vocab.values], dtype=torch.int64)
+        keys, order = torch.sort(keys)
+        self.register_buffer("keys", keys)
+        self.register_buffer("values", order + 1)  # index i+1 belongs to vocab.values[i]
+
+    def forward(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
+                lengths: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        raw = numbers[self.name]
+        _check_integer("numbers['" + self.name + "']", raw)
+        raw = raw.long()
+        if self.buckets > 0:
+            ids: List[int] = raw.tolist()
+            found = [hash_index(str(v), self.buckets) for v in ids]
+            return torch.tensor(found, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+        return _lookup(self.keys, self.values, raw), torch.empty(0, dtype=torch.int64)
+
+
+class BucketEncoder(nn.Module):
+    """A bucketized number: ``numbers[name]`` (any real dtype; NaN is missing -> 0), bucketed
+    by the boundaries (``b[i-1] <= v < b[i]`` is bucket ``i``) or floored to a multiple of the
+    width, as :func:`features.spec.feature_expr` buckets it in training."""
+
+    name: str
+    width: float
+
+    def __init__(self, feature: FeatureSpec, vocab: Vocabulary):
+        super().__init__()
+        self.name = feature.name
+        self.width = float(feature.width or 0)
+        if feature.boundaries is not None:
+            labels = feature.bucket_labels or []
+            bounds = torch.tensor(feature.boundaries, dtype=torch.float64)
+            indices = torch.tensor([vocab.index.get(label, 0) for label in labels], dtype=torch.int64)
+            keys = torch.empty(0, dtype=torch.float64)
+            values = torch.empty(0, dtype=torch.int64)
+        else:  # width: the known floors, as numbers
+            bounds = torch.empty(0, dtype=torch.float64)
+            indices = torch.empty(0, dtype=torch.int64)
+            keys, order = torch.sort(torch.tensor([float(v) for v in vocab.values], dtype=torch.float64))
+            values = order + 1
+        self.register_buffer("bounds", bounds)
+        self.register_buffer("bucket_index", indices)
+        self.register_buffer("keys", keys)
+        self.register_buffer("values", values)
+
+    def forward(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
+                lengths: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        raw = numbers[self.name]
+        _check_rank("numbers['" + self.name + "']", raw)
+        if raw.is_complex() or raw.dtype == torch.bool:
+            raise ValueError("serving input numbers['" + self.name + "'] must be a real number "
+                             "tensor (integer or floating-point)")  # fmt: skip
+        x = raw.to(torch.float64)
+        if self.width > 0:
+            floors = torch.floor(x / self.width) * self.width  # polars' `//` floors too
+            found = _lookup(self.keys, self.values, floors)
+        else:
+            found = self.bucket_index[torch.bucketize(x, self.bounds, right=True)]
+        return torch.where(torch.isnan(x), torch.zeros_like(found), found), torch.empty(0, dtype=torch.int64)
+
+
+class StringEncoder(nn.Module):
+    """A string feature: ids and categories (``strings[name]``, one per row), prefixes of a
+    column (cut to ``length`` characters), and multi-hot values (flat, with
+    ``lengths[name]``).
+
+    A value is looked up as given (after the prefix cut), else normalized: categories and
+    multi-hot values without surrounding whitespace and case-insensitively (``" m "`` is
+    ``"M"``, ``"comedy"`` is ``"Comedy"``: :func:`fold_case`), ids and prefix columns only
+    without surrounding whitespace (:func:`strip_space`; the cut comes after it). Building it
+    fails when two values of a vocabulary are one after normalization. An open (hashed)
+    vocabulary hashes the value as given, as training does.
+    """
+
+    name: str
+    index: Dict[str, int]
+    fold: bool
+    length: int
+    buckets: int
+    multi: bool
+
+    def __init__(self, feature: FeatureSpec, vocab: Vocabulary):
+        super().__init__()
+        self.name = feature.name
+        self.fold = feature.kind in ("categorical", "multi_hot")
+        self.length = int(feature.length or 0)
+        self.buckets = int(vocab.hash_buckets or 0)
+        self.multi = feature.multi_valued
+        normalize = fold_case if self.fold else strip_space
+        self.index = {} if self.buckets else _normalized_index(vocab, normalize, feature.name)
+
+    def _one(self, value: str) -> int:
+        key = char_prefix(value, self.length) if self.length > 0 else value
+        if self.buckets > 0:
+            return hash_index(key, self.buckets)
+        i = self.index.get(key, -1)
+        if i >= 0:
+            return i
+        key = fold_case(value) if self.fold else strip_space(value)
+        return self.index.get(char_prefix(key, self.length) if self.length > 0 else key, 0)
+
+    def forward(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
+                lengths: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        raw = strings[self.name]
+        indices = torch.tensor([self._one(v) for v in raw], dtype=torch.int64)
+        if not self.multi:
+            return indices, torch.empty(0, dtype=torch.int64)
+        counts = lengths[self.name]
+        _check_integer("lengths['" + self.name + "']", counts)
+        counts = counts.long()
+        if bool((counts < 0).any()) or int(counts.sum()) != len(raw):
+            raise ValueError("serving input lengths['" + self.name + "'] must be non-negative "
+                             "and sum to len(strings['" + self.name + "']) = " + str(len(raw)))
+        return indices, torch.cumsum(counts, 0) - counts  # bag starts
+
+
+def feature_encoder(feature: FeatureSpec, vocab: Vocabulary) -> nn.Module:
+    """The encoder of ``feature`` (its kind and its input dictionary decide which)."""
+    if feature.kind == "bucketized":
+        return BucketEncoder(feature, vocab)
+    if input_dict(feature, vocab) == "numbers":
+        return IntegerEncoder(feature, vocab)
+    return StringEncoder(feature, vocab)
+
+
+class FeatureEncoder(nn.Module):
+    """Raw values of every feature -> vocabulary indices (0 = unknown), inside the scripted
+    module: one encoder per feature (:func:`feature_encoder`), in KeyedJaggedTensor order.
+
+    Inputs are checked, each failure naming the input: a name the model does not take (or in
+    the wrong dictionary) and a missing name; a tensor of the wrong rank; a float where an
+    integer id is expected (refused, not rounded); row counts that differ; multi-hot lengths
+    that do not add up. A bare string where a list of strings is expected is refused by
+    :attr:`ServingInputs.args`; TorchScript converts a Python ``str`` passed as ``List[str]``
+    into the list of its characters before this code runs, so the scripted module sees a list
+    (and its row count is checked).
 
     Args:
-        vocabs: the vocabularies (and zip prefix length, year bucket) the student was trained on.
+        vocabs: the vocabularies (and the spec) the student was trained on.
 
     Raises:
         ValueError: two values of a string vocabulary are one after normalization.
 
     Example::
 
-        encoder = RawFeatureEncoder(prepared.vocabs)
-        single, genres, offsets = encoder(*serving_inputs(joined).args)
-        # single: [B, 7] indices in FEATURES order without genres; genres: [G]; offsets: [B]
+        encoder = FeatureEncoder(prepared.vocabs)
+        single, bag_values, bag_offsets = encoder(*serving_inputs(joined, prepared.vocabs).args)
+        # single: [B, F1]; per multi-hot feature: [V] indices and [B] bag starts
     """
 
     feature_names: List[str]
-    gender_index: Dict[str, int]
-    occupation_index: Dict[str, int]
-    zip_index: Dict[str, int]
-    genre_index: Dict[str, int]
+    input_labels: List[str]
+    number_names: List[str]
+    string_names: List[str]
+    length_names: List[str]
 
     def __init__(self, vocabs: FeatureVocabs):
         super().__init__()
-        if list(MULTI_HOT) != ["genres"] or FEATURES[-1] != "genres":
-            raise ValueError(f"RawFeatureEncoder expects genres as the last, only multi-hot feature; "
-                             f"got FEATURES={FEATURES}")  # fmt: skip
-        self.feature_names = list(FEATURES)
-        self.zip_prefix_len = int(vocabs.zip_prefix_len)
-        self.year_bucket = int(vocabs.year_bucket)
-        user_keys, user_values = _sorted_lookup(vocabs["user_id"].values, "user_id")
-        item_keys, item_values = _sorted_lookup(vocabs["item_id"].values, "item_id")
-        year_keys, year_values = _sorted_lookup(vocabs["release_year"].values, "release_year")
-        self.register_buffer("user_keys", user_keys)
-        self.register_buffer("user_values", user_values)
-        self.register_buffer("item_keys", item_keys)
-        self.register_buffer("item_values", item_values)
-        self.register_buffer("year_keys", year_keys)
-        self.register_buffer("year_values", year_values)
-        # Age group k covers [bounds[k-1], bounds[k]); its vocabulary index, 0 when unseen.
-        labels = [label for _, label in AGE_BUCKETS] + [OLDEST_BUCKET]
-        age_index = vocabs["age"].index
-        self.register_buffer("age_bounds", torch.tensor([u for u, _ in AGE_BUCKETS], dtype=torch.int64))
-        self.register_buffer(
-            "age_values", torch.tensor([age_index.get(label, 0) for label in labels], dtype=torch.int64)
-        )
-        self.gender_index = _normalized_index(vocabs["gender"], fold_case, "gender")
-        self.occupation_index = _normalized_index(vocabs["occupation"], fold_case, "occupation")
-        self.zip_index = _normalized_index(vocabs["zip_prefix"], strip_space, "zip_prefix")
-        self.genre_index = _normalized_index(vocabs["genres"], fold_case, "genres")
+        spec = vocabs.spec
+        self.feature_names = list(spec.kjt_names)
+        self.single = nn.ModuleList([feature_encoder(spec[n], vocabs[n]) for n in spec.single_names])
+        self.multi = nn.ModuleList([feature_encoder(spec[n], vocabs[n]) for n in spec.multi_names])
+        where = {n: input_dict(spec[n], vocabs[n]) for n in self.feature_names}
+        self.input_labels = [f"{where[n]}['{n}']" for n in self.feature_names]
+        self.number_names = [n for n in self.feature_names if where[n] == "numbers"]
+        self.string_names = [n for n in self.feature_names if where[n] == "strings"]
+        self.length_names = list(spec.multi_names)
 
-    @staticmethod
-    def _lookup(keys: torch.Tensor, values: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        if keys.numel() == 0:
-            return torch.zeros_like(raw)
-        pos = torch.searchsorted(keys, raw).clamp(max=keys.numel() - 1)
-        return torch.where(keys[pos] == raw, values[pos], torch.zeros_like(raw))
+    def _check_names(self, label: str, given: List[str], expected: List[str]) -> None:
+        for name in given:
+            if name not in expected:
+                elsewhere = ""
+                if name in self.number_names:
+                    elsewhere = f" ('{name}' goes in numbers)"
+                elif name in self.string_names:
+                    elsewhere = f" ('{name}' goes in strings)"
+                raise ValueError(f"serving input {label}['{name}']: not a feature this model takes "
+                                 f"in {label}{elsewhere}; it takes {label}: {', '.join(expected)}")
+        for name in expected:
+            if name not in given:
+                raise ValueError(f"serving input {label}['{name}'] is missing; the model takes "
+                                 f"{label}: {', '.join(expected)}")  # fmt: skip
 
-    @staticmethod
-    def _lookup_folded(index: Dict[str, int], values: List[str]) -> torch.Tensor:
-        """Indices of ``values`` as given, else as :func:`fold_case` normalizes them."""
-        found: List[int] = []
-        for value in values:
-            i = index.get(value, -1)
-            found.append(i if i >= 0 else index.get(fold_case(value), 0))
-        return torch.tensor(found, dtype=torch.int64)
-
-    def _lookup_zip_prefix(self, zip_code: List[str]) -> torch.Tensor:
-        """Indices of the zip codes' prefixes as given, else of the stripped codes' prefixes."""
-        found: List[int] = []
-        n = self.zip_prefix_len
-        for code in zip_code:
-            i = self.zip_index.get(code[:n], -1)
-            found.append(i if i >= 0 else self.zip_index.get(strip_space(code)[:n], 0))
-        return torch.tensor(found, dtype=torch.int64)
-
-    @staticmethod
-    def _check(
-        user_id: torch.Tensor, item_id: torch.Tensor, age: torch.Tensor, gender: List[str],
-        occupation: List[str], zip_code: List[str], year: torch.Tensor, genres: List[str],
-        genre_lengths: torch.Tensor,
-    ) -> None:  # fmt: skip
-        """Refuse inputs that would otherwise score wrong rows or fail obscurely, naming them."""
-        for name, values in [("user_id", user_id), ("item_id", item_id), ("age", age),
-                             ("year", year), ("genre_lengths", genre_lengths)]:  # fmt: skip
-            if values.dim() != 1:
-                raise ValueError(
-                    f"serving input {name} must have shape [B] (one value per row), "
-                    f"got shape {list(values.shape)}"
-                )
-            if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-                raise ValueError(
-                    f"serving input {name} must be an integer tensor (int64, int32, int16, int8 "
-                    f"or uint8), not floating-point, complex or bool: its values are not rounded"
-                )
-        for name, strings in [("gender", gender), ("occupation", occupation),
-                              ("zip_code", zip_code), ("genres", genres)]:  # fmt: skip
-            # Only reachable eagerly: in TorchScript a str argument is already its characters.
-            if isinstance(strings, str):
-                raise ValueError(f"serving input {name} must be a list of strings, got a string")
-        batch = user_id.size(0)
-        for name, size in [("item_id", item_id.size(0)), ("age", age.size(0)),
-                           ("gender", len(gender)), ("occupation", len(occupation)),
-                           ("zip_code", len(zip_code)), ("year", year.size(0)),
-                           ("genre_lengths", genre_lengths.size(0))]:  # fmt: skip
-            if size != batch:
-                raise ValueError(f"serving input {name} has {size} rows, user_id has {batch}")
-        if bool((genre_lengths < 0).any()) or int(genre_lengths.sum()) != len(genres):
-            raise ValueError(
-                f"genre_lengths must be non-negative and sum to len(genres) = {len(genres)}"
-            )
-
-    def forward(
-        self,
-        user_id: torch.Tensor,
-        item_id: torch.Tensor,
-        age: torch.Tensor,
-        gender: List[str],
-        occupation: List[str],
-        zip_code: List[str],
-        year: torch.Tensor,
-        genres: List[str],
-        genre_lengths: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
+                lengths: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:  # fmt: skip
         """Indices of every feature.
 
         Returns:
-            ``single`` ``[B, 7]`` indices of the single-valued features in ``FEATURES`` order,
-            ``genre_values`` ``[G]`` all genre indices, ``genre_offsets`` ``[B]`` where each
-            row's genres start (``nn.EmbeddingBag`` offsets).
+            ``single`` ``[B, F1]`` indices of the single-valued features (KJT order), and per
+            multi-hot feature its ``[V]`` value indices and ``[B]`` bag starts (``nn.EmbeddingBag``
+            offsets).
 
         Raises:
-            ValueError: an input of the wrong rank, dtype, type or row count (named).
+            ValueError: an input of the wrong name, rank, dtype, type or row count (named).
         """
-        self._check(user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths)
-        user_id, item_id, age, year = user_id.long(), item_id.long(), age.long(), year.long()
-        genre_lengths = genre_lengths.long()
-        users = self._lookup(self.user_keys, self.user_values, user_id)
-        items = self._lookup(self.item_keys, self.item_values, item_id)
-        # Age groups; a negative age is the "missing" marker and encodes to unknown.
-        ages = self.age_values[torch.bucketize(age, self.age_bounds, right=True)]
-        ages = torch.where(age < 0, torch.zeros_like(ages), ages)
-        # Floor division, as polars' `//` does for the training-time buckets.
-        buckets = torch.div(year, self.year_bucket, rounding_mode="floor") * self.year_bucket
-        years = self._lookup(self.year_keys, self.year_values, buckets)
-        years = torch.where(year < 0, torch.zeros_like(years), years)
-        genders = self._lookup_folded(self.gender_index, gender)
-        occupations = self._lookup_folded(self.occupation_index, occupation)
-        zips = self._lookup_zip_prefix(zip_code)
-        genre_values = self._lookup_folded(self.genre_index, genres)
-        genre_offsets = torch.cumsum(genre_lengths, 0) - genre_lengths  # [B] bag starts
-        # FEATURES order: user_id, item_id, age, gender, occupation, zip_prefix, release_year.
-        single = torch.stack([users, items, ages, genders, occupations, zips, years], dim=1)
-        return single, genre_values, genre_offsets
+        self._check_names("numbers", list(numbers.keys()), self.number_names)
+        self._check_names("strings", list(strings.keys()), self.string_names)
+        self._check_names("lengths", list(lengths.keys()), self.length_names)
+        columns: List[torch.Tensor] = []
+        rows: List[int] = []
+        for encoder in self.single:
+            indices, _ = encoder(numbers, strings, lengths)
+            columns.append(indices)
+            rows.append(indices.size(0))
+        bag_values: List[torch.Tensor] = []
+        bag_offsets: List[torch.Tensor] = []
+        for encoder in self.multi:
+            indices, offsets = encoder(numbers, strings, lengths)
+            bag_values.append(indices)
+            bag_offsets.append(offsets)
+            rows.append(offsets.size(0))
+        for i in range(1, len(rows)):
+            if rows[i] != rows[0]:
+                raise ValueError(f"serving input {self.input_labels[i]} has {rows[i]} rows, "
+                                 f"{self.input_labels[0]} has {rows[0]}")  # fmt: skip
+        if len(columns) == 0:
+            single = torch.zeros(rows[0], 0, dtype=torch.int64)
+        else:
+            single = torch.stack(columns, dim=1)
+        return single, bag_values, bag_offsets
 
     @torch.jit.export
-    def unknowns(
-        self,
-        user_id: torch.Tensor,
-        item_id: torch.Tensor,
-        age: torch.Tensor,
-        gender: List[str],
-        occupation: List[str],
-        zip_code: List[str],
-        year: torch.Tensor,
-        genres: List[str],
-        genre_lengths: torch.Tensor,
-    ) -> Dict[str, int]:
-        """How many values of each feature map to the unknown index 0, by feature name
-        (``FEATURES``: ``zip_prefix`` for the zip codes, ``release_year`` for the years): per
-        row for the single-valued features, per genre name for ``genres``. A missing age or
-        year (``MISSING_INT``) counts as unknown."""
-        single, genre_values, _ = self.forward(
-            user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths
-        )
-        single_unknown = (single == 0).sum(0)  # [7]
+    def unknowns(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
+                 lengths: Dict[str, torch.Tensor]) -> Dict[str, int]:  # fmt: skip
+        """How many values of each feature map to the unknown index 0, by feature name: per
+        row for a single-valued feature, per value for a multi-hot one. A missing number (NaN)
+        counts as unknown."""
+        single, bag_values, _ = self.forward(numbers, strings, lengths)
         counts: Dict[str, int] = {}
-        for column, name in enumerate(self.feature_names[:-1]):
-            counts[name] = int(single_unknown[column])
-        counts[self.feature_names[-1]] = int((genre_values == 0).sum())
+        n_single = single.size(1)
+        unknown = (single == 0).sum(0)  # [F1]
+        for column in range(n_single):
+            counts[self.feature_names[column]] = int(unknown[column])
+        for i, values in enumerate(bag_values):
+            counts[self.feature_names[n_single + i]] = int((values == 0).sum())
         return counts
 
 
@@ -467,7 +607,7 @@ class MergedTable(nn.Module):
 
     Args:
         weights: the tables' weights ``[rows_i, D]``, in feature order.
-        first: the column of the first of these features in the ``[B, 7]`` index matrix.
+        first: the column of the first of these features in the ``[B, F1]`` index matrix.
     """
 
     def __init__(self, weights: List[torch.Tensor], first: int):
@@ -488,20 +628,22 @@ class ServingSparseArch(nn.Module):
     """Sum-pooled embeddings of every feature, concatenated: the student's ``early``, torch only.
 
     Args:
-        weights: one embedding table per feature in ``FEATURES`` order (``[rows, D]``), the
-            multi-hot genres last.
+        weights: one embedding table per feature in KeyedJaggedTensor order (``[rows, D]``):
+            the single-valued features, then the multi-hot ones.
+        n_single: how many of them are single-valued.
 
     Example::
 
-        arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc, prepared.vocabs.sizes)
-        h = arch(single, genre_values, genre_offsets)  # [B, F*D]
+        arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc, prepared.vocabs.sizes,
+                                          n_single=7)
+        h = arch(single, bag_values, bag_offsets)  # [B, sum(D)]
     """
 
-    def __init__(self, weights: List[torch.Tensor]):
+    def __init__(self, weights: List[torch.Tensor], n_single: int):
         super().__init__()
-        if len(weights) != len(FEATURES):
-            raise ValueError(f"expected {len(FEATURES)} tables ({', '.join(FEATURES)}), got {len(weights)}")
-        single = weights[:-1]
+        if not 0 <= n_single <= len(weights):
+            raise ValueError(f"n_single must be in 0..{len(weights)}, got {n_single}")
+        single = weights[:n_single]
         groups: List[List[int]] = []  # runs of adjacent features with the same width
         for i, w in enumerate(single):
             if groups and single[groups[-1][-1]].shape[1] == w.shape[1]:
@@ -509,12 +651,14 @@ class ServingSparseArch(nn.Module):
             else:
                 groups.append([i])
         self.single = nn.ModuleList([MergedTable([single[i] for i in g], g[0]) for g in groups])
-        self.genres = nn.EmbeddingBag.from_pretrained(weights[-1], freeze=True, mode="sum")
+        self.bags = nn.ModuleList([nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
+                                   for w in weights[n_single:]])  # fmt: skip
         self.out_dim = sum(int(w.shape[1]) for w in weights)
 
     @classmethod
-    def from_ebc(cls, ebc: nn.Module, sizes: Dict[str, int]) -> "ServingSparseArch":
-        """Copy the tables ``t_<feature>`` of a TorchRec ``EmbeddingBagCollection``.
+    def from_ebc(cls, ebc: nn.Module, sizes: Dict[str, int], n_single: int) -> "ServingSparseArch":
+        """Copy the tables ``t_<feature>`` of a TorchRec ``EmbeddingBagCollection``, features
+        in ``sizes``' order (KJT order).
 
         Raises:
             ValueError: a table is missing, or its rows differ from ``sizes`` (the vocabularies
@@ -524,7 +668,7 @@ class ServingSparseArch(nn.Module):
         if bags is None:
             raise ValueError(f"expected a TorchRec EmbeddingBagCollection, got {type(ebc).__name__}")
         weights = []
-        for name in FEATURES:
+        for name in sizes:
             key = f"t_{name}"
             if key not in bags:
                 raise ValueError(f"the student's EmbeddingBagCollection has no table {key!r}")
@@ -535,20 +679,20 @@ class ServingSparseArch(nn.Module):
                     f"{sizes[name]}: the vocabularies are not the ones the student was trained on"
                 )
             weights.append(weight)
-        return cls(weights)
+        return cls(weights, n_single)
 
-    def forward(
-        self, single: torch.Tensor, genre_values: torch.Tensor, genre_offsets: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, single: torch.Tensor, bag_values: List[torch.Tensor],
+                bag_offsets: List[torch.Tensor]) -> torch.Tensor:  # fmt: skip
         pooled: List[torch.Tensor] = []
         for group in self.single:
             pooled.append(group(single))  # [B, k*D] for k adjacent features of width D
-        pooled.append(self.genres(genre_values, genre_offsets))  # [B, D_genres]
+        for i, bag in enumerate(self.bags):
+            pooled.append(bag(bag_values[i], bag_offsets[i]))  # [B, D]
         return torch.cat(pooled, dim=1)
 
 
 class ServingStudent(nn.Module):
-    """The served student: raw values -> ratings, scriptable, torch only.
+    """The served student: raw values -> ratings (or click probabilities), scriptable, torch only.
 
     Args:
         encoder: raw values -> indices.
@@ -557,23 +701,28 @@ class ServingStudent(nn.Module):
         rating_head: ``z`` -> ``[B, 1]`` (the student's ``head``).
         rating_range: ``(lo, hi)`` the ratings are clipped to (the training labels' range);
             ``None`` leaves them unclipped.
+        clicks: the head gives a click logit: serve ``sigmoid`` of it (no clipping).
 
     Example::
 
         served = ServingStudent.from_student(student, prepared.vocabs, training_rating_range(prepared))
-        y = served(*serving_inputs(joined).args)  # [B] ratings in [lo, hi]; B may be 0
-        served.unknowns(*serving_inputs(joined).args)  # {"user_id": 0, ..., "genres": 0}
+        y = served(*serving_inputs(joined, prepared.vocabs).args)  # [B] ratings in [lo, hi]
+        served.unknowns(*serving_inputs(joined, prepared.vocabs).args)  # {"user_id": 0, ...}
     """
 
+    clicks: bool
+
     def __init__(
-        self, encoder: RawFeatureEncoder, sparse_arch: ServingSparseArch, tower: nn.Module,
+        self, encoder: FeatureEncoder, sparse_arch: ServingSparseArch, tower: nn.Module,
         rating_head: nn.Module, rating_range: Optional[Tuple[float, float]] = None,
+        clicks: bool = False,
     ):  # fmt: skip
         super().__init__()
         self.encoder = encoder
         self.sparse_arch = sparse_arch
         self.tower = tower
         self.rating_head = rating_head
+        self.clicks = clicks
         lo, hi = rating_range if rating_range is not None else (-float("inf"), float("inf"))
         if not lo <= hi:
             raise ValueError(f"rating_range must be (lo, hi) with lo <= hi, got {rating_range}")
@@ -593,68 +742,56 @@ class ServingStudent(nn.Module):
                 f"cannot export {type(student).__name__}: missing {', '.join(missing)} "
                 "(expected an MLPRecommender: sparse_arch.ebc, tower, rating_head)"
             )
-        sparse_arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc, vocabs.sizes)
+        n_single = len(vocabs.spec.single_names)
+        sparse_arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc, vocabs.sizes, n_single)
         served = cls(
-            RawFeatureEncoder(vocabs),
+            FeatureEncoder(vocabs),
             sparse_arch,
             copy.deepcopy(student.tower).cpu().float(),
             copy.deepcopy(student.rating_head).cpu().float(),
             rating_range,
+            clicks=bool(getattr(student, "clicks", False)),
         )
         for p in served.parameters():
             p.requires_grad_(False)
         return served.eval()
 
-    def forward(
-        self,
-        user_id: torch.Tensor,
-        item_id: torch.Tensor,
-        age: torch.Tensor,
-        gender: List[str],
-        occupation: List[str],
-        zip_code: List[str],
-        year: torch.Tensor,
-        genres: List[str],
-        genre_lengths: torch.Tensor,
-    ) -> torch.Tensor:
-        """Predicted ratings ``[B]`` for ``B`` raw rows (see :class:`ServingInputs`).
+    def forward(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
+                lengths: Dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        """Predicted ratings (or click probabilities) ``[B]`` for ``B`` raw rows (see
+        :class:`ServingInputs`).
 
         Raises:
-            ValueError: an input of the wrong rank, dtype, type or row count, named (see
-                :class:`RawFeatureEncoder`).
+            ValueError: an input of the wrong name, rank, dtype, type or row count, named (see
+                :class:`FeatureEncoder`).
         """
-        single, genre_values, genre_offsets = self.encoder(
-            user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths
-        )
-        return self.score(single, genre_values, genre_offsets)
+        single, bag_values, bag_offsets = self.encoder(numbers, strings, lengths)
+        return self.score(single, bag_values, bag_offsets)
 
     @torch.jit.export
-    def unknowns(
-        self,
-        user_id: torch.Tensor,
-        item_id: torch.Tensor,
-        age: torch.Tensor,
-        gender: List[str],
-        occupation: List[str],
-        zip_code: List[str],
-        year: torch.Tensor,
-        genres: List[str],
-        genre_lengths: torch.Tensor,
-    ) -> Dict[str, int]:
+    def unknowns(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
+                 lengths: Dict[str, torch.Tensor]) -> Dict[str, int]:  # fmt: skip
         """Per feature, how many of these inputs' values are unknown (scored as index 0): the
-        same inputs as ``forward`` (see :meth:`RawFeatureEncoder.unknowns`)."""
-        return self.encoder.unknowns(
-            user_id, item_id, age, gender, occupation, zip_code, year, genres, genre_lengths
-        )
+        same inputs as ``forward`` (see :meth:`FeatureEncoder.unknowns`)."""
+        return self.encoder.unknowns(numbers, strings, lengths)
 
     @torch.jit.export
-    def score(
-        self, single: torch.Tensor, genre_values: torch.Tensor, genre_offsets: torch.Tensor
-    ) -> torch.Tensor:
-        """Ratings ``[B]`` from already-encoded indices (the output of the encoder), clipped."""
-        h = self.sparse_arch(single, genre_values, genre_offsets)  # [B, F*D]
+    def score(self, single: torch.Tensor, bag_values: List[torch.Tensor],
+              bag_offsets: List[torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        """Ratings (clipped) or click probabilities ``[B]`` from already-encoded indices (the
+        output of the encoder)."""
+        h = self.sparse_arch(single, bag_values, bag_offsets)  # [B, F*D]
         y = self.rating_head(self.tower(h)).squeeze(-1)  # [B]
+        if self.clicks:
+            return torch.sigmoid(y)
         return torch.clamp(y, self.rating_range[0], self.rating_range[1])
+
+
+def eager_scores(student: nn.Module, batch: Batch) -> torch.Tensor:
+    """What the served student answers, computed by the eager one: ``[B]`` ratings, or click
+    probabilities from its ``[B, 2]`` logits."""
+    out = student(batch)
+    return torch.softmax(out, dim=1)[:, 1] if out.dim() == 2 else out
 
 
 @dataclass
@@ -682,8 +819,9 @@ class ParityRows:
 
     @classmethod
     def from_rows(cls, prepared: Prepared, rows: torch.Tensor) -> "ParityRows":
-        joined = prepared.movielens.joined()[rows.tolist()]
-        return cls(serving_inputs(joined), prepared.data.batch(rows), training_rating_range(prepared))
+        joined = prepared.joined()[rows.tolist()]
+        return cls(serving_inputs(joined, prepared.vocabs), prepared.data.batch(rows),
+                   training_rating_range(prepared))  # fmt: skip
 
 
 @dataclass
@@ -759,7 +897,7 @@ def export_torchscript(
 
     Args:
         student: the trained ``MLPRecommender`` (eager, TorchRec).
-        vocabs: the vocabularies it was trained with (baked into the file).
+        vocabs: the vocabularies it was trained with (baked into the file, with the spec).
         path: where to write the TorchScript file.
         check_rows: real rows to score with the reloaded file and the eager student; their
             ``rating_range`` (the training labels') is baked into the file as the clip range.
@@ -781,7 +919,9 @@ def export_torchscript(
     was_training = student.training
     student.eval()
     with torch.no_grad():
-        eager = student(check_rows.batch).clamp(lo, hi)  # [N], clipped as the served one is
+        eager = eager_scores(student, check_rows.batch)  # [N]
+        if not getattr(student, "clicks", False):
+            eager = eager.clamp(lo, hi)  # clipped as the served one is
         got = served(*check_rows.inputs.args)  # [N]
     student.train(was_training)
     if got.shape != eager.shape:
@@ -809,8 +949,9 @@ def export_torchscript(
 
 
 __all__ = [
-    "MISSING_INT", "STRING_INPUTS", "ExportConfig", "ExportParityError", "ExportReport",
-    "MergedTable", "ParityRows", "RawFeatureEncoder", "ServingInputs", "ServingSparseArch",
-    "ServingStudent", "export_torchscript", "fold_case", "load_served_student", "script_student",
+    "BucketEncoder", "ExportConfig", "ExportParityError", "ExportReport", "FeatureEncoder",
+    "IntegerEncoder", "MergedTable", "ParityRows", "ServingInputs", "ServingSparseArch",
+    "ServingStudent", "StringEncoder", "char_prefix", "eager_scores", "export_torchscript",
+    "feature_encoder", "fold_case", "input_dict", "load_served_student", "script_student",
     "serving_inputs", "strip_space", "training_rating_range",
 ]  # fmt: skip

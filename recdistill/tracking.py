@@ -219,36 +219,41 @@ def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def serving_signature() -> ModelSignature:
-    """The served student's inputs and output as MLflow shows them: one rating row per line,
-    raw values (see :class:`recdistill.export.ServingInputs`; a missing age or year is -1), each
-    row's genres a list (the module itself takes them flat, with ``genre_lengths``)."""
+def serving_signature(example: ServingInputs) -> ModelSignature:
+    """The served student's inputs and output as MLflow shows them: one row per line, a column
+    per feature (see :class:`recdistill.export.ServingInputs`; a missing number is NaN), a
+    multi-hot feature's values a list (the module itself takes them flat, with their lengths).
+
+    Args:
+        example: served inputs of the model (their names and dtypes make the columns).
+    """
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
-    columns = [ColSpec("long", "user_id"), ColSpec("long", "item_id"), ColSpec("long", "age"),
-               ColSpec("string", "gender"), ColSpec("string", "occupation"),
-               ColSpec("string", "zip_code"), ColSpec("long", "year"),
-               ColSpec(Array("string"), "genres")]  # fmt: skip
-    rating = TensorSpec(np.dtype(np.float32), (-1,), "rating")  # [B] ratings
-    return ModelSignature(inputs=Schema(columns), outputs=Schema([rating]))
+    columns = []
+    for name, values in example.numbers.items():
+        columns.append(ColSpec("double" if values.is_floating_point() else "long", name))
+    for name in example.strings:
+        columns.append(ColSpec(Array("string") if name in example.lengths else "string", name))
+    output = TensorSpec(np.dtype(np.float32), (-1,), "prediction")  # [B] ratings or click rates
+    return ModelSignature(inputs=Schema(columns), outputs=Schema([output]))
 
 
 def serving_example(inputs: ServingInputs) -> pd.DataFrame:
-    """``inputs`` as the rows :func:`serving_signature` describes: one per rating, its genres a
-    list."""
+    """``inputs`` as the rows :func:`serving_signature` describes: one per row, a multi-hot
+    feature's values a list."""
     import pandas as pd
 
-    ends = inputs.genre_lengths.long().cumsum(0).tolist()
-    starts = [0, *ends[:-1]]
-    return pd.DataFrame({
-        "user_id": inputs.user_id.tolist(), "item_id": inputs.item_id.tolist(),
-        "age": inputs.age.tolist(), "gender": list(inputs.gender),
-        "occupation": list(inputs.occupation), "zip_code": list(inputs.zip_code),
-        "year": inputs.year.tolist(),
-        "genres": [list(inputs.genres[a:b]) for a, b in zip(starts, ends)],
-    })  # fmt: skip
+    frame = {name: values.tolist() for name, values in inputs.numbers.items()}
+    for name, values in inputs.strings.items():
+        if name in inputs.lengths:
+            ends = inputs.lengths[name].long().cumsum(0).tolist()
+            starts = [0, *ends[:-1]]
+            frame[name] = [list(values[a:b]) for a, b in zip(starts, ends)]
+        else:
+            frame[name] = list(values)
+    return pd.DataFrame(frame)
 
 
 def split_datasets(
@@ -499,7 +504,7 @@ class TrackedRun:
                     serialization_format="pickle",
                     # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
                     pip_requirements=[f"torch=={torch_version}"],
-                    signature=serving_signature(),
+                    signature=None if example is None else serving_signature(example),
                     input_example=None if example is None else serving_example(example),
                     run_id=self.run_id,
                 )

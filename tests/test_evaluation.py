@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from features.batches import SINGLE, RatingsData
+from features.batches import MultiHot, RatingsData
+from features.spec import load_spec
+
+SINGLE = load_spec("ml100k").single_names
 from recdistill.training import evaluate
 
 # A hand-made data set whose training counts are known by construction. Training rows: item 1
@@ -45,11 +48,12 @@ def hand_made_data() -> RatingsData:
     n_train = len(TRAIN_ITEMS)
     return RatingsData(
         single=single,
-        genres=torch.zeros(len(items), 1, dtype=torch.int64),
-        genre_lengths=torch.zeros(len(items), dtype=torch.int64),
+        multi={"genres": MultiHot(torch.zeros(len(items), 1, dtype=torch.int64),
+                                  torch.zeros(len(items), dtype=torch.int64))},
         labels=torch.tensor(train_labels + TEST_LABELS),
         splits={"train": torch.arange(n_train), "test": torch.arange(n_train, len(items))},
         sizes={feature: 8 for feature in SINGLE} | {"genres": 1},
+        single_names=SINGLE,
     )
 
 

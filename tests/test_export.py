@@ -1,9 +1,11 @@
-"""The served student: a torch-only TorchScript file that maps raw MovieLens values itself."""
+"""The served student: a torch-only TorchScript file that maps raw values itself, derived from
+the feature spec (MovieLens-100K here)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 
@@ -12,19 +14,20 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.vocab import FEATURES, FeatureVocabs, Vocabulary
-
+from features.spec import load_spec
+from features.vocab import FeatureVocabs, Vocabulary
 from recdistill.export import (
-    MISSING_INT,
     ExportConfig,
     ExportParityError,
+    FeatureEncoder,
     ParityRows,
-    RawFeatureEncoder,
     ServingInputs,
     export_torchscript,
     serving_inputs,
     training_rating_range,
 )
+
+FEATURES = load_spec("ml100k").kjt_names
 
 #: Run by a python that cannot import torchrec or fbgemm: load the file, score, compare.
 NO_TORCHREC = r"""
@@ -88,19 +91,21 @@ def test_export_matches_eager_student_on_real_rows(exported):
 
 
 def test_encoder_derives_the_same_indices_as_the_feature_layer(prepared):
-    """Age buckets, zip prefix, year buckets, genres: raw -> index as features.vocab does it,
-    on rows that include a null release year and items without genres."""
+    """Age buckets, zip prefix, year buckets, genres: raw -> index as the training batches do
+    it, on rows that include a null release year and items without genres."""
     joined = prepared.movielens.joined().with_row_index("row")
     edge = joined.filter(pl.col("year").is_null() | (pl.col("genres").list.len() == 0))
     rows = torch.tensor(edge["row"].to_list() + list(range(0, 100_000, 997)))
     assert len(edge) >= 10
-    encoder = torch.jit.script(RawFeatureEncoder(prepared.vocabs))
-    single, genre_values, genre_offsets = encoder(*serving_inputs(joined[rows.tolist()]).args)
+    encoder = torch.jit.script(FeatureEncoder(prepared.vocabs))
+    inputs = serving_inputs(joined[rows.tolist()], prepared.vocabs)
+    single, bag_values, bag_offsets = encoder(*inputs.args)
     torch.testing.assert_close(single, prepared.data.single[rows], rtol=0, atol=0)
-    lengths = prepared.data.genre_lengths[rows]
-    torch.testing.assert_close(genre_offsets, torch.cumsum(lengths, 0) - lengths, rtol=0, atol=0)
-    mask = torch.arange(prepared.data.genres.shape[1]) < lengths.unsqueeze(1)
-    torch.testing.assert_close(genre_values, prepared.data.genres[rows][mask], rtol=0, atol=0)
+    genres = prepared.data.multi["genres"]
+    lengths = genres.lengths[rows]
+    torch.testing.assert_close(bag_offsets[0], torch.cumsum(lengths, 0) - lengths, rtol=0, atol=0)
+    mask = torch.arange(genres.padded.shape[1]) < lengths.unsqueeze(1)
+    torch.testing.assert_close(bag_values[0], genres.padded[rows][mask], rtol=0, atol=0)
 
 
 def test_torchscript_file_serves_without_torchrec(exported, prepared, student, tmp_path):
@@ -139,9 +144,11 @@ def test_served_ratings_are_clipped_to_the_training_label_range(
 
 def _unknown_row() -> ServingInputs:
     return ServingInputs(
-        user_id=torch.tensor([10**9]), item_id=torch.tensor([-5]), age=torch.tensor([MISSING_INT]),
-        gender=["X"], occupation=["astronaut"], zip_code=[""], year=torch.tensor([MISSING_INT]),
-        genres=["Not-a-genre"], genre_lengths=torch.tensor([1]),
+        numbers={"user_id": torch.tensor([10**9]), "item_id": torch.tensor([-5]),
+                 "age": torch.tensor([math.nan]), "release_year": torch.tensor([math.nan])},
+        strings={"gender": ["X"], "occupation": ["astronaut"], "zip_prefix": [""],
+                 "genres": ["Not-a-genre"]},
+        lengths={"genres": torch.tensor([1])},
     )  # fmt: skip
 
 
@@ -161,27 +168,27 @@ def test_unknown_values_score_as_the_unknown_slot(exported, student):
 
 def test_empty_batch_gives_no_ratings(exported, prepared):
     served = torch.jit.load(str(exported[0]))
-    empty = serving_inputs(prepared.movielens.joined().head(0))
+    empty = serving_inputs(prepared.movielens.joined().head(0), prepared.vocabs)
     got = served(*empty.args)
     assert got.shape == (0,) and got.dtype == torch.float32
 
 
 def test_int32_ids_score_like_int64(exported, prepared):
     served = torch.jit.load(str(exported[0]))
-    inputs = serving_inputs(prepared.movielens.joined().head(16))
-    narrow = inputs._replace(user_id=inputs.user_id.int(), item_id=inputs.item_id.int(),
-                             age=inputs.age.int(), year=inputs.year.int())  # fmt: skip
+    inputs = serving_inputs(prepared.movielens.joined().head(16), prepared.vocabs)
+    narrow = inputs._replace(numbers={name: values.int() if name.endswith("_id") else values
+                                      for name, values in inputs.numbers.items()})  # fmt: skip
     torch.testing.assert_close(served(*narrow.args), served(*inputs.args), rtol=0, atol=0)
 
 
 def test_rows_of_different_lengths_are_rejected(exported, prepared):
     served = torch.jit.load(str(exported[0]))
-    inputs = serving_inputs(prepared.movielens.joined().head(3))
-    bad = inputs._replace(gender=inputs.gender[:2])
-    with pytest.raises(Exception, match="gender has 2 rows, user_id has 3"):
+    inputs = serving_inputs(prepared.movielens.joined().head(3), prepared.vocabs)
+    bad = inputs.replace("strings", "gender", inputs.strings["gender"][:2])
+    with pytest.raises(Exception, match=r"strings\['gender'\] has 2 rows, numbers\['user_id'\] has 3"):
         served(*bad.args)
-    bad = inputs._replace(genre_lengths=inputs.genre_lengths + 1)
-    with pytest.raises(Exception, match="sum to len\\(genres\\)"):
+    bad = inputs.replace("lengths", "genres", inputs.lengths["genres"] + 1)
+    with pytest.raises(Exception, match=r"sum to len\(strings\['genres'\]\)"):
         served(*bad.args)
 
 
@@ -190,9 +197,9 @@ def test_wrong_vocabularies_fail_the_parity_check(student, prepared, tmp_path):
     occupations = list(prepared.vocabs["occupation"].values)
     occupations[0], occupations[1] = occupations[1], occupations[0]
     vocabs = FeatureVocabs(
+        prepared.vocabs.spec,
         {**prepared.vocabs.vocabs, "occupation": Vocabulary("occupation", occupations)},
-        prepared.vocabs.zip_prefix_len, prepared.vocabs.year_bucket,
-    )  # fmt: skip
+    )
     rows = ParityRows.sample(prepared, 512)
     with pytest.raises(ExportParityError, match="disagrees with the eager student") as err:
         export_torchscript(student, vocabs, tmp_path / "bad.pt", rows)
@@ -209,8 +216,8 @@ def test_vocabularies_of_another_size_are_rejected(student, prepared, tmp_path):
 
 
 def test_serving_inputs_name_a_missing_column(prepared):
-    with pytest.raises(ValueError, match="lacks column\\(s\\) zip_code"):
-        serving_inputs(prepared.movielens.joined().drop("zip_code"))
+    with pytest.raises(ValueError, match="lacks column\\(s\\) zip_code \\(feature zip_prefix\\)"):
+        serving_inputs(prepared.movielens.joined().drop("zip_code"), prepared.vocabs)
 
 
 @pytest.mark.parametrize(

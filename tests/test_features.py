@@ -7,9 +7,12 @@ import polars as pl
 import torch
 
 from features import DataConfig, load_movielens
-from features.batches import SINGLE
+from features.spec import load_spec
 from features.splits import split_rows
-from features.vocab import FEATURES, FeatureVocabs
+from features.vocab import FeatureVocabs
+
+FEATURES = load_spec("ml100k").kjt_names
+SINGLE = load_spec("ml100k").single_names
 
 
 def test_random_split_is_deterministic_disjoint_and_complete(prepared):

@@ -259,15 +259,10 @@ def test_the_registered_student_has_a_signature_a_real_example_and_a_description
     client = connect(load_config("quick").tracking, server.uri)
     uri = "models:/recdistill-student/1"
     info = mlflow.models.get_model_info(uri)
-    assert info.signature.inputs.input_names() == ["user_id", "item_id", "age", "gender",
-                                                   "occupation", "zip_code", "year", "genres"]  # fmt: skip
+    assert info.signature.inputs.input_names() == ["user_id", "item_id", "age", "release_year",
+                                                   "gender", "occupation", "zip_prefix", "genres"]  # fmt: skip
     example = mlflow.models.Model.load(uri).load_input_example()
-    row = example.iloc[0]
-    inputs = ServingInputs(
-        torch.tensor([row.user_id]), torch.tensor([row.item_id]), torch.tensor([row.age]),
-        [row.gender], [row.occupation], [row.zip_code], torch.tensor([row.year]),
-        list(row.genres), torch.tensor([len(row.genres)]),
-    )  # fmt: skip
+    inputs = ServingInputs.from_records(example.head(1))
     rating = mlflow.pytorch.load_model(uri)(*inputs.args)
     assert rating.shape == (1,) and 1.0 <= float(rating) <= 5.0  # a real row, served
     description = client.get_model_version("recdistill-student", "1").description

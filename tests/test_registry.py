@@ -51,9 +51,9 @@ def bad_export(student, prepared, tmp_path_factory):
     occupations = list(prepared.vocabs["occupation"].values)
     occupations[0], occupations[1] = occupations[1], occupations[0]
     vocabs = FeatureVocabs(
+        prepared.vocabs.spec,
         {**prepared.vocabs.vocabs, "occupation": Vocabulary("occupation", occupations)},
-        prepared.vocabs.zip_prefix_len, prepared.vocabs.year_bucket,
-    )  # fmt: skip
+    )
     path = tmp_path_factory.mktemp("bad") / "student.pt"
     report = export_torchscript(
         student, vocabs, path, ParityRows.sample(prepared, 512), raise_on_mismatch=False
@@ -115,9 +115,9 @@ def test_a_version_carries_a_signature_a_real_example_and_its_description(
     )
     uri = f"models:/{cfg.registered_model}/{version}"
     signature = mlflow.models.get_model_info(uri).signature
-    assert signature.inputs.input_names() == ["user_id", "item_id", "age", "gender", "occupation",
-                                              "zip_code", "year", "genres"]  # fmt: skip
-    assert signature.outputs.input_names() == ["rating"]
+    assert signature.inputs.input_names() == ["user_id", "item_id", "age", "release_year", "gender",
+                                              "occupation", "zip_prefix", "genres"]  # fmt: skip
+    assert signature.outputs.input_names() == ["prediction"]
     example = mlflow.models.Model.load(uri).load_input_example()
     expected = serving_example(rows)
     assert example.drop(columns="genres").equals(expected.drop(columns="genres"))

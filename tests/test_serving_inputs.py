@@ -1,10 +1,12 @@
-"""The served student never answers wrong in silence (issue 12): inputs of the wrong rank or
-dtype and bare strings are refused naming the input, string values are normalized, unknown
-values are counted, and the loaded file answers many threads as it answers one."""
+"""The served student never answers wrong in silence (issues 12 and 8): a feature name it does
+not take, a missing one, inputs of the wrong rank or dtype and bare strings are refused naming
+the input, string values are normalized, unknown values are counted, and the loaded file
+answers many threads as it answers one."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -31,7 +33,11 @@ served = torch.jit.load(sys.argv[1])
 print(json.dumps(served.unknowns(*torch.load(sys.argv[2]))))
 """
 
-ID_INPUTS = ("user_id", "item_id", "age", "year", "genre_lengths")
+#: The integer inputs: (dictionary, name).
+ID_INPUTS = (("numbers", "user_id"), ("numbers", "item_id"), ("lengths", "genres"))
+#: Every tensor input.
+TENSOR_INPUTS = ID_INPUTS + (("numbers", "age"), ("numbers", "release_year"))
+STRING_INPUTS = ("gender", "occupation", "zip_prefix", "genres")
 
 
 @pytest.fixture(scope="module")
@@ -55,46 +61,66 @@ def models(served_file, eager):
 @pytest.fixture(scope="module")
 def rows(prepared) -> ServingInputs:
     """Three real rows (their genres: 1, 4 and 2 names)."""
-    return serving_inputs(prepared.movielens.joined().head(3))
+    return serving_inputs(prepared.movielens.joined().head(3), prepared.vocabs)
 
 
 @pytest.mark.parametrize("kind", ["eager", "scripted"])
-@pytest.mark.parametrize("name", ID_INPUTS)
+@pytest.mark.parametrize("where, name", TENSOR_INPUTS)
 @pytest.mark.parametrize("reshape, shown",
                          [(lambda t: t[:, None], "[3, 1]"), (lambda t: t[0], "[]")],
                          ids=["2-D", "0-d"])  # fmt: skip
-def test_an_id_tensor_of_the_wrong_rank_is_refused_naming_it(models, rows, kind, name, reshape,
-                                                             shown):  # fmt: skip
-    bad = rows._replace(**{name: reshape(getattr(rows, name))})
-    message = rf"serving input {name} must have shape \[B\].*got shape {re.escape(shown)}"
+def test_a_tensor_input_of_the_wrong_rank_is_refused_naming_it(models, rows, kind, where, name,
+                                                               reshape, shown):  # fmt: skip
+    bad = rows.replace(where, name, reshape(getattr(rows, where)[name]))
+    message = rf"serving input {where}\['{name}'\] must have shape \[B\].*got shape {re.escape(shown)}"
     with pytest.raises(Exception, match=message):
         models[kind](*bad.args)
 
 
 @pytest.mark.parametrize("kind", ["eager", "scripted"])
-@pytest.mark.parametrize("name", ID_INPUTS)
-def test_float_ids_are_refused_not_truncated(models, rows, kind, name):
+@pytest.mark.parametrize("where, name", ID_INPUTS)
+def test_float_ids_are_refused_not_truncated(models, rows, kind, where, name):
     """Even whole floats (196.0) are refused: 196.7 would have been served as user 196."""
-    bad = rows._replace(**{name: getattr(rows, name).double()})
-    with pytest.raises(Exception, match=f"serving input {name} must be an integer tensor"):
+    bad = rows.replace(where, name, getattr(rows, where)[name].double())
+    with pytest.raises(Exception, match=rf"serving input {where}\['{name}'\] must be an integer tensor"):
         models[kind](*bad.args)
 
 
 @pytest.mark.parametrize("kind", ["eager", "scripted"])
+def test_a_feature_name_the_model_does_not_take_is_refused_naming_it(models, rows, kind):
+    bad = rows.replace("strings", "gendr", rows.strings["gender"])
+    with pytest.raises(Exception, match=r"strings\['gendr'\]: not a feature this model takes in "
+                                        r"strings; it takes strings: gender, occupation"):  # fmt: skip
+        models[kind](*bad.args)
+    misplaced = rows.replace("strings", "age", ["49", "53", "23"])
+    with pytest.raises(Exception, match=r"strings\['age'\].*\('age' goes in numbers\)"):
+        models[kind](*misplaced.args)
+
+
+@pytest.mark.parametrize("kind", ["eager", "scripted"])
+def test_a_missing_feature_is_refused_naming_it(models, rows, kind):
+    numbers = {k: v for k, v in rows.numbers.items() if k != "release_year"}
+    with pytest.raises(Exception, match=r"numbers\['release_year'\] is missing"):
+        models[kind](*rows._replace(numbers=numbers).args)
+
+
+@pytest.mark.parametrize("kind", ["eager", "scripted"])
 def test_every_integer_dtype_scores_alike(models, rows, kind):
-    small = rows._replace(age=rows.age.to(torch.uint8), year=rows.year.to(torch.int16),
-                          genre_lengths=rows.genre_lengths.to(torch.int8))  # fmt: skip
+    small = rows._replace(
+        numbers={**rows.numbers, "age": rows.numbers["age"].to(torch.uint8),
+                 "release_year": rows.numbers["release_year"].to(torch.int16),
+                 "user_id": rows.numbers["user_id"].int()},
+        lengths={"genres": rows.lengths["genres"].to(torch.int8)},
+    )  # fmt: skip
     assert torch.equal(models[kind](*small.args), models[kind](*rows.args))
 
 
-@pytest.mark.parametrize("name", ["gender", "occupation", "zip_code", "genres"])
-def test_a_bare_string_is_refused_where_a_list_of_strings_is_expected(models, rows, name):
-    """Refused by ``ServingInputs.args`` and by the eager module, naming the input."""
-    bad = rows._replace(**{name: "writer"})
-    with pytest.raises(ValueError, match=f"serving input {name} must be a list of strings"):
+@pytest.mark.parametrize("name", STRING_INPUTS)
+def test_a_bare_string_is_refused_where_a_list_of_strings_is_expected(rows, name):
+    """Refused by ``ServingInputs.args``, naming the input."""
+    bad = rows.replace("strings", name, "writer")
+    with pytest.raises(ValueError, match=rf"serving input strings\['{name}'\] must be a list of strings"):
         bad.args
-    with pytest.raises(ValueError, match=f"serving input {name} must be a list of strings"):
-        models["eager"](*tuple(bad))
 
 
 def test_the_scripted_module_sees_a_bare_string_as_its_characters(models, rows):
@@ -102,19 +128,20 @@ def test_the_scripted_module_sees_a_bare_string_as_its_characters(models, rows):
     module runs, so the module cannot refuse it as such: the row count check does, unless the
     string has exactly ``B`` characters; then they are unknown values and counted as such."""
     scripted = models["scripted"]
-    with pytest.raises(Exception, match="serving input occupation has 6 rows, user_id has 3"):
-        scripted(*tuple(rows._replace(occupation="writer")))
-    assert scripted.unknowns(*tuple(rows._replace(occupation="abc")))["occupation"] == 3
+    with pytest.raises(Exception, match=r"strings\['occupation'\] has 6 rows, numbers\['user_id'\] has 3"):
+        scripted(*tuple(rows.replace("strings", "occupation", "writer")))
+    assert scripted.unknowns(*tuple(rows.replace("strings", "occupation", "abc")))["occupation"] == 3
 
 
 def _respelled(rows: ServingInputs) -> ServingInputs:
     """The same rows with other case and surrounding whitespace on every string value."""
-    return rows._replace(
-        gender=[f" {g.lower()}\t" for g in rows.gender],
-        occupation=[o.upper() + "\r\n" for o in rows.occupation],
-        zip_code=[f"  {z} " for z in rows.zip_code],
-        genres=[f" {g.swapcase()} " for g in rows.genres],
-    )
+    s = rows.strings
+    return rows._replace(strings={
+        "gender": [f" {g.lower()}\t" for g in s["gender"]],
+        "occupation": [o.upper() + "\r\n" for o in s["occupation"]],
+        "zip_prefix": [f"  {z} " for z in s["zip_prefix"]],
+        "genres": [f" {g.swapcase()} " for g in s["genres"]],
+    })  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["eager", "scripted"])
@@ -127,8 +154,8 @@ def test_strings_match_regardless_of_case_and_surrounding_whitespace(models, row
 def test_zip_codes_keep_their_case(models, prepared):
     """Only whitespace is stripped from a zip code: "e2a" is not the Canadian prefix "E2A"."""
     joined = prepared.movielens.joined()
-    row = serving_inputs(joined.filter(joined["zip_code"].str.starts_with("E2A")).head(1))
-    lower = row._replace(zip_code=[z.lower() for z in row.zip_code])
+    row = serving_inputs(joined.filter(joined["zip_code"].str.starts_with("E2A")).head(1), prepared.vocabs)
+    lower = row.replace("strings", "zip_prefix", [z.lower() for z in row.strings["zip_prefix"]])
     assert models["scripted"].unknowns(*row.args)["zip_prefix"] == 0
     assert models["scripted"].unknowns(*lower.args)["zip_prefix"] == 1
 
@@ -138,9 +165,9 @@ def test_vocabularies_that_collide_after_normalization_fail_the_export(
 ):  # fmt: skip
     occupations = [("Writer" if o == "none" else o) for o in prepared.vocabs["occupation"].values]
     vocabs = FeatureVocabs(
+        prepared.vocabs.spec,
         {**prepared.vocabs.vocabs, "occupation": Vocabulary("occupation", occupations)},
-        prepared.vocabs.zip_prefix_len, prepared.vocabs.year_bucket,
-    )  # fmt: skip
+    )
     rows = ParityRows.sample(prepared, 8)
     with pytest.raises(ValueError, match="'occupation' has .*'writer'.* one value after fold_case"):
         export_torchscript(trained_student, vocabs, tmp_path / "x.pt", rows)
@@ -149,15 +176,19 @@ def test_vocabularies_that_collide_after_normalization_fail_the_export(
 def _with_unknowns(rows: ServingInputs) -> ServingInputs:
     """Row 0: an unseen user and a missing age; row 1: an unseen occupation and zip code;
     row 2: an unseen item, year and one unseen genre name of its two."""
+    n, s = rows.numbers, rows.strings
     return rows._replace(
-        user_id=torch.tensor([10**9, int(rows.user_id[1]), int(rows.user_id[2])]),
-        item_id=torch.tensor([int(rows.item_id[0]), int(rows.item_id[1]), -5]),
-        age=torch.tensor([-1, int(rows.age[1]), int(rows.age[2])]),
-        occupation=[rows.occupation[0], "astronaut", rows.occupation[2]],
-        zip_code=[rows.zip_code[0], "", rows.zip_code[2]],
-        year=torch.tensor([int(rows.year[0]), int(rows.year[1]), 1800]),
-        genres=rows.genres[:-1] + ["Not-a-genre"],
-    )
+        numbers={
+            "user_id": torch.tensor([10**9, int(n["user_id"][1]), int(n["user_id"][2])]),
+            "item_id": torch.tensor([int(n["item_id"][0]), int(n["item_id"][1]), -5]),
+            "age": torch.tensor([math.nan, float(n["age"][1]), float(n["age"][2])]),
+            "release_year": torch.tensor([float(n["release_year"][0]),
+                                          float(n["release_year"][1]), 1800.0]),
+        },
+        strings={**s, "occupation": [s["occupation"][0], "astronaut", s["occupation"][2]],
+                 "zip_prefix": [s["zip_prefix"][0], "", s["zip_prefix"][2]],
+                 "genres": s["genres"][:-1] + ["Not-a-genre"]},
+    )  # fmt: skip
 
 
 EXPECTED_UNKNOWNS = {"user_id": 1, "item_id": 1, "age": 1, "gender": 0, "occupation": 1,
@@ -166,7 +197,7 @@ EXPECTED_UNKNOWNS = {"user_id": 1, "item_id": 1, "age": 1, "gender": 0, "occupat
 
 @pytest.mark.parametrize("kind", ["eager", "scripted"])
 def test_unknowns_counts_the_values_scored_as_unknown_per_feature(models, rows, kind):
-    assert rows.genre_lengths.tolist() == [1, 4, 2]
+    assert rows.lengths["genres"].tolist() == [1, 4, 2]
     assert models[kind].unknowns(*_with_unknowns(rows).args) == EXPECTED_UNKNOWNS
     assert set(models[kind].unknowns(*rows.args).values()) == {0}
 
@@ -187,8 +218,8 @@ def _random_batches(prepared, count: int, seed: int) -> list[ServingInputs]:
     joined = prepared.movielens.joined()
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, 17, (count,), generator=gen).tolist()
-    return [serving_inputs(joined[torch.randint(len(joined), (n,), generator=gen).tolist()])
-            for n in sizes]  # fmt: skip
+    return [serving_inputs(joined[torch.randint(len(joined), (n,), generator=gen).tolist()],
+                           prepared.vocabs) for n in sizes]  # fmt: skip
 
 
 def test_the_loaded_file_answers_8_threads_as_it_answers_one(served_file, prepared):
@@ -234,43 +265,47 @@ def raw_rows(draw):
     """A batch of 0-8 rows of arbitrary raw values, consistent in its lengths."""
     size = draw(st.integers(min_value=0, max_value=8))
     ints = st.lists(INT64, min_size=size, max_size=size)
+    floats = st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=size, max_size=size)
+    texts = st.lists(TEXT, min_size=size, max_size=size)
     genre_lengths = draw(st.lists(st.integers(0, 4), min_size=size, max_size=size))
     return ServingInputs(
-        user_id=torch.tensor(draw(ints), dtype=torch.int64),
-        item_id=torch.tensor(draw(ints), dtype=torch.int64),
-        age=torch.tensor(draw(ints), dtype=torch.int64),
-        gender=draw(st.lists(TEXT, min_size=size, max_size=size)),
-        occupation=draw(st.lists(TEXT, min_size=size, max_size=size)),
-        zip_code=draw(st.lists(TEXT, min_size=size, max_size=size)),
-        year=torch.tensor(draw(ints), dtype=torch.int64),
-        genres=draw(st.lists(TEXT, min_size=sum(genre_lengths), max_size=sum(genre_lengths))),
-        genre_lengths=torch.tensor(genre_lengths, dtype=torch.int64),
-    )
+        numbers={"user_id": torch.tensor(draw(ints), dtype=torch.int64),
+                 "item_id": torch.tensor(draw(ints), dtype=torch.int64),
+                 "age": torch.tensor(draw(floats), dtype=torch.float64),
+                 "release_year": torch.tensor(draw(ints), dtype=torch.int64)},
+        strings={"gender": draw(texts), "occupation": draw(texts), "zip_prefix": draw(texts),
+                 "genres": draw(st.lists(TEXT, min_size=sum(genre_lengths),
+                                         max_size=sum(genre_lengths)))},
+        lengths={"genres": torch.tensor(genre_lengths, dtype=torch.int64)},
+    )  # fmt: skip
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(inputs=raw_rows())
 def test_any_consistent_raw_rows_get_finite_ratings_in_range_and_counted_unknowns(models, inputs):
-    """Whatever the values (huge or negative ids, odd strings), a well-formed batch is scored:
-    one finite rating per row inside the training range, the same from the saved file, and
-    every value the vocabularies do not know is counted."""
+    """Whatever the values (huge or negative ids, infinite or NaN numbers, odd strings), a
+    well-formed batch is scored: one finite rating per row inside the training range, the same
+    from the saved file, and every value the vocabularies do not know is counted."""
     scripted = models["scripted"]
     ratings = scripted(*inputs.args)
     assert ratings.shape == (inputs.batch_size,) and bool(torch.isfinite(ratings).all())
     assert bool(((ratings >= 1.0) & (ratings <= 5.0)).all())
     assert torch.equal(ratings, models["eager"](*inputs.args))
     counts = scripted.unknowns(*inputs.args)
-    assert all(0 <= n <= max(inputs.batch_size, len(inputs.genres)) for n in counts.values())
+    assert all(0 <= n <= max(inputs.batch_size, len(inputs.strings["genres"]))
+               for n in counts.values())  # fmt: skip
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(inputs=raw_rows(), cut=st.sampled_from(["user_id", "gender", "genres", "genre_lengths"]))
+@given(inputs=raw_rows(), cut=st.sampled_from([("numbers", "user_id"), ("strings", "gender"),
+                                               ("strings", "genres"), ("lengths", "genres")]))
 def test_any_batch_with_inconsistent_lengths_is_a_clear_error(models, inputs, cut):
     """One input a row short (or genre names that do not add up) is refused, never scored."""
-    value = getattr(inputs, cut)
+    where, name = cut
+    value = getattr(inputs, where)[name]
     if len(value) == 0:
         value = value + ["x"] if isinstance(value, list) else torch.tensor([1])
     else:
         value = value[1:]
-    with pytest.raises(Exception, match=r"serving input|genre_lengths"):
-        models["scripted"](*inputs._replace(**{cut: value}).args)
+    with pytest.raises(Exception, match=r"serving input"):
+        models["scripted"](*inputs.replace(where, name, value).args)

@@ -13,7 +13,8 @@ import pytest
 from features.config import DataConfig
 from features.sources import MovieLens
 from features.synth import GENERATOR_VERSION, SynthSpec, write_synthetic
-from features.vocab import FeatureVocabs, age_bucket_expr
+from features.spec import feature_expr, load_spec
+from features.vocab import FeatureVocabs
 from pipelines.cli import main
 
 SPEC = SynthSpec(rows=20_000, users=300, items=200, seed=7, shard_rows=8_000)
@@ -84,7 +85,7 @@ def test_items_have_titles_years_and_one_to_three_genres(synth):
 
 
 def test_the_movielens_feature_definitions_read_it(synth):
-    vocabs = FeatureVocabs.build(synth, DataConfig())
+    vocabs = FeatureVocabs.build(load_spec("ml100k"), synth.ratings, synth.users, synth.items)
     encoded = vocabs.encode(synth.joined())
     assert vocabs.sizes["user_id"] == SPEC.users + 1 and vocabs.sizes["age"] == 8
     assert encoded["user_id"].min() >= 1 and encoded["genres"].explode().min() >= 1
@@ -191,7 +192,7 @@ def test_age_groups_and_genres_interact_beyond_the_biases(synth, split):
     user, item, rating, train = split
     biases = Factorization.fit(user[train], item[train], rating[train], rank=0)
     frame = synth.joined().select(
-        age_bucket_expr(pl.col("age")).alias("age_group"),
+        feature_expr(load_spec("ml100k")["age"]).alias("age_group"),
         "genres",
         pl.Series("residual", rating - biases.predict(user, item)),
         pl.Series("train", train),

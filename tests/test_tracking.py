@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import pytest
@@ -147,15 +149,17 @@ def test_a_run_holds_params_epoch_metrics_and_artifacts(prepared, tmp_path):
 
 def test_the_served_example_is_one_row_per_rating_with_its_own_genres():
     inputs = ServingInputs(
-        user_id=torch.tensor([196, 186]), item_id=torch.tensor([242, 302]),
-        age=torch.tensor([49, -1]), gender=["M", "F"], occupation=["writer", "executive"],
-        zip_code=["55105", "00000"], year=torch.tensor([1996, 1997]),
-        genres=["Comedy", "Crime", "Film-Noir"], genre_lengths=torch.tensor([1, 2]),
+        numbers={"user_id": torch.tensor([196, 186]), "age": torch.tensor([49.0, math.nan])},
+        strings={"zip_prefix": ["55105", "00000"], "genres": ["Comedy", "Crime", "Film-Noir"]},
+        lengths={"genres": torch.tensor([1, 2])},
     )  # fmt: skip
     example = serving_example(inputs)
-    assert list(example.columns) == serving_signature().inputs.input_names()
+    assert list(example.columns) == serving_signature(inputs).inputs.input_names()
     assert example["genres"].tolist() == [["Comedy"], ["Crime", "Film-Noir"]]
-    assert example["age"].tolist() == [49, -1] and example["zip_code"].tolist() == ["55105", "00000"]
+    assert example["user_id"].tolist() == [196, 186] and example["age"].isna().tolist() == [False, True]
+    back = ServingInputs.from_records(example)
+    assert back.strings == inputs.strings and torch.equal(back.lengths["genres"], inputs.lengths["genres"])
+    assert torch.equal(back.numbers["user_id"], inputs.numbers["user_id"])
 
 
 @pytest.mark.slow

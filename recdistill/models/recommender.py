@@ -2,19 +2,22 @@
 
 Composed of parts with one job each, like TorchRec's DLRM:
 
-- :class:`SparseArch`: a TorchRec ``EmbeddingBagCollection``, one table per categorical feature
-  (the multi-hot genres are sum-pooled), returning the pooled embeddings concatenated in the
-  fixed feature order ``features.vocab.FEATURES`` (read from ``to_dict()``: a sharded EBC
-  returns its keys in another order).
+- :class:`SparseArch`: a TorchRec ``EmbeddingBagCollection``, one table per feature of the spec
+  (multi-hot features are sum-pooled), returning the pooled embeddings concatenated in the
+  spec's KeyedJaggedTensor order (read from ``to_dict()``: a sharded EBC returns its keys in
+  another order).
 - :class:`DenseTower`: the MLP.
-- a ``Linear`` rating head.
+- a ``Linear`` head: a rating ``[B]``, or for clicks the logits ``[B, 2]`` = ``[0, l]`` (so
+  cross-entropy is the binary log loss of ``l``, and the distillation methods' logit forms
+  apply unchanged).
 
 Stages: ``early`` = SparseArch (``[B, F*D]``), ``middle`` = DenseTower (``[B, hidden[-1]]``),
-``head`` = Linear (``[B]``).
+``head`` = Linear (``[B]`` or ``[B, 2]``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +27,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batches import Batch, Prepared
-from features.vocab import FEATURES
 from recdistill.models.registry import register_model
 from recdistill.stages import StagedModule
 
+#: Features that get ``id_embedding_dim`` when no per-feature widths are given.
 ID_FEATURES = ("user_id", "item_id")
 
 
@@ -57,10 +60,11 @@ class RecommenderConfig:
 
 
 class SparseArch(nn.Module):
-    """One embedding table per feature; pooled embeddings concatenated in ``FEATURES`` order.
+    """One embedding table per feature; pooled embeddings concatenated in ``sizes``' order.
 
     Args:
-        sizes: rows per feature (vocabulary size including the unknown slot 0).
+        sizes: rows per feature (vocabulary size including the unknown slot 0), in the
+            KeyedJaggedTensor order (``FeatureVocabs.sizes``).
         dims: embedding width per feature.
 
     Example::
@@ -71,10 +75,10 @@ class SparseArch(nn.Module):
 
     def __init__(self, sizes: dict[str, int], dims: dict[str, int]):
         super().__init__()
-        missing = [f for f in FEATURES if f not in sizes]
+        missing = [f for f in sizes if f not in dims]
         if missing:
-            raise ValueError(f"sizes lacks feature(s): {', '.join(missing)}")
-        self.features = list(FEATURES)
+            raise ValueError(f"dims lacks feature(s): {', '.join(missing)}")
+        self.features = list(sizes)
         self.dims = [dims[f] for f in self.features]
         self.ebc = EmbeddingBagCollection(
             tables=[
@@ -117,13 +121,16 @@ class DenseTower(nn.Module):
 
 
 class MLPRecommender(StagedModule):
-    """EBC + MLP tower + linear rating head, in three stages.
+    """EBC + MLP tower + linear head, in three stages.
 
     Args:
-        sizes: embedding rows per feature (``Prepared.vocabs.sizes``).
+        sizes: embedding rows per feature (``Prepared.vocabs.sizes``), in KJT order.
         config: table widths and tower.
-        rating_offset: initial bias of the head (the training mean), so training starts at the
-            global-mean predictor rather than at 0.
+        rating_offset: initial bias of the head (the training mean, or the click rate's
+            logit), so training starts at the global-mean predictor rather than at 0.
+        dims: width per feature (``FeatureVocabs.embedding_dims``); default: user_id and
+            item_id ``id_embedding_dim``, the rest ``side_embedding_dim``.
+        clicks: predict click logits ``[B, 2]`` = ``[0, l]`` instead of ratings ``[B]``.
 
     Example::
 
@@ -131,13 +138,14 @@ class MLPRecommender(StagedModule):
         y = model(batch)  # [B] predicted ratings
     """
 
-    def __init__(self, sizes: dict[str, int], config: RecommenderConfig, rating_offset: float = 0.0):
+    def __init__(self, sizes: dict[str, int], config: RecommenderConfig, rating_offset: float = 0.0,
+                 dims: dict[str, int] | None = None, clicks: bool = False):  # fmt: skip
         super().__init__()
         self.config = config
-        dims = {
-            f: config.id_embedding_dim if f in ID_FEATURES else config.side_embedding_dim
-            for f in FEATURES
-        }
+        self.clicks = clicks
+        if dims is None:
+            dims = {f: config.id_embedding_dim if f in ID_FEATURES else config.side_embedding_dim
+                    for f in sizes}  # fmt: skip
         self.sparse_arch = SparseArch(sizes, dims)
         self.tower = DenseTower(self.sparse_arch.out_dim, config.hidden, config.dropout)
         self.rating_head = nn.Linear(config.hidden[-1], 1)
@@ -153,15 +161,35 @@ class MLPRecommender(StagedModule):
         return self.tower(h)  # [B, hidden[-1]]
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.rating_head(z).squeeze(-1)  # [B]
+        y = self.rating_head(z).squeeze(-1)  # [B]
+        if self.clicks:
+            return torch.stack([torch.zeros_like(y), y], dim=1)  # [B, 2] logits [0, l]
+        return y
 
 
-def _train_mean(prepared: Prepared) -> float:
-    return float(prepared.data.labels[prepared.data.splits["train"]].mean())
+def _train_offset(prepared: Prepared) -> float:
+    """The head's starting bias: the mean training rating, or the logit of the click rate."""
+    labels = prepared.data.labels[prepared.data.splits["train"]]
+    if prepared.vocabs.spec.label.kind == "click":
+        rate = float(labels.double().mean().clamp(1e-4, 1 - 1e-4))
+        return math.log(rate / (1 - rate))
+    return float(labels.mean())
+
+
+def feature_dims(prepared: Prepared, config: RecommenderConfig) -> dict[str, int]:
+    """Each feature's width: the spec's (per feature, per kind, default), else the model's
+    ``id_embedding_dim`` for id features and ``side_embedding_dim`` for the rest."""
+    spec = prepared.vocabs.spec
+    fallback = {kind: config.side_embedding_dim for kind in ("categorical", "multi_hot",
+                                                              "bucketized", "prefix")}  # fmt: skip
+    dims = spec.embedding_dims({"id": config.id_embedding_dim, **fallback})
+    return {name: dims[name] for name in spec.kjt_names}
 
 
 def _build(config: RecommenderConfig, prepared: Prepared) -> MLPRecommender:
-    return MLPRecommender(prepared.vocabs.sizes, config, rating_offset=_train_mean(prepared))
+    return MLPRecommender(prepared.vocabs.sizes, config, rating_offset=_train_offset(prepared),
+                          dims=feature_dims(prepared, config),
+                          clicks=prepared.vocabs.spec.label.kind == "click")  # fmt: skip
 
 
 # Sizes aim at the paper's ~2M / ~3M / ~4M parameters on ML-100K; teachers get wider

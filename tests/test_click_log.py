@@ -1,0 +1,151 @@
+"""A team's own click log, end to end through the feature spec: parquet shards written here
+(interactions, users, items; a multi-hot tags column, a bucketized price, a hashed item id)
+train a click model with AUC reported, export and serve it; a bad spec or a missing column
+fails before any work, naming its key path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from features.batches import prepare
+from features.config import DataConfig
+from features.spec import SpecError
+from recdistill.export import ParityRows, export_torchscript, serving_inputs
+from recdistill.models import build_model
+from recdistill.training import TrainConfig, train_supervised
+
+USERS, ITEMS, CLICKS = 300, 200, 12_000
+COUNTRIES = ["de", "fr", "jp", "us", "br"]
+CATEGORIES = ["books", "games", "music", "tools", "toys", "food", "garden", "rare"]
+TAGS = ["sale", "new", "eco", "gift", "bulk"]
+FEATURES = [
+    {"name": "user_id", "table": "interactions", "column": "user_id", "kind": "id"},
+    {"name": "item_id", "table": "interactions", "column": "item_id", "kind": "id",
+     "hash_buckets": 512},
+    {"name": "country", "table": "users", "column": "country", "kind": "categorical"},
+    {"name": "category", "table": "items", "column": "category", "kind": "categorical",
+     "min_count": 300},
+    {"name": "price", "table": "items", "column": "price", "kind": "bucketized",
+     "boundaries": [5, 10, 20, 50]},
+    {"name": "tags", "table": "items", "column": "tags", "kind": "multi_hot", "separator": "|"},
+]  # fmt: skip
+
+
+def write_click_log(folder) -> dict[str, str]:
+    """A click log whose clicks depend on the item's tags, price and category and the user's
+    country (a model that reads the features has something to learn)."""
+    rng = np.random.default_rng(0)
+    users = pl.DataFrame({"user_id": np.arange(1, USERS + 1),
+                          "country": rng.choice(COUNTRIES, USERS)})  # fmt: skip
+    # "rare" is a category of a few items, below min_count: it encodes as unknown
+    category = rng.choice(CATEGORIES[:-1], ITEMS).astype(object)
+    category[:2] = "rare"
+    tags = ["|".join(rng.choice(TAGS, rng.integers(0, 3), replace=False)) for _ in range(ITEMS)]
+    items = pl.DataFrame({"item_id": np.arange(1, ITEMS + 1), "category": category.tolist(),
+                          "price": np.round(rng.lognormal(2.5, 0.8, ITEMS), 2), "tags": tags})  # fmt: skip
+    user = rng.integers(1, USERS + 1, CLICKS)
+    item = rng.integers(1, ITEMS + 1, CLICKS)
+    sale = np.array(["sale" in t for t in tags])[item - 1]
+    cheap = items["price"].to_numpy()[item - 1] < 10
+    match = (users["country"].to_numpy()[user - 1] == "jp") & (category[item - 1] == "games")
+    logit = -1.0 + 1.5 * sale + 1.0 * cheap + 2.0 * match
+    clicked = (rng.random(CLICKS) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    log = pl.DataFrame({"user_id": user, "item_id": item, "clicked": clicked})
+    (folder / "log").mkdir()
+    for shard, start in enumerate(range(0, CLICKS, 5000)):
+        log.slice(start, 5000).write_parquet(folder / "log" / f"part-{shard}.parquet")
+    users.write_parquet(folder / "users.parquet")
+    items.write_parquet(folder / "items.parquet")
+    return {"interactions": str(folder / "log" / "part-*.parquet"),
+            "users": str(folder / "users.parquet"), "items": str(folder / "items.parquet")}  # fmt: skip
+
+
+def click_config(paths: dict[str, str], features=None) -> DataConfig:
+    return DataConfig(**paths, features=features or FEATURES,
+                      label={"column": "clicked", "kind": "click"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return write_click_log(tmp_path_factory.mktemp("clicks"))
+
+
+@pytest.fixture(scope="module")
+def clicks(paths):
+    return prepare(click_config(paths))
+
+
+@pytest.fixture(scope="module")
+def trained(clicks):
+    torch.manual_seed(0)
+    model = build_model("mlp_s", clicks, {"id_embedding_dim": 8, "side_embedding_dim": 4})
+    cfg = TrainConfig(epochs=4, batch_size=256, patience=2, progress=False)
+    return model, train_supervised(model, clicks, cfg)
+
+
+def test_the_click_log_reads_as_a_binary_task_with_its_spec(clicks):
+    data = clicks.data
+    assert data.task == "binary" and data.labels.dtype == torch.int64 and len(data) == CLICKS
+    assert clicks.vocabs.sizes == {"user_id": USERS + 1, "item_id": 513, "country": 6,
+                                   "category": 8, "price": 6, "tags": 6}  # fmt: skip
+    assert "rare" not in clicks.vocabs["category"].values  # below min_count: unknown
+    assert set(data.entity_ids("item_id").tolist()) <= set(range(1, 513))  # hashed, never 0
+
+
+def test_a_click_model_trains_with_auc_and_log_loss_reported(trained):
+    _, result = trained
+    assert {"auc", "log_loss", "accuracy"} <= set(result.test)
+    assert result.test["auc"] > 0.65  # the planted signal is learned
+    assert math.isfinite(result.test["log_loss"]) and result.test["log_loss"] < math.log(2)
+    assert "valid_auc" in result.history[-1]
+
+
+def test_the_click_model_exports_and_serves_probabilities(trained, clicks, tmp_path):
+    model, _ = trained
+    report = export_torchscript(model, clicks.vocabs, tmp_path / "clicks.pt", ParityRows.sample(clicks, 512))
+    assert report.passed and report.max_abs_diff <= 1e-6
+    served = torch.jit.load(str(report.path))
+    inputs = serving_inputs(clicks.joined().head(6), clicks.vocabs)
+    assert set(inputs.numbers) == {"user_id", "item_id", "price"}
+    assert set(inputs.strings) == {"country", "category", "tags"} and set(inputs.lengths) == {"tags"}
+    p = served(*inputs.args)
+    assert p.shape == (6,) and bool(((p > 0) & (p < 1)).all())
+    new = inputs.replace("strings", "country", ["mars"] * 6)
+    assert served.unknowns(*new.args)["country"] == 6
+    assert served.unknowns(*inputs.args)["item_id"] == 0  # a hashed id is never unknown
+
+
+def test_a_spec_with_a_typo_fails_on_load_with_its_key_path(paths):
+    typo = [dict(FEATURES[0], kindd="id")] + FEATURES[1:]
+    with pytest.raises(ValueError, match=r"data\.features\[0\]\.kindd: unknown key \(did you mean 'kind'\?\)"):
+        click_config(paths, typo)
+    unknown = FEATURES[:4] + [dict(FEATURES[4], kind="bucket")] + FEATURES[5:]
+    with pytest.raises(ValueError, match=r"data\.features\[4\]\.kind: unknown kind 'bucket'"):
+        click_config(paths, unknown)
+
+
+def test_a_job_config_with_a_bad_feature_names_its_key_path(paths):
+    from pipelines.config import ConfigError, parse_config
+
+    bad = FEATURES[:1] + [dict(FEATURES[1], hash_buckets=0)] + FEATURES[2:]
+    raw = {"data": {**paths, "features": bad, "label": {"column": "clicked", "kind": "click"}}}
+    with pytest.raises(ConfigError, match=r"data\.features\[1\]\.hash_buckets: must be at least 1"):
+        parse_config(raw)
+    assert parse_config({"data": {**raw["data"], "features": FEATURES}}).data.features == FEATURES
+
+
+def test_a_missing_column_fails_before_any_data_is_read(paths):
+    missing = FEATURES[:4] + [dict(FEATURES[4], column="pricee")] + FEATURES[5:]
+    with pytest.raises(SpecError, match=r"data\.features\[4\]\.column: feature 'price' reads column "
+                                        r"'pricee', which table 'items' lacks"):  # fmt: skip
+        prepare(click_config(paths, missing))
+
+
+def test_own_tables_need_a_spec():
+    with pytest.raises(ValueError, match="data.features: your own tables"):
+        DataConfig(interactions="log.parquet")
