@@ -207,6 +207,11 @@ class RatingsData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def label_mean(self) -> float:
+        """The mean training label (a rating, or the click rate)."""
+        labels = self.labels[self.splits["train"]]
+        return float(labels.mean() if labels.is_floating_point() else labels.double().mean())
+
     def entity_ids(self, feature: str) -> torch.Tensor:
         """``[N]`` vocabulary index of a single-valued feature on every row (for the slices)."""
         if feature not in self.single_names:
@@ -261,7 +266,14 @@ class Prepared:
     data: RatingsData
 
     def joined(self) -> pl.DataFrame:
-        """Every interaction with its user's and item's attributes (joined on the spec's keys)."""
+        """Every interaction with its user's and item's attributes (joined on the spec's keys).
+
+        Raises:
+            ValueError: the interactions are streamed, never all in memory.
+        """
+        if self.movielens.ratings is None:
+            raise ValueError("the interactions are streamed (data.stream): there is no joined "
+                             "frame of them all; read chunks with prepared.data.read_chunk")  # fmt: skip
         spec = self.vocabs.spec
         return self.movielens.joined(spec.user_key, spec.item_key)
 
@@ -270,6 +282,14 @@ class Prepared:
         ratings = self.movielens.ratings
         spec = self.vocabs.spec
         label = spec.label.column
+        if ratings is None:  # streamed: what is known without reading every row
+            return {"source": self.config.interactions, "dataset": self.movielens.name,
+                    "ratings": len(self.data), "streamed": True,
+                    "users": None if self.movielens.users is None else self.movielens.users.height,
+                    "items": None if self.movielens.items is None else self.movielens.items.height,
+                    "chunks": len(self.data.chunks), "split": self.config.split,
+                    "split_sizes": {name: len(self.data.splits[name]) for name in SPLITS},
+                    "vocab_sizes": self.vocabs.sizes}  # fmt: skip
         return {
             "source": self.config.interactions or self.config.source,
             "dataset": self.movielens.name,
@@ -318,6 +338,8 @@ def prepare(config: DataConfig | None = None, vocabs: FeatureVocabs | None = Non
             is the one used.
     """
     config = config or DataConfig()
+    if config.stream:
+        return prepare_stream(config, vocabs)
     ml = load_source(config)
     spec = vocabs.spec if vocabs is not None else config.spec_for(ml.name)
     tables = {"interactions": ml.ratings, "users": ml.users, "items": ml.items}
@@ -325,6 +347,22 @@ def prepare(config: DataConfig | None = None, vocabs: FeatureVocabs | None = Non
     if vocabs is None:
         vocabs = FeatureVocabs.build(spec, ml.ratings, ml.users, ml.items)
     return Prepared(config, ml, vocabs, RatingsData.from_frames(ml, vocabs, config))
+
+
+def prepare_stream(config: DataConfig, vocabs: FeatureVocabs | None = None) -> Prepared:
+    """Vocabularies from streaming scans of the tables, and a :class:`features.stream.
+    StreamingRatings` that reads the interactions chunk by chunk. The user and item tables are
+    held in memory (``prepared.movielens.users`` / ``items``; its ``ratings`` is None)."""
+    from features.stream import StreamingRatings  # late: the stream imports this module
+
+    tables = scan_tables(config.interactions, config.users, config.items)
+    spec = vocabs.spec if vocabs is not None else config.spec_for(tables.name)
+    check_columns(spec, tables.schemas())
+    if vocabs is None:
+        vocabs = FeatureVocabs.build(spec, tables.interactions, tables.users, tables.items)
+    data = StreamingRatings(tables, vocabs, config, config.chunk_rows, config.shuffle_buffer)
+    side = MovieLens(None, data.users, data.items, tables.name)
+    return Prepared(config, side, vocabs, data)
 
 
 def load_source(config: DataConfig) -> MovieLens:

@@ -30,6 +30,11 @@ class DataConfig:
             then say what to read from it (a spec file or a list).
         users: with ``interactions``: the users table (parquet or CSV), joined on ``user_key``.
         items: with ``interactions``: the items table, joined on ``item_key``.
+        stream: read ``interactions`` chunk by chunk instead of into memory
+            (:mod:`features.stream`: a shuffle buffer, splits hashed per row, each rank its
+            own shards); vocabularies are built in streaming scans.
+        chunk_rows: with ``stream``: rows read at a time from one shard.
+        shuffle_buffer: with ``stream``: rows shuffled together.
         strict: reject (instead of dropping with a logged count) ratings outside 1..5 or not
             numbers.
         dedupe_titles: map items whose title and year repeat an earlier item onto that item's
@@ -58,6 +63,9 @@ class DataConfig:
     interactions: str | None = None
     users: str | None = None
     items: str | None = None
+    stream: bool = False
+    chunk_rows: int = 262_144
+    shuffle_buffer: int = 1_048_576
     strict: bool = False
     dedupe_titles: bool = False
     split: Literal["random", "temporal"] = "random"
@@ -89,6 +97,15 @@ class DataConfig:
         if self.interactions is not None and self.features is None:
             raise ValueError("data.features: your own tables (data.interactions) need a feature "
                              "spec: a spec file, or a list of features with data.label")  # fmt: skip
+        if self.stream and self.interactions is None:
+            raise ValueError("data.stream: streams your own tables (data.interactions); a "
+                             "MovieLens source is read into memory")  # fmt: skip
+        if self.stream and self.split != "random":
+            raise ValueError("data.split: the streaming reader splits at random per row (a "
+                             f"{self.split!r} split needs the whole table in memory)")  # fmt: skip
+        for key in ("chunk_rows", "shuffle_buffer"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key}: must be at least 1, got {getattr(self, key)}")
         self.spec_for("ml-100k")  # a bad spec fails on load, naming its key path
 
     def spec_for(self, dataset: str) -> "DataSpec":

@@ -224,8 +224,8 @@ def _value_counts(
         values = interactions.select(raw)
     else:
         key = spec.user_key if feature.table == "users" else spec.item_key
-        per_key = interactions.group_by(key).agg(pl.len().alias("_n"))
-        values = frame.select(pl.col(key), raw).join(per_key, on=key, how="inner")
+        per_key = interactions.group_by(pl.col(key).alias("_key")).agg(pl.len().alias("_n"))
+        values = frame.select(pl.col(key).alias("_key"), raw).join(per_key, on="_key", how="inner")
     if feature.multi_valued:
         values = values.explode(feature.name)
     count = pl.col("_n").sum() if "_n" in values.collect_schema() else pl.len()

@@ -42,7 +42,7 @@ from pipelines.config import JobConfig
 from pipelines.schema import to_dict
 from recdistill.baselines import reference_metrics
 from recdistill.distill.trainer import DistillResult, distill
-from recdistill.export import ExportReport, ParityRows, export_torchscript, serving_inputs
+from recdistill.export import ExportReport, ParityRows, export_torchscript
 from recdistill.models import build_model, count_parameters
 from recdistill.tracking import (
     TAG_EXPORT_FILE,
@@ -225,16 +225,20 @@ def stage_prepare(ctx: JobContext) -> Prepared:
     summary = ctx.prepared.summary()
     sizes = summary["split_sizes"]
     ctx.say(
-        f"  {summary['dataset']}: {summary['ratings']:,} ratings, {summary['users']:,} users, "
-        f"{summary['items']:,} items; {ctx.config.data.split} split {sizes['train']:,} / "
+        f"  {summary['dataset']}: {summary['ratings']:,} ratings, {summary['users'] or 0:,} users, "
+        f"{summary['items'] or 0:,} items; {ctx.config.data.split} split {sizes['train']:,} / "
         f"{sizes['valid']:,} / {sizes['test']:,} ({time.perf_counter() - start:.1f} s)"
     )
-    if not isinstance(ctx.run, NullRun):
-        ctx.datasets = data_inputs(ctx.prepared)
-        ctx.run.log_inputs(ctx.datasets)
-    refs = reference_metrics(ctx.prepared.data, ("test",))
-    ctx.add_row("global mean", "reference", refs["global_mean"]["test"])
-    ctx.add_row("user + item bias", "reference", refs["user_item_bias"]["test"])
+    if ctx.prepared.movielens.ratings is None:  # streamed: no table of every row to digest
+        ctx.say("  streamed log: no reference predictors or MLflow dataset digests (they read "
+                "every row into memory)")  # fmt: skip
+    else:
+        if not isinstance(ctx.run, NullRun):
+            ctx.datasets = data_inputs(ctx.prepared)
+            ctx.run.log_inputs(ctx.datasets)
+        refs = reference_metrics(ctx.prepared.data, ("test",))
+        ctx.add_row("global mean", "reference", refs["global_mean"]["test"])
+        ctx.add_row("user + item bias", "reference", refs["user_item_bias"]["test"])
     ctx.run.set_holdout(holdout_key(ctx.config))
     return ctx.prepared
 
@@ -466,8 +470,7 @@ def stage_register(
     if isinstance(ctx.run, NullRun):
         ctx.say("  tracking disabled: nothing registered")
         return None, None
-    rows = ctx.prepared.data.splits[ctx.config.export.parity_split][:1]
-    example = serving_inputs(ctx.prepared.joined()[rows.tolist()], ctx.prepared.vocabs)
+    example = ParityRows.sample(ctx.prepared, 1, ctx.config.export.parity_split).inputs
     ctx.run.set_description(description)
     ctx.run.log_student(report.path, report, example)
     version = ctx.run.register_student(description)

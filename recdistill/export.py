@@ -811,6 +811,9 @@ class ParityRows:
             raise ValueError(
                 f"parity split {split!r} is not one of {', '.join(prepared.data.splits)}"
             )
+        if callable(getattr(prepared.data, "sample", None)):  # streamed: the split's first rows
+            joined, batch = prepared.data.sample(split, count)
+            return cls(serving_inputs(joined, prepared.vocabs), batch, training_rating_range(prepared))
         rows = prepared.data.splits[split]
         if count < len(rows):
             gen = torch.Generator().manual_seed(seed)

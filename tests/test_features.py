@@ -95,3 +95,19 @@ def test_batch_shapes_and_lengths_match_the_data(prepared):
 def test_batches_cover_the_split_once(prepared):
     seen = torch.cat([b.rows for b in prepared.data.batches("valid", 1000, shuffle=True, seed=1)])
     assert torch.equal(seen.sort().values, prepared.data.splits["valid"])
+
+
+def test_min_count_and_max_size_count_interactions_of_a_side_table_feature(prepared):
+    """An item id kept by min_count has at least that many ratings; max_size keeps the most
+    rated occupations (a user attribute counts once per rating of its users)."""
+    spec = load_spec("ml100k")
+    spec["item_id"].min_count = 20
+    spec["occupation"].max_size = 3
+    ml = prepared.movielens
+    vocabs = FeatureVocabs.build(spec, ml.ratings.lazy(), ml.users.lazy(), ml.items.lazy())
+    per_item = ml.ratings.group_by("item_id").len()
+    expected = per_item.filter(pl.col("len") >= 20)["item_id"].sort().cast(pl.Utf8).to_list()
+    assert vocabs["item_id"].values == expected
+    top = ml.joined().group_by("occupation").len().sort("len", descending=True).head(3)
+    assert vocabs["occupation"].values == sorted(top["occupation"].to_list())
+    assert vocabs.sizes["item_id"] == len(expected) + 1 < prepared.vocabs.sizes["item_id"]

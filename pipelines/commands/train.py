@@ -98,7 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepared.vocabs.save(out / "vocabs.json")
 
     def report(epoch: int, m: dict) -> None:
-        say(f"epoch {epoch:>2}  train loss {m['train_loss']:.4f}  valid MSE {m['valid_mse']:.4f}"
+        valid = "  ".join(f"valid {k[6:].upper()} {m[k]:.4f}" for k in
+                          ("valid_mse", "valid_auc", "valid_log_loss", "valid_accuracy") if k in m)  # fmt: skip
+        say(f"epoch {epoch:>2}  train loss {m['train_loss']:.4f}  {valid}"
             f"  ({m['examples_per_s']:,.0f} examples/s)")  # fmt: skip
 
     result = train_supervised(model, prepared, train, on_epoch=report,

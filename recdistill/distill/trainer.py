@@ -176,7 +176,10 @@ def distill(
     """
     train = train or TrainConfig()
     data = getattr(prepared, "data", prepared)
-    probe = data.batch(data.splits["train"][: min(8, len(data.splits["train"]))])
+    if callable(getattr(data, "sample", None)):  # a stream: its first training rows
+        probe = data.sample("train", 8)[1]
+    else:
+        probe = data.batch(data.splits["train"][: min(8, len(data.splits["train"]))])
     torch.manual_seed(train.seed)  # the module's init and dropout
     runner = build_method(method or config.method, student, committee, config, probe_batch=probe)
     checkpoints = EpochCheckpoints.for_run(

@@ -169,11 +169,11 @@ class MLPRecommender(StagedModule):
 
 def _train_offset(prepared: Prepared) -> float:
     """The head's starting bias: the mean training rating, or the logit of the click rate."""
-    labels = prepared.data.labels[prepared.data.splits["train"]]
+    mean = prepared.data.label_mean()
     if prepared.vocabs.spec.label.kind == "click":
-        rate = float(labels.double().mean().clamp(1e-4, 1 - 1e-4))
+        rate = min(max(mean, 1e-4), 1 - 1e-4)
         return math.log(rate / (1 - rate))
-    return float(labels.mean())
+    return mean
 
 
 def feature_dims(prepared: Prepared, config: RecommenderConfig) -> dict[str, int]:

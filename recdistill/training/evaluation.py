@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
+from recdistill.training.ranks import _device, _world, local_batches
 
 #: ``(cold, warm)``: fewer than ``cold`` training ratings is cold, more than ``warm`` is warm.
 DEFAULT_SLICE_EDGES: tuple[int, int] = (5, 20)
@@ -44,7 +44,10 @@ def check_slice_edges(edges: Sequence[int], name: str = "slice_edges") -> tuple[
 
 
 def label_range(data: Any) -> tuple[float, float]:
-    """``(lowest, highest)`` label of the training split: the scale predictions are clipped to."""
+    """``(lowest, highest)`` label of the training split: the scale predictions are clipped to
+    (a streamed data set computes it in one pass: ``data.label_range()``)."""
+    if callable(getattr(data, "label_range", None)):
+        return data.label_range()
     labels = data.labels[data.splits["train"]]
     if len(labels) == 0:
         raise ValueError("the training split is empty: no label range to clip predictions to")
@@ -52,7 +55,10 @@ def label_range(data: Any) -> tuple[float, float]:
 
 
 def training_counts(data: Any, feature: str) -> torch.Tensor:
-    """``[V]`` number of training ratings of each id of ``feature`` (``V``: largest id + 1)."""
+    """``[V]`` number of training ratings of each id of ``feature`` (``V``: largest id + 1, or
+    the vocabulary size for a streamed data set, which counts in one pass)."""
+    if callable(getattr(data, "train_counts", None)):
+        return data.train_counts(feature)
     ids = data.entity_ids(feature)  # [N]
     return torch.bincount(ids[data.splits["train"]], minlength=int(ids.max()) + 1)
 
@@ -63,16 +69,22 @@ def slice_index(counts: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
     return (counts >= cold).long() + (counts > warm).long()
 
 
-def _slice_cells(data: Any, edges: Sequence[int]) -> torch.Tensor:
-    """``[N, E]``: for every row and entity, its cell ``entity * len(SLICE_NAMES) + slice``;
-    ``[N, 0]`` for data without entity ids (``data.entity_ids``)."""
-    if not callable(getattr(data, "entity_ids", None)):
-        return torch.zeros(len(data), 0, dtype=torch.int64)
-    columns = []
-    for position, feature in enumerate(SLICE_ENTITIES.values()):
-        per_id = slice_index(training_counts(data, feature), edges)  # [V]
-        columns.append(per_id[data.entity_ids(feature)] + position * len(SLICE_NAMES))
-    return torch.stack(columns, dim=1)
+def _slice_tables(data: Any, edges: Sequence[int]) -> list[tuple[str, torch.Tensor]]:
+    """``[(feature, [V] slice of each id)]`` of the sliced entities (user, item); empty for data
+    without entity ids (``data.entity_ids`` or ``data.train_counts``)."""
+    if not any(callable(getattr(data, name, None)) for name in ("entity_ids", "train_counts")):
+        return []
+    return [(feature, slice_index(training_counts(data, feature), edges))
+            for feature in SLICE_ENTITIES.values()]  # fmt: skip
+
+
+def _batch_cells(batch: Any, tables: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per sliced entity, ``[B]`` cells ``entity * len(SLICE_NAMES) + slice`` of the batch's rows."""
+    cells = []
+    for position, (feature, per_id) in enumerate(tables):
+        ids = batch.ids(feature).cpu()
+        cells.append(per_id[ids] + position * len(SLICE_NAMES))
+    return cells
 
 
 def evaluate(
@@ -109,8 +121,8 @@ def evaluate(
         raise ValueError(f"split {split!r} is empty")
     edges = check_slice_edges(list(slice_edges))
     low, high = label_range(data) if clip else (-math.inf, math.inf)
-    cells = _slice_cells(data, edges)  # [N, E]
-    entities = list(SLICE_ENTITIES) if cells.shape[1] else []
+    tables = _slice_tables(data, edges)
+    entities = list(SLICE_ENTITIES) if tables else []
     n_cells = len(entities) * len(SLICE_NAMES)
     was_training = model.training
     model.eval()
@@ -118,12 +130,12 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # squared error, abs error, rows
     by_cell = torch.zeros(2, n_cells, dtype=torch.float64, device=device)  # squared error, rows
     with torch.no_grad():
-        for rows in _global_batches(data, split, batch_size, shuffle=False, seed=0):
-            local = _local_rows(rows)
-            batch = data.batch(local).to(device)
+        for _, batch in local_batches(data, split, batch_size, shuffle=False, seed=0):
+            batch = batch.to(device)
             err = (model(batch).float().clamp(low, high) - batch.labels).double()  # [B]
             totals += torch.stack([err.square().sum(), err.abs().sum(), err.new_tensor(len(err))])
-            for column in cells[local].to(device).unbind(dim=1):  # [B] each
+            for column in _batch_cells(batch, tables):  # [B] each
+                column = column.to(device)
                 by_cell[0].index_add_(0, column, err.square())
                 by_cell[1].index_add_(0, column, torch.ones_like(err))
     model.train(was_training)

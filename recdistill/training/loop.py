@@ -41,7 +41,7 @@ from torch import nn
 from recdistill.training.checkpoints import EpochCheckpoints, write_atomically
 from recdistill.training.config import TrainConfig, TrainingError, TrainResult
 from recdistill.training.progress import Progress
-from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
+from recdistill.training.ranks import _device, _world, local_batches
 from recdistill.training.resume import (
     Position,
     load_optimizer_state,
@@ -112,6 +112,9 @@ class EarlyStopping:
 def steps_in_epoch(data: Any, cfg: TrainConfig) -> int:
     """Steps per epoch: the whole training split, or ``cfg.max_steps_per_epoch`` if fewer."""
     steps = data.num_batches("train", cfg.batch_size)
+    if steps == 0:
+        raise ValueError(f"train.batch_size: the training split ({len(data.splits['train']):,} rows) "
+                         f"gives no batch of {cfg.batch_size} (under a process group: per rank)")
     return steps if cfg.max_steps_per_epoch is None else min(steps, cfg.max_steps_per_epoch)
 
 
@@ -372,19 +375,20 @@ def _train_epoch(
     epoch = position.epoch
     every = cfg.checkpoint_every_steps
     started = time.perf_counter() - position.seconds  # seconds before a resume count too
-    batches = _global_batches(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-    for number, rows in enumerate(batches, start=1):
+    batches = local_batches(data, "train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
+                            train=True)  # fmt: skip
+    for number, (global_rows, batch) in enumerate(batches, start=1):
         if number > steps_per_epoch:
             break
         if number <= position.step:  # taken before the run was resumed
             continue
-        losses = step.losses(data.batch(_local_rows(rows), train=True).to(device))
+        losses = step.losses(batch.to(device))
         _check_finite(losses, lambda: where(epoch, number))
         step.update(losses)
         sums = position.loss_sums
         for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + value.item() * len(rows)
-        position.rows += len(rows)
+            sums[name] = sums.get(name, 0.0) + value.item() * global_rows
+        position.rows += global_rows
         position.step = number
         position.seconds = time.perf_counter() - started
         progress.step(number, {name: total / position.rows for name, total in sums.items()},

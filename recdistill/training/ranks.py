@@ -6,7 +6,7 @@ same loop serves one process and TorchRec's ``DistributedModelParallel`` over se
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,3 +46,20 @@ def _global_batches(
     if shuffle:
         rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
     return rows.split(batch_size)
+
+
+def local_batches(
+    data: Any, split: str, batch_size: int, shuffle: bool, seed: int, train: bool = False
+) -> Iterator[tuple[int, Any]]:
+    """``(rows in the global batch, this rank's batch)`` for each global batch of ``split``.
+
+    A data set that reads its own way (a stream: each rank its own shards) says how with
+    ``data.local_batches``; otherwise each rank takes its slice of the global batches of
+    :func:`_global_batches` from ``data.batch``.
+    """
+    own = getattr(data, "local_batches", None)
+    if own is not None:
+        yield from own(split, batch_size, shuffle=shuffle, seed=seed, train=train)
+        return
+    for rows in _global_batches(data, split, batch_size, shuffle, seed):
+        yield len(rows), data.batch(_local_rows(rows), train=train)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recdistill.training.evaluation import DEFAULT_SLICE_EDGES, evaluate
-from recdistill.training.ranks import _device, _global_batches, _local_rows, _world
+from recdistill.training.ranks import _device, _world, local_batches
 
 
 class Task(Protocol):
@@ -195,8 +195,8 @@ def _logits_and_labels(model: nn.Module, data: Any, split: str, batch_size: int,
     model.eval()
     device = _device(model)
     try:
-        for rows in _global_batches(data, split, batch_size, shuffle=False, seed=0):
-            batch = data.batch(_local_rows(rows)).to(device)
+        for _, batch in local_batches(data, split, batch_size, shuffle=False, seed=0):
+            batch = batch.to(device)
             logits = model(batch).float()  # [B, C]
             if logits.dim() != 2 or logits.shape[1] != n_classes:
                 raise ValueError(f"a classification model must give [B, {n_classes}] logits, "
