@@ -54,6 +54,14 @@ class TrainConfig:
             torch's default, one per core. With OpenMP's passive wait (set on ``import
             recdistill``) a busy machine slows the default in proportion instead of collapsing;
             1 is the choice when several jobs share the cores (docs/results/scale.md).
+        sparse_embedding_grads: in one process (no DMP), give the embedding tables sparse
+            gradients, so that Adagrad touches only the rows a batch looked up instead of every
+            row of every table (DMP's fused kernels always do). ``None`` (auto): sparse when the
+            tables hold more than ``SPARSE_GRADS_ABOVE`` (4M) parameters, which keeps small sets
+            (ML-100K's student: 1.7M) on the dense path their published figures were measured
+            with; at 11M table parameters sparse is 1.7x faster (docs/results/scale.md). Needs
+            ``embedding_optimizer: adagrad`` (TorchRec's row-wise Adagrad takes no sparse
+            gradients).
     """
 
     epochs: int = 20
@@ -72,6 +80,7 @@ class TrainConfig:
     progress_every_steps: int | None = None
     slice_edges: list[int] = field(default_factory=lambda: list(DEFAULT_SLICE_EDGES))
     threads: int | None = None
+    sparse_embedding_grads: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):

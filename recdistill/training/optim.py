@@ -23,6 +23,9 @@ OPTIMIZER_NAMES: tuple[str, ...] = ("adam", "adagrad", "rowwise_adagrad")
 EMBEDDING_OPTIMIZERS: tuple[str, ...] = ("adagrad", "rowwise_adagrad")
 #: FBGEMM's default epsilon; used on both paths so a single process and a sharded run agree.
 ADAGRAD_EPS = 1e-8
+#: Above this many unsharded table parameters, tables get sparse gradients by default
+#: (``TrainConfig.sparse_embedding_grads``).
+SPARSE_GRADS_ABOVE = 4_000_000
 
 
 def optimizer_class(kind: str) -> type[torch.optim.Optimizer]:
@@ -93,6 +96,30 @@ def make_optimizer(
     return KeyedOptimizerWrapper(named, lambda ps: cls(ps, **kwargs))
 
 
+def use_sparse_gradients(model: nn.Module, tables: Mapping[str, torch.Tensor], cfg: TrainConfig) -> bool:
+    """Switch the unsharded embedding bags of ``model`` to sparse gradients when
+    ``cfg.sparse_embedding_grads`` says so (or, when it is None, when ``tables`` hold more than
+    :data:`SPARSE_GRADS_ABOVE` parameters); returns whether they are sparse.
+
+    Raises:
+        ValueError: sparse gradients asked for with row-wise Adagrad, which cannot take them.
+    """
+    wanted = cfg.sparse_embedding_grads
+    if wanted is None:
+        wanted = cfg.embedding_optimizer == "adagrad" and \
+            sum(p.numel() for p in tables.values()) > SPARSE_GRADS_ABOVE  # fmt: skip
+    if wanted and cfg.embedding_optimizer != "adagrad":
+        raise ValueError("train.sparse_embedding_grads: sparse gradients need "
+                         f"embedding_optimizer: adagrad, not {cfg.embedding_optimizer}")  # fmt: skip
+    if wanted:  # Adagrad builds its sparse updates itself: opt out of torch's invariant checks
+        torch.sparse.check_sparse_tensor_invariants.disable()
+    for module in model.modules():
+        if isinstance(module, (nn.EmbeddingBag, nn.Embedding)) and \
+                any(module.weight is p for p in tables.values()):  # fmt: skip
+            module.sparse = bool(wanted)
+    return bool(wanted)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
     """Adagrad (or row-wise Adagrad) for the embedding tables, Adam for everything else.
 
@@ -109,7 +136,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
       ``KeyedOptimizerWrapper``. The tables get dense gradients whose untouched rows are zero,
       and Adagrad leaves a row with a zero gradient exactly as it was (its sum of squares and its
       weights do not move), so this equals the fused sparse update, with no process group and
-      no side effects inside ``backward``. We chose it over DMP with world size 1 (which needs a
+      no side effects inside ``backward``. Large tables get sparse gradients instead
+      (:func:`use_sparse_gradients`): the same update, touching only the looked-up rows. We chose it over DMP with world size 1 (which needs a
       global process group and changes the state dict into ShardedTensors) and over
       ``apply_optimizer_in_backward`` without DMP (which would silently step the tables on
       every backward that reaches them, including auxiliary losses in distillation).
@@ -138,6 +166,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
         dense = {n: p for n, p in rest.items() if n not in replicated}
     else:
         tables = embedding_parameters(model)
+        use_sparse_gradients(model, tables, cfg)
         if tables:
             parts.append(("embedding", make_optimizer(tables, cfg.embedding_optimizer, cfg.embedding_lr)))
         table_ids = {id(p) for p in tables.values()}
