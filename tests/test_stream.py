@@ -175,7 +175,7 @@ def test_the_shipped_synth_job_runs_streamed_end_to_end(folder, tmp_path):
         "models.mlp_l={id_embedding_dim: 32, side_embedding_dim: 8, hidden: [64, 32]}",
     ])  # fmt: skip
     assert cfg.data.stream and cfg.distill.teachers == ["mlp_l"]
-    result = run_job(cfg)
+    result = run_job(cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     roles = [row["role"] for row in result.rows]
     assert roles == ["teacher", "student alone", "distilled (ld)"]
     assert result.export.passed and result.export.rows_checked == 256
