@@ -13,10 +13,14 @@ it is there, then measure
   loop) reading from the stream in the same thread, and ``trainer_rows_s`` the same steps on
   batches already read (the reader's cost left out);
 - ``distill_rows_s``: LD steps from an MLP-L teacher (teacher forward + student step);
-- ``peak_rss_mb``: the process's peak resident memory at the end;
+- ``peak_rss_reader_mb``: the process's peak resident memory after the reader's pass (the
+  vocabularies, the user and item tables, a shuffle buffer; no model yet), and
+  ``peak_rss_mb`` at the end (with MLP-S, its optimizer state, and the MLP-L teacher, whose
+  tables grow with the users and items);
 - ``matmul_gflops``: the machine's float32 matmul rate (2048^3, same threads), and the share of
   it MLP-S training reaches (its dense FLOPs per row: 6 x the tower's multiply-adds);
-- a profile of 20 training steps (torch.profiler, top operators by self CPU time).
+- a profile of 20 training steps on batches already read (torch.profiler, top operators by
+  self CPU time).
 
 Then ``--nproc 2`` runs ``recdistill train --nproc 2`` (TorchRec DMP over gloo, each rank
 reading its own chunks) for ``--dmp-steps`` steps per size and records its examples/s.
@@ -80,11 +84,15 @@ def measure(folder: Path, threads: int, steps: int) -> dict:
         rows += len(batch)
     out["reader_rows_s"] = rows / (time.perf_counter() - start)
     out["reader_pass_s"] = time.perf_counter() - start
+    # the peak so far: vocabularies, the side tables, one shuffle buffer (no model yet)
+    out["peak_rss_reader_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     prepared = prepare(config, vocabs=vocabs)
     seed_everything(0)
     model = build_model("mlp_s", prepared)
     optimizer = build_optimizer(model, TrainConfig())
+    out["sparse_gradients"] = all(b.sparse for b in model.sparse_arch.ebc.embedding_bags.values())
+    out["mlp_s_parameters"] = sum(p.numel() for p in model.parameters())
 
     def step(batch) -> None:
         loss = torch.nn.functional.mse_loss(model(batch), batch.labels)
@@ -148,9 +156,8 @@ def measure(folder: Path, threads: int, steps: int) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    batches = prepared.data.batches("train", 1024, shuffle=True, seed=3)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _, batch in zip(range(20), batches):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # training steps alone
+        for batch in held[:20]:
             step(batch)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     out["profile"] = table

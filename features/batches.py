@@ -9,6 +9,7 @@ derived, is the feature spec's (:mod:`features.spec`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import logging
@@ -25,7 +26,7 @@ from features.config import DataConfig
 from features.sources import DataError, MovieLens, load_movielens
 from features.spec import check_columns
 from features.splits import SPLITS, split_rows
-from features.tables import scan_tables
+from features.tables import grouplens_tables, scan_tables
 from features.vocab import FeatureVocabs
 
 
@@ -375,6 +376,14 @@ def load_source(config: DataConfig) -> MovieLens:
         SpecError: a column the spec needs is missing (with its key path).
     """
     if config.interactions is None:
+        folder = Path(config.source).expanduser()
+        without_users = (folder / "ratings.csv").is_file() or (
+            (folder / "ratings.dat").is_file() and not (folder / "users.dat").is_file()
+        )
+        if config.source != "embedded" and without_users:  # ml-10m, ml-20m, ml-25m
+            tables = grouplens_tables(folder, config.strict)
+            return MovieLens(tables.interactions.collect(engine="streaming"), None,
+                             tables.items.collect(), tables.name)  # fmt: skip
         return load_movielens(config)
     tables = scan_tables(config.interactions, config.users, config.items)
     check_columns(config.spec_for(tables.name), tables.schemas())

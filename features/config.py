@@ -23,8 +23,10 @@ class DataConfig:
 
     Args:
         source: ``"embedded"`` (ML-100K shipped in the recbole wheel) or a path to a GroupLens
-            ``ml-100k`` folder (``u.data``, ``u.user``, ``u.item``) or ``ml-1m`` folder
-            (``ratings.dat``, ``users.dat``, ``movies.dat``).
+            ``ml-100k`` folder (``u.data``, ``u.user``, ``u.item``), ``ml-1m`` folder
+            (``ratings.dat``, ``users.dat``, ``movies.dat``), ``ml-10m`` folder
+            (``ratings.dat``, ``movies.dat``) or ``ml-20m`` / ``ml-25m`` folder
+            (``ratings.csv``, ``movies.csv``).
         interactions: a team's own interaction log instead of ``source``: parquet or CSV, a
             file, a folder of shards or a glob (``logs/part-*.parquet``); ``features`` must
             then say what to read from it (a spec file or a list).
@@ -45,7 +47,8 @@ class DataConfig:
         features: the feature spec (:mod:`features.spec`): the name of a shipped spec
             (``ml100k``, ``ml1m``) or a spec YAML file, or the list of features itself (then
             ``label``, ``user_key``, ``item_key`` and ``embedding_dim`` here complete it).
-            Default: the source's shipped spec (``ml100k`` or ``ml1m``).
+            Default: the source's shipped spec (``ml100k``, ``ml1m``, or ``ml20m`` for the
+            GroupLens logs without a users table: ml-10m, ml-20m, ml-25m).
         label: with a features list: ``{column, kind}`` (kind ``rating`` or ``click``);
             default ``{column: rating, kind: rating}``.
         user_key: with a features list: the users table's key column.
@@ -129,6 +132,8 @@ class DataConfig:
             return load_spec(self.features)
         if self.features is None:
             shipped = {"ml-100k": "ml100k", "ml-1m": "ml1m"}
+            if dataset.startswith("ml-") and dataset not in shipped:  # 10m, 20m, 25m, latest
+                return load_spec("ml20m")
             if dataset not in shipped:
                 raise SpecError(f"data.features: the source {dataset!r} ships no feature spec; "
                                 "give one (a list of features, or a spec file)")  # fmt: skip

@@ -124,9 +124,10 @@ class FeatureVocabs:
     ) -> "FeatureVocabs":
         """Vocabularies of every feature of ``spec``, by its policy (see the module docstring).
 
-        Lazy frames are scanned, not loaded: each table is read once for the distinct values of
-        its features (and the interactions once more for counts when a feature has
-        ``min_count`` or ``max_size``).
+        Lazy frames are scanned, not loaded: the distinct values of each table's features are
+        computed inside streaming scans (``pl.collect_all``, which shares the scan between
+        them), so memory follows the vocabularies, not the rows; a feature with ``min_count``
+        or ``max_size`` adds a counting pass over the interactions.
 
         Args:
             spec: the spec.
@@ -149,13 +150,16 @@ class FeatureVocabs:
             for f in features:
                 if f.hash_buckets is not None:
                     vocabs[f.name] = Vocabulary(f.name, [], f.hash_buckets, _is_integer(f, schema))
-            if plain:
-                raw = frame.select([feature_expr(f) for f in plain]).collect(engine="streaming")
-                for f in plain:
-                    col = raw[f.name].explode() if f.multi_valued else raw[f.name]
-                    integer = _is_integer(f, schema)
-                    values = _sorted_values(col.drop_nulls().unique(), integer)
-                    vocabs[f.name] = Vocabulary(f.name, values.to_list(), integer=integer)
+            # distinct values only, computed inside the streaming scan (never every row)
+            queries = []
+            for f in plain:
+                values = frame.select(feature_expr(f))
+                values = values.explode(f.name) if f.multi_valued else values
+                queries.append(values.drop_nulls().unique())
+            for f, distinct in zip(plain, pl.collect_all(queries, engine="streaming")):
+                integer = _is_integer(f, schema)
+                values = _sorted_values(distinct[f.name], integer)
+                vocabs[f.name] = Vocabulary(f.name, values.to_list(), integer=integer)
             for f in counted:
                 counts = _value_counts(f, frame, tables["interactions"], spec)
                 vocabs[f.name] = _by_count(f, counts, _is_integer(f, schema))

@@ -131,7 +131,7 @@ def test_load_spec_names_the_file_and_key_path_of_a_bad_spec(tmp_path):
     )
     with pytest.raises(SpecError, match=rf"^{path}: data\.features\[0\]\.kind: unknown kind 'idd'"):
         load_spec(path)
-    with pytest.raises(SpecError, match=r"shipped name \(ml100k, ml1m\)"):
+    with pytest.raises(SpecError, match=r"shipped name \(ml100k, ml1m, ml20m\)"):
         load_spec("ml10k")
 
 

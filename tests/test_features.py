@@ -7,6 +7,7 @@ import polars as pl
 import torch
 
 from features import DataConfig, load_movielens
+from features.batches import prepare
 from features.spec import load_spec
 from features.splits import split_rows
 from features.vocab import FeatureVocabs
@@ -111,3 +112,26 @@ def test_min_count_and_max_size_count_interactions_of_a_side_table_feature(prepa
     top = ml.joined().group_by("occupation").len().sort("len", descending=True).head(3)
     assert vocabs["occupation"].values == sorted(top["occupation"].to_list())
     assert vocabs.sizes["item_id"] == len(expected) + 1 < prepared.vocabs.sizes["item_id"]
+
+
+def test_an_ml20m_folder_is_a_source_with_its_shipped_spec(tmp_path):
+    """GroupLens' CSV layout (ml-20m, ml-25m: no users table) prepares with the ml20m spec:
+    user ids from the ratings, items' years and genres from movies.csv."""
+    folder = tmp_path / "ml-25m"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n" + "".join(
+            f"{u},{m},{(u * m) % 5 + 1}.0,{1000 + u * 10 + m}\n" for u in range(1, 21) for m in (1, 2, 3)
+        )
+    )  # fmt: skip
+    (folder / "movies.csv").write_text(
+        "movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n"
+        '2,"Heat, The (1995)",Action|Crime\n3,Some Film (2003),(no genres listed)\n'
+    )
+    prepared = prepare(DataConfig(source=str(folder)))
+    assert prepared.movielens.name == "ml-25m" and prepared.movielens.users is None
+    assert prepared.vocabs.spec.names == ("user_id", "item_id", "release_year", "genres")
+    assert prepared.vocabs.sizes == {"user_id": 21, "item_id": 4, "release_year": 3, "genres": 5}
+    batch = prepared.data.batch(torch.arange(6))
+    assert batch.sparse.keys() == ["user_id", "item_id", "release_year", "genres"]
+    assert len(prepared.data) == 60
