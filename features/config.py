@@ -56,9 +56,10 @@ class DataConfig:
         embedding_dim: with a features list: the width of features that name none (else the
             model's id / side widths).
         user_template: the user part of a prompt; fields in braces are user columns
-            (``user_id``, ``age``, ``gender``, ``occupation``, ``zip_code``).
+            (MovieLens: ``user_id``, ``age``, ``gender``, ``occupation``, ``zip_code``; any
+            column of your own users table).
         item_template: the item part, which follows the user part after one space; fields
-            are item columns (``item_id``, ``title``, ``year``, ``genres``).
+            are item columns (MovieLens: ``item_id``, ``title``, ``year``, ``genres``).
         genre_separator: how several genres are joined in a prompt.
     """
 
@@ -92,7 +93,8 @@ class DataConfig:
             raise ValueError(f"split_fractions must sum to 1, got {self.split_fractions}")
         from features.verbalizer import check_templates  # late: the verbalizer imports this
 
-        check_templates(self.user_template, self.item_template)
+        if self.interactions is None:  # own tables: checked against their columns when built
+            check_templates(self.user_template, self.item_template)
         for key in ("users", "items"):
             if getattr(self, key) is not None and self.interactions is None:
                 raise ValueError(f"data.{key}: a {key} table goes with data.interactions (a team's "

@@ -15,8 +15,8 @@ split sizes are known up front. (The in-memory :class:`features.batches.RatingsD
 seeded permutation, so the ML-100K figures do not move; the two are different random splits of
 the same kind.)
 
-Under a process group, training chunks are dealt to the ranks (chunk ``i`` to rank
-``i % world``): each rank reads its own shards. Every rank takes the same number of steps (the
+Under a process group, training chunks are dealt to the ranks (each in turn to the rank with
+the fewest training rows so far): each rank reads its own shards. Every rank takes the same number of steps (the
 smallest rank's), as collective sharded lookups need. Evaluation reads every chunk of its split
 on every rank and scores this rank's slice of each global batch, as the in-memory path does.
 
@@ -130,6 +130,7 @@ class StreamingRatings:
         self.n_rows = sum(c.rows for c in self.chunks)
         self.splits = {name: SplitSize(n) for name, n in zip(SPLITS, self._split_sizes())}
         self._train_counts: dict[str, torch.Tensor] = {}
+        self._owners: dict[int, list[int]] = {}
         self._label_range: tuple[float, float] | None = None
 
     @classmethod
@@ -222,11 +223,28 @@ class StreamingRatings:
         data.rows = torch.from_numpy(rows.astype(np.int64))
         return frame, data
 
+    def owner(self, world: int) -> list[int]:
+        """The rank that reads each training chunk under ``world`` ranks: each chunk in turn
+        goes to the rank with the fewest training rows so far (ties to the lower rank), so the
+        ranks' shares differ by less than a chunk and little is left over at an epoch's end."""
+        if world not in self._owners:
+            code = SPLITS.index("train")
+            held = [0] * world
+            owners = []
+            for chunk in self.chunks:
+                rank = min(range(world), key=lambda r: (held[r], r))
+                owners.append(rank)
+                held[rank] += int((self._codes(chunk) == code).sum())
+            self._owners[world] = owners
+        return self._owners[world]
+
     def _chunks_of(self, train: bool, shuffle: bool, seed: int) -> list[Chunk]:
         """The chunks this rank reads, in a seeded order when shuffled: under a process group
-        training chunk ``i`` goes to rank ``i % world``; evaluation reads them all."""
+        training chunks are dealt by :meth:`owner`; evaluation reads them all."""
         rank, world = _world()
-        chunks = self.chunks[rank::world] if train and world > 1 else list(self.chunks)
+        chunks = list(self.chunks)
+        if train and world > 1:
+            chunks = [c for c, r in zip(chunks, self.owner(world)) if r == rank]
         if shuffle:
             order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
             chunks = [chunks[i] for i in order.tolist()]
@@ -291,8 +309,8 @@ class StreamingRatings:
         local = max(batch_size // world, 1)
         per_rank = np.zeros(world, dtype=np.int64)
         code = SPLITS.index(split)
-        for i, chunk in enumerate(self.chunks):  # dealt as _chunks_of deals them
-            per_rank[i % world] += int((self._codes(chunk) == code).sum())
+        for chunk, rank in zip(self.chunks, self.owner(world)):  # dealt as _chunks_of deals them
+            per_rank[rank] += int((self._codes(chunk) == code).sum())
         return int(per_rank.min()) // local
 
     # ------------------------------------------------------------------ what evaluation needs

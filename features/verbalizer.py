@@ -1,7 +1,8 @@
 """Turn rating rows into prompts for the language teachers, with polars expressions.
 
 A prompt is a **user part** and an **item part** (``DataConfig.user_template`` and
-``item_template``), joined by one space. The default gives, in the style of the paper::
+``item_template``), joined by one space. A part may name any column of its table (MovieLens'
+by default; a team's own users and items tables are checked when the prompts are built). The default gives, in the style of the paper::
 
     user u-196, a 49-year-old male writer. Watched movie 'Kolya' (1996, Comedy), id m-242. Rating:
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Sequence
 
 import polars as pl
 
@@ -29,33 +31,30 @@ FIELDS: tuple[str, ...] = USER_FIELDS + ITEM_FIELDS
 PARTS = {"user": USER_FIELDS, "item": ITEM_FIELDS}
 
 
-def _field_exprs(genre_separator: str) -> dict[str, pl.Expr]:
-    text = lambda col: pl.col(col).cast(pl.Utf8).fill_null(UNKNOWN)  # noqa: E731
-    return {
-        "user_id": text("user_id"),
-        "item_id": text("item_id"),
-        "age": text("age"),
-        "gender": pl.col("gender")
-        .replace_strict({"M": "male", "F": "female"}, default=UNKNOWN, return_dtype=pl.Utf8)
-        .fill_null(UNKNOWN),
-        "occupation": text("occupation"),
-        "zip_code": text("zip_code"),
-        "title": text("title"),
-        "year": text("year"),
-        "genres": pl.when(pl.col("genres").list.len() > 0)
-        .then(pl.col("genres").list.join(genre_separator))
-        .otherwise(pl.lit(UNKNOWN)),
-    }
+def _field_expr(field: str, genre_separator: str, dtype: pl.DataType | None = None) -> pl.Expr:
+    """How ``field`` reads in a prompt: MovieLens' gender as "male"/"female", a list column
+    (genres, tags) joined with ``genre_separator`` ("unknown" when empty), anything else as
+    text; a null is "unknown"."""
+    if field == "gender":
+        return (pl.col("gender")
+                .replace_strict({"M": "male", "F": "female"}, default=UNKNOWN, return_dtype=pl.Utf8)
+                .fill_null(UNKNOWN))  # fmt: skip
+    if (field == "genres" and dtype is None) or isinstance(dtype, pl.List):
+        return (pl.when(pl.col(field).list.len() > 0)
+                .then(pl.col(field).cast(pl.List(pl.Utf8)).list.join(genre_separator))
+                .otherwise(pl.lit(UNKNOWN)))  # fmt: skip
+    return pl.col(field).cast(pl.Utf8).fill_null(UNKNOWN)
 
 
-def _parse(template: str, part: str) -> list[tuple[str, str | None]]:
-    """``[(literal, field or None)]`` of one part's template, every field checked."""
+def _parse(template: str, part: str, fields: Sequence[str] | None = None) -> list[tuple[str, str | None]]:
+    """``[(literal, field or None)]`` of one part's template, every field checked against
+    ``fields`` (the columns of the part's table; MovieLens' by default)."""
     key = f"data.{part}_template"
     try:
         parsed = [(literal, field) for literal, field, _spec, _conv in string.Formatter().parse(template)]
     except ValueError as err:
         raise ValueError(f"{key}: cannot parse {template!r}: {err}") from err
-    allowed = PARTS[part]
+    allowed = tuple(fields) if fields is not None else PARTS[part]
     for _literal, field in parsed:
         if field is None:
             continue
@@ -64,9 +63,10 @@ def _parse(template: str, part: str) -> list[tuple[str, str | None]]:
         if field not in allowed:
             other = "item" if part == "user" else "user"
             hint = (f" ({{{field}}} is an {other} field: put it in data.{other}_template)"
-                    if field in PARTS[other] else "")  # fmt: skip
+                    if fields is None and field in PARTS[other] else "")  # fmt: skip
+            where = f"the {part}s table's columns" if fields is not None else f"the {part} part"
             raise ValueError(
-                f"{key}: unknown field {{{field}}}{hint}; the {part} part may use "
+                f"{key}: unknown field {{{field}}}{hint}; {where} may use "
                 f"{', '.join(allowed)}"
             )
     return parsed
@@ -78,26 +78,28 @@ def check_templates(user_template: str, item_template: str) -> None:
     _parse(item_template, "item")
 
 
-def part_expr(template: str, part: str, genre_separator: str = ", ", upto: str | None = None) -> pl.Expr:
+def part_expr(template: str, part: str, genre_separator: str = ", ", upto: str | None = None,
+              schema: dict[str, pl.DataType] | None = None) -> pl.Expr:  # fmt: skip
     """The polars expression rendering one part's ``template`` (``part``: user or item).
 
     Args:
         template: the part's template.
         part: ``"user"`` or ``"item"``: which fields it may name.
-        genre_separator: how several genres are joined.
+        genre_separator: how the values of a list column are joined.
         upto: render only the text *before* this field's first occurrence (for the
             character offset of a field, see :func:`field_spans`).
+        schema: the part's table's columns and types, when it is not MovieLens' (any column
+            may then be named).
     """
-    exprs = _field_exprs(genre_separator)
     pieces: list[pl.Expr] = []
-    for literal, field in _parse(template, part):
+    for literal, field in _parse(template, part, None if schema is None else list(schema)):
         if literal:
             pieces.append(pl.lit(literal))
         if field is None:
             continue
         if field == upto:
             break
-        pieces.append(exprs[field])
+        pieces.append(_field_expr(field, genre_separator, None if schema is None else schema[field]))
     return pl.concat_str(pieces) if pieces else pl.lit("")
 
 
@@ -132,24 +134,32 @@ class EntityPrompts:
 
 
 def field_spans(frame: pl.DataFrame, template: str, part: str, field: str,
-                genre_separator: str = ", ") -> list[tuple[int, int]] | None:  # fmt: skip
+                genre_separator: str = ", ", schema: dict[str, pl.DataType] | None = None,
+                ) -> list[tuple[int, int]] | None:  # fmt: skip
     """Character span of ``field`` in each rendered row of ``frame``, or None if not named."""
-    if field not in [f for _, f in _parse(template, part)]:
+    if field not in [f for _, f in _parse(template, part, None if schema is None else list(schema))]:
         return None
+    dtype = None if schema is None else schema[field]
     spans = frame.select(
-        part_expr(template, part, genre_separator, upto=field).str.len_chars().alias("start"),
-        _field_exprs(genre_separator)[field].str.len_chars().alias("length"),
+        part_expr(template, part, genre_separator, upto=field, schema=schema).str.len_chars().alias("start"),
+        _field_expr(field, genre_separator, dtype).str.len_chars().alias("length"),
     )
     return [(s, s + n) for s, n in zip(spans["start"].to_list(), spans["length"].to_list())]
 
 
-def entity_prompts(frame: pl.DataFrame, config: DataConfig, part: str) -> EntityPrompts:
+def entity_prompts(frame: pl.DataFrame, config: DataConfig, part: str,
+                   id_field: str | None = None) -> EntityPrompts:  # fmt: skip
     """The ``part`` ("user" or "item") text of every row of an entity frame in vocabulary order.
 
     ``frame`` comes from :func:`features.batches.entity_frame` (row ``i`` is vocabulary index
-    ``i``; row 0 the unknown entity).
+    ``i``; row 0 the unknown entity). The template may name any of its columns.
+
+    Raises:
+        ValueError: the template names a column the table lacks (named, with the columns).
     """
     template = config.user_template if part == "user" else config.item_template
-    texts = frame.select(part_expr(template, part, config.genre_separator)).to_series().to_list()
-    id_field = "user_id" if part == "user" else "item_id"
-    return EntityPrompts(texts, field_spans(frame, template, part, id_field, config.genre_separator))
+    schema = dict(frame.schema)
+    sep = config.genre_separator
+    texts = frame.select(part_expr(template, part, sep, schema=schema)).to_series().to_list()
+    id_field = id_field or ("user_id" if part == "user" else "item_id")
+    return EntityPrompts(texts, field_spans(frame, template, part, id_field, sep, schema))

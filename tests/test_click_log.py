@@ -149,3 +149,9 @@ def test_a_missing_column_fails_before_any_data_is_read(paths):
 def test_own_tables_need_a_spec():
     with pytest.raises(ValueError, match="data.features: your own tables"):
         DataConfig(interactions="log.parquet")
+
+
+def test_a_language_teacher_on_clicks_is_refused_naming_the_label(clicks):
+    with pytest.raises(ValueError, match="minilm teacher: it reads rating prompts and predicts a "
+                                         "rating, but data.label is a click"):  # fmt: skip
+        build_model("minilm", clicks)

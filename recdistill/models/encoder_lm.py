@@ -53,6 +53,7 @@ from recdistill.models.text import (
     load_tokenizer,
     minilm_path,
     prompt_parts,
+    rating_offset,
     special_id,
 )
 from recdistill.stages import StagedModule
@@ -456,12 +457,9 @@ class EncoderLMTeacher(StagedModule):
         }  # fmt: skip
 
 
-def _train_mean(prepared: Prepared) -> float:
-    return float(prepared.data.labels[prepared.data.splits["train"]].mean())
-
-
 @register_model("minilm", EncoderLMConfig)
 def build_encoder_lm(config: EncoderLMConfig, prepared: Prepared) -> EncoderLMTeacher:
+    offset = rating_offset(prepared, "minilm")  # first: a click spec fails before any loading
     path = Path(config.path) if config.path else minilm_path()
     encoder = load_encoder(path, config.dropout)
     tokenizer_file = path / "tokenizer.json"
@@ -477,7 +475,7 @@ def build_encoder_lm(config: EncoderLMConfig, prepared: Prepared) -> EncoderLMTe
             f"exceed the model's {encoder.config.max_position_embeddings} positions; lower max_length"
         )
     teacher = EncoderLMTeacher(encoder, parts, config.frozen_layers, config.question_layer,
-                               config.id_vectors, _train_mean(prepared), config.cache_dir,
+                               config.id_vectors, offset, config.cache_dir,
                                description=f"minilm({path.name})")  # fmt: skip
     teacher.model_name, teacher.config = "minilm", config  # what checkpoints record
     return teacher

@@ -53,7 +53,9 @@ from torch import nn
 from features.batches import Prepared
 from recdistill.models.entity_cache import ContextBatch, EntityStates, cache_key, default_cache_dir, encode_unique, weights_digest
 from recdistill.models.registry import register_model
-from recdistill.models.text import PromptParts, check_model_folder, load_tokenizer, minilm_path, prompt_parts, special_id
+from recdistill.models.text import (
+    PromptParts, check_model_folder, load_tokenizer, minilm_path, prompt_parts, rating_offset, special_id,
+)  # fmt: skip
 from recdistill.stages import StagedModule
 
 if TYPE_CHECKING:
@@ -330,12 +332,9 @@ class T5Teacher(StagedModule):
         return self.head(self._decoder_middle(self._decoder_early(states, mask), states, mask))
 
 
-def _train_mean(prepared: Prepared) -> float:
-    return float(prepared.data.labels[prepared.data.splits["train"]].mean())
-
-
 @register_model("t5", T5TeacherConfig)
 def build_t5(config: T5TeacherConfig, prepared: Prepared) -> T5Teacher:
+    offset = rating_offset(prepared, "t5")  # first: a click spec fails before any loading
     from transformers import T5Config, T5ForConditionalGeneration  # here: imports stay light
 
     if config.tokenizer:
@@ -375,7 +374,7 @@ def build_t5(config: T5TeacherConfig, prepared: Prepared) -> T5Teacher:
     eos_id = special_id(tokenizer, "</s>", "[SEP]")
     parts = prompt_parts(prepared, tokenizer_file, config.max_length,
                          item_affixes=([], [] if eos_id is None else [eos_id]))  # fmt: skip
-    teacher = T5Teacher(t5, parts, config.head, _train_mean(prepared), rating_ids,
+    teacher = T5Teacher(t5, parts, config.head, offset, rating_ids,
                         config.train_encoder, config.cache_dir)  # fmt: skip
     teacher.model_name, teacher.config = "t5", config  # what checkpoints record
     return teacher

@@ -213,6 +213,20 @@ class PromptParts:
 _PARTS: dict[int, tuple[weakref.ref, dict[tuple, PromptParts]]] = {}
 
 
+def rating_offset(prepared: Prepared, teacher: str) -> float:
+    """The mean training rating a language teacher's rating head starts from.
+
+    Raises:
+        ValueError: the spec's label is not a rating (the language teachers predict ratings).
+    """
+    label = prepared.vocabs.spec.label
+    if label.kind != "rating":
+        raise ValueError(f"{teacher} teacher: it reads rating prompts and predicts a rating, but "
+                         f"data.label is a {label.kind} ({label.column!r}); use embedding-table "
+                         "teachers (mlp_m, mlp_l) for clicks")  # fmt: skip
+    return prepared.data.label_mean()
+
+
 def prompt_parts(
     prepared: Prepared,
     tokenizer_file: str | Path,
@@ -242,7 +256,9 @@ def prompt_parts(
         tokenizer = load_tokenizer(tokenizer_file)
         tables = []
         for part, (prefix, suffix) in zip(("user", "item"), (user_affixes, item_affixes)):
-            prompts = entity_prompts(entity_frame(prepared, part), config, part)
+            spec = prepared.vocabs.spec
+            key_column = spec.user_key if part == "user" else spec.item_key
+            prompts = entity_prompts(entity_frame(prepared, part), config, part, key_column)
             tables.append(EntityTokens.from_texts(prompts.texts, tokenizer, max_length, prefix, suffix,
                                                   prompts.id_spans))  # fmt: skip
         memo[key] = PromptParts(tables[0], tables[1], tokenizer.get_vocab_size())
