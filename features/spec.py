@@ -264,7 +264,7 @@ class DataSpec:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Feature names in order (what ``features.vocab.FEATURES`` holds today)."""
+        """Feature names in spec order."""
         return tuple(f.name for f in self.features)
 
     @property

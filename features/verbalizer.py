@@ -103,19 +103,22 @@ def part_expr(template: str, part: str, genre_separator: str = ", ", upto: str |
     return pl.concat_str(pieces) if pieces else pl.lit("")
 
 
-def prompt_expr(config: DataConfig) -> pl.Expr:
-    """The whole prompt (user part, a space, item part) over a joined rating frame."""
+def prompt_expr(config: DataConfig, schema: dict[str, pl.DataType] | None = None) -> pl.Expr:
+    """The whole prompt (user part, a space, item part) over a joined rating frame (``schema``:
+    its columns, for a team's own tables; MovieLens' fields by default)."""
     sep = config.genre_separator
     return pl.concat_str(
-        [part_expr(config.user_template, "user", sep), pl.lit(" "),
-         part_expr(config.item_template, "item", sep)]
+        [part_expr(config.user_template, "user", sep, schema=schema), pl.lit(" "),
+         part_expr(config.item_template, "item", sep, schema=schema)]
     ).alias("prompt")  # fmt: skip
 
 
 def verbalize(joined: pl.DataFrame, config: DataConfig | None = None) -> pl.Series:
-    """One prompt per row of a joined rating frame (``MovieLens.joined()``)."""
+    """One prompt per row of a joined rating frame (``MovieLens.joined()``; with a config of
+    your own tables, ``data.interactions``, any of its columns may be named)."""
     config = config or DataConfig()
-    return joined.select(prompt_expr(config)).to_series()
+    schema = dict(joined.schema) if config.interactions is not None else None
+    return joined.select(prompt_expr(config, schema)).to_series()
 
 
 @dataclass

@@ -42,11 +42,19 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from features.sources import load_movielens
+    from features.batches import load_source
+    from features.tables import scan_tables
     from features.verbalizer import verbalize
 
     cfg = data_config(args)
-    joined = load_movielens(cfg).joined()
+    if cfg.stream:  # the first rows of the log only: it is never read whole
+        tables = scan_tables(cfg.interactions, cfg.users, cfg.items)
+        spec = cfg.spec_for(tables.name)
+        joined = tables.joined(spec.user_key, spec.item_key).head(args.limit).collect()
+    else:
+        ml = load_source(cfg)
+        spec = cfg.spec_for(ml.name)
+        joined = ml.joined(spec.user_key, spec.item_key)
     start = time.perf_counter()
     prompts = verbalize(joined, cfg)
     elapsed = time.perf_counter() - start
