@@ -1,4 +1,5 @@
-"""The feature layer: MovieLens sources, vocabularies, splits, batches and the verbalizer.
+"""The feature layer: the feature spec, sources (MovieLens, a team's own parquet / CSV tables),
+vocabularies, splits, batches (in memory or streamed) and the verbalizer.
 
 Everything here reads and reshapes data with polars and ends in tensors; nothing here knows
 about models. Data flows one way: ``features -> recdistill.models -> recdistill.distill ->
