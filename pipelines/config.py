@@ -108,6 +108,24 @@ def _check_models(cfg: JobConfig) -> None:
         cfg.teacher_train(name)
 
 
+def _check_label_metrics(cfg: JobConfig) -> None:
+    """A click label has no MSE: the promotion metrics must be ones a click job logs."""
+    if cfg.data.features is None:  # MovieLens and GroupLens presets: ratings
+        return
+    label = cfg.data.spec_for("ml-100k").label
+    if label.kind != "click":
+        return
+    for key in ("holdout_metric", "baseline_metric"):
+        metric = getattr(cfg.tracking, key)
+        if metric.endswith(("mse", "rmse", "mae")):
+            split = "test" if key == "holdout_metric" else "valid"
+            raise ConfigError(
+                f"tracking.{key}: {metric!r}, but data.label is a click ({label.column!r}), which "
+                f"logs log loss, AUC and accuracy: set tracking.{key}: {split}_log_loss (lower is "
+                f"better), or {split}_auc with tracking.greater_is_better: true"
+            )
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A path as given, or the name of a config shipped in ``pipelines/configs`` (``quick``)."""
     path = Path(name_or_path)
@@ -125,6 +143,7 @@ def parse_config(raw: Any, where: str = "<config>") -> JobConfig:
     try:
         cfg = from_dict(JobConfig, raw)
         _check_models(cfg)
+        _check_label_metrics(cfg)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from err
     return cfg

@@ -63,10 +63,35 @@ from recdistill.training import (
     train_supervised,
 )
 from recdistill.training.checkpoints import BEST, RESUME
+from recdistill.training.tasks import task_of
 
 log = logging.getLogger("recdistill.jobs")
 
 METRIC_KEYS = ("mse", "rmse", "mae")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """What a job ranks its models by: the task's early-stopping metric (lower is better), how
+    it reads in the job's lines, and the results table's metric columns."""
+
+    key: str
+    label: str
+    columns: tuple[str, ...]
+
+
+#: Per task (``recdistill.training.tasks``): ratings by MSE, clicks by log loss (with AUC).
+HEADLINES = {
+    "regression": Headline("mse", "MSE", METRIC_KEYS),
+    "binary": Headline("log_loss", "log loss", ("log_loss", "auc", "accuracy")),
+}
+
+
+def headline_of(prepared: Prepared | None) -> Headline:
+    """The :class:`Headline` of the prepared data's task (ratings before anything is prepared)."""
+    if prepared is None:
+        return HEADLINES["regression"]
+    return HEADLINES[task_of(prepared.data).name]
 #: In a job's folder (``<output_dir>/<name>/``): the last finished run, and the champion's file.
 LATEST = "latest"
 CHAMPION_FILE = "champion.pt"
@@ -89,11 +114,12 @@ def finite_metrics(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
 
 
-def distillation_verdict(distilled_valid_mse: float, alone_valid_mse: float) -> str:
-    """One plain line: did distilling beat training the student alone, on the validation split?"""
-    verdict = "helped" if distilled_valid_mse < alone_valid_mse else "did NOT help"
-    return (f"distillation {verdict}: valid MSE {distilled_valid_mse:.4f} distilled vs "
-            f"{alone_valid_mse:.4f} student alone")  # fmt: skip
+def distillation_verdict(distilled_valid: float, alone_valid: float, label: str = "MSE") -> str:
+    """One plain line: did distilling beat training the student alone, on the validation split
+    (``label``: the headline metric, lower is better)?"""
+    verdict = "helped" if distilled_valid < alone_valid else "did NOT help"
+    return (f"distillation {verdict}: valid {label} {distilled_valid:.4f} distilled vs "
+            f"{alone_valid:.4f} student alone")  # fmt: skip
 
 
 def results_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -134,6 +160,10 @@ class JobContext:
     resume: bool = False
     say: Callable[[str], None] = print
 
+    @property
+    def headline(self) -> Headline:
+        return headline_of(self.prepared)
+
     @contextmanager
     def model_run(self, name: str, role: str, suffix: str | None) -> Iterator[TrackedRun | NullRun]:
         """The nested MLflow run of one model the job trains (``name`` in the role ``role``),
@@ -146,7 +176,7 @@ class JobContext:
 
     def add_row(self, model: str, role: str, test: dict[str, float], params: int | None = None,
                 **extra: Any) -> dict:  # fmt: skip
-        keys = [*METRIC_KEYS, *slice_keys(test)]
+        keys = [*self.headline.columns, *slice_keys(test)]
         row = {"model": model, "role": role, **{f"test_{k}": test[k] for k in keys}}
         row["params"] = params
         row.update(extra)
@@ -165,14 +195,14 @@ def epoch_logger(run: TrackedRun | NullRun) -> Callable[[int, dict[str, float]],
     return on_epoch
 
 
-def log_final(run: TrackedRun | NullRun, test: dict[str, float], valid_mse: float | None,
-              best_epoch: int | None = None) -> None:  # fmt: skip
-    """A model's final ``test_<metric>`` into its run, and its validation MSE as
-    ``best_valid_mse``: under ``valid_mse`` it would join the per-epoch curve, where MLflow
-    shows the last epoch's value, not the best one kept."""
+def log_final(run: TrackedRun | NullRun, test: dict[str, float], valid: float | None,
+              best_epoch: int | None = None, metric: str = "mse") -> None:  # fmt: skip
+    """A model's final ``test_<metric>`` into its run, and its validation headline metric as
+    ``best_valid_<metric>``: under ``valid_<metric>`` it would join the per-epoch curve, where
+    MLflow shows the last epoch's value, not the best one kept."""
     final = finite_metrics("test_", test)
-    if valid_mse is not None:
-        final["best_valid_mse"] = valid_mse
+    if valid is not None:
+        final[f"best_valid_{metric}"] = valid
     if best_epoch is not None:
         final["best_epoch"] = best_epoch
     run.log_metrics(final)
@@ -196,21 +226,25 @@ class JobResult:
     champion_file: Path | None = None
     champion_source: str | None = None
     seconds: float = 0.0
+    headline: Headline = HEADLINES["regression"]
 
     @property
     def distillation_helped(self) -> bool | None:
-        """Whether the distilled student has a lower validation MSE than the student trained
-        alone (``None`` when the job did not train it alone)."""
+        """Whether the distilled student has a lower validation headline metric (MSE, log
+        loss) than the student trained alone (``None`` when the job did not train it alone)."""
         if self.distill is None or self.student_alone_valid is None:
             return None
-        return self.distill.valid["mse"] < self.student_alone_valid["mse"]
+        key = self.headline.key
+        return self.distill.valid[key] < self.student_alone_valid[key]
 
     @property
     def distillation_verdict(self) -> str | None:
         """:func:`distillation_verdict` of this job (``None`` without a student alone)."""
         if self.distillation_helped is None:
             return None
-        return distillation_verdict(self.distill.valid["mse"], self.student_alone_valid["mse"])
+        key = self.headline.key
+        return distillation_verdict(self.distill.valid[key], self.student_alone_valid[key],
+                                    self.headline.label)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- stages
@@ -236,9 +270,12 @@ def stage_prepare(ctx: JobContext) -> Prepared:
         if not isinstance(ctx.run, NullRun):
             ctx.datasets = data_inputs(ctx.prepared)
             ctx.run.log_inputs(ctx.datasets)
-        refs = reference_metrics(ctx.prepared.data, ("test",))
-        ctx.add_row("global mean", "reference", refs["global_mean"]["test"])
-        ctx.add_row("user + item bias", "reference", refs["user_item_bias"]["test"])
+        if ctx.headline.key == "log_loss":
+            ctx.add_row("training click rate", "reference", click_rate_metrics(ctx.prepared.data))
+        else:
+            refs = reference_metrics(ctx.prepared.data, ("test",))
+            ctx.add_row("global mean", "reference", refs["global_mean"]["test"])
+            ctx.add_row("user + item bias", "reference", refs["user_item_bias"]["test"])
     ctx.run.set_holdout(holdout_key(ctx.config))
     return ctx.prepared
 
@@ -247,10 +284,24 @@ def data_inputs(prepared: Prepared) -> list:
     """The rows of each split as MLflow dataset inputs: the source's folder, the split's name,
     a digest of its rows."""
     cfg = prepared.config
-    folder = embedded_ml100k_folder() if cfg.source == "embedded" else Path(cfg.source).expanduser()
+    if cfg.interactions is not None:
+        folder = Path(cfg.interactions).expanduser()
+    else:
+        folder = embedded_ml100k_folder() if cfg.source == "embedded" else Path(cfg.source).expanduser()
     joined = prepared.joined()
     frames = {split: joined[rows.tolist()] for split, rows in prepared.data.splits.items()}
-    return split_datasets(frames, prepared.movielens.name, folder.resolve().as_uri())
+    return split_datasets(frames, prepared.movielens.name, folder.resolve().as_uri(),
+                          targets=prepared.vocabs.spec.label.column)  # fmt: skip
+
+
+def click_rate_metrics(data: Any, split: str = "test") -> dict[str, float]:
+    """The reference of a click log: every row predicted at the training click rate (its log
+    loss is the labels' entropy around that rate; it ranks nothing, so AUC 0.5)."""
+    rate = min(max(data.label_mean(), 1e-7), 1 - 1e-7)
+    clicks = data.labels[data.splits[split]].double()
+    log_loss = -(clicks * math.log(rate) + (1 - clicks) * math.log(1 - rate)).mean().item()
+    accuracy = (clicks == float(rate > 0.5)).double().mean().item()
+    return {"log_loss": log_loss, "auc": 0.5, "accuracy": accuracy}
 
 
 def holdout_key(cfg: JobConfig) -> str:
@@ -304,9 +355,10 @@ def train_model(
     result = train_supervised(model, ctx.prepared, train, epoch_logger(run),
                               model_name=name, model_config=model_cfg,
                               resume_from=_resume_point(ctx, folder, name))  # fmt: skip
+    h = ctx.headline
     ctx.say(
-        f"  {name}: best epoch {result.best_epoch}, valid MSE {result.valid['mse']:.4f}, "
-        f"test MSE {result.test['mse']:.4f}"
+        f"  {name}: best epoch {result.best_epoch}, valid {h.label} {result.valid[h.key]:.4f}, "
+        f"test {h.label} {result.test[h.key]:.4f}"
     )
     return model, result
 
@@ -330,11 +382,13 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
                 test = read_checkpoint(path)["extra"].get("test") or _evaluate(ctx, teacher, "test")
                 run.set_tags({"reused": ckpt})
                 log_final(run, test, None)
-                ctx.say(f"  {name}: reused {ckpt} (test MSE {test['mse']:.4f})")
+                h = ctx.headline
+                ctx.say(f"  {name}: reused {ckpt} (test {h.label} {test[h.key]:.4f})")
             else:
                 teacher, result = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}", run)
                 test, path = result.test, folder / BEST
-                log_final(run, test, result.valid["mse"], result.best_epoch)
+                log_final(run, test, result.valid[ctx.headline.key], result.best_epoch,
+                          ctx.headline.key)  # fmt: skip
         ctx.run.log_file(path, f"teachers/{name}")
         ctx.add_row(name, "teacher", test, count_parameters(teacher))
         ctx.committee.append((name, teacher))
@@ -358,13 +412,14 @@ def stage_student_alone(ctx: JobContext) -> dict[str, float] | None:
             model = load_checkpoint(finished, ctx.prepared)
             valid, test = _evaluate(ctx, model, "valid"), _evaluate(ctx, model, "test")
             run.set_tags({"reused": str(finished)})
-            log_final(run, test, valid["mse"])
-            ctx.say(f"  {cfg.student}: reused {finished} (valid MSE {valid['mse']:.4f}, "
-                    f"test MSE {test['mse']:.4f})")
+            h = ctx.headline
+            log_final(run, test, valid[h.key], metric=h.key)
+            ctx.say(f"  {cfg.student}: reused {finished} (valid {h.label} {valid[h.key]:.4f}, "
+                    f"test {h.label} {test[h.key]:.4f})")
         else:
             model, result = train_model(ctx, cfg.student, cfg.train, "student_alone", run)
             valid, test = result.valid, result.test
-            log_final(run, test, valid["mse"], result.best_epoch)
+            log_final(run, test, valid[ctx.headline.key], result.best_epoch, ctx.headline.key)
     ctx.add_row(cfg.student, "student alone", test, count_parameters(model))
     ctx.student_alone_valid = valid
     ctx.run.log_baseline(f"{cfg.student} trained alone",
@@ -396,17 +451,19 @@ def stage_distill(ctx: JobContext) -> DistillResult:
                          resume_from=_resume_point(ctx, folder, f"{cfg.student} (distilled)"))  # fmt: skip
         passes = result.teacher_passes.get("all", {})
         saved = passes.get("saved", 0.0)
-        log_final(run, result.test, result.valid["mse"], result.best_epoch)
+        h = ctx.headline
+        log_final(run, result.test, result.valid[h.key], result.best_epoch, h.key)
     ctx.say(
         f"  {cfg.student} <- {'+'.join(n for n, _ in committee)} ({result.method}): best epoch "
-        f"{result.best_epoch}, test MSE {result.test['mse']:.4f}, teacher passes saved {saved:.1%}"
+        f"{result.best_epoch}, test {h.label} {result.test[h.key]:.4f}, teacher passes saved "
+        f"{saved:.1%}"
     )
     ctx.add_row(cfg.student, f"distilled ({result.method})", result.test,
                 count_parameters(result.student), teacher_passes_saved=round(saved, 4))  # fmt: skip
     ctx.run.log_metrics(finite_metrics("test_", result.test))
     ctx.run.log_metrics(finite_metrics("valid_", result.valid))
     if ctx.student_alone_valid is not None:
-        ctx.say(f"  {distillation_verdict(result.valid['mse'], ctx.student_alone_valid['mse'])}")
+        ctx.say(f"  {distillation_verdict(result.valid[h.key], ctx.student_alone_valid[h.key], h.label)}")
     ctx.run.log_metrics({"teacher_passes_saved": saved})
     if result.importance:
         scores = {k: v.numpy() for k, v in result.importance.items()}
@@ -414,11 +471,12 @@ def stage_distill(ctx: JobContext) -> DistillResult:
     return result
 
 
-def gap_closed(rows: list[dict[str, Any]]) -> float | None:
-    """(MSE alone - MSE distilled) / (MSE alone - MSE best teacher); DESIGN.md section 3."""
-    alone = [r["test_mse"] for r in rows if r["role"] == "student alone"]
-    teachers = [r["test_mse"] for r in rows if r["role"] == "teacher"]
-    distilled = [r["test_mse"] for r in rows if r["role"].startswith("distilled")]
+def gap_closed(rows: list[dict[str, Any]], metric: str = "mse") -> float | None:
+    """(alone - distilled) / (alone - best teacher) of the test ``metric`` (MSE, or log loss:
+    lower is better); DESIGN.md section 3."""
+    alone = [r[f"test_{metric}"] for r in rows if r["role"] == "student alone"]
+    teachers = [r[f"test_{metric}"] for r in rows if r["role"] == "teacher"]
+    distilled = [r[f"test_{metric}"] for r in rows if r["role"].startswith("distilled")]
     if not (alone and teachers and distilled) or alone[0] == min(teachers):
         return None
     return (alone[0] - distilled[-1]) / (alone[0] - min(teachers))
@@ -442,17 +500,18 @@ def version_description(ctx: JobContext, result: DistillResult, report: ExportRe
     """What a registered version is, in the registry's words: the student, its teachers and
     method, the data, and its holdout figures next to the student alone's and the teachers'."""
     cfg = ctx.config
+    h = ctx.headline
     by_role = {row["role"]: row for row in ctx.rows}
     teachers = [row for row in ctx.rows if row["role"] == "teacher"]
     lines = [
         f"{cfg.student} distilled from {', '.join(cfg.distill.teachers)} by {result.method}, "
         f"on {ctx.prepared.movielens.name} (holdout {holdout_key(cfg)}).",
-        f"Test MSE {result.test['mse']:.4f} (valid {result.valid['mse']:.4f}).",
+        f"Test {h.label} {result.test[h.key]:.4f} (valid {result.valid[h.key]:.4f}).",
     ]
     if "student alone" in by_role and ctx.student_alone_valid is not None:
-        lines.append(f"Student alone: test MSE {by_role['student alone']['test_mse']:.4f} "
-                     f"(valid {ctx.student_alone_valid['mse']:.4f}).")  # fmt: skip
-    lines += [f"Teacher {row['model']}: test MSE {row['test_mse']:.4f}." for row in teachers]
+        lines.append(f"Student alone: test {h.label} {by_role['student alone'][f'test_{h.key}']:.4f} "
+                     f"(valid {ctx.student_alone_valid[h.key]:.4f}).")  # fmt: skip
+    lines += [f"Teacher {row['model']}: test {h.label} {row[f'test_{h.key}']:.4f}." for row in teachers]
     if ctx.rows[-1].get("gap_closed") is not None:
         lines.append(f"Gap closed: {ctx.rows[-1]['gap_closed']:.1%}.")
     verdict = "passed" if report.passed else "FAILED"
@@ -622,7 +681,7 @@ def run_job(
         stage_student_alone(ctx)
         say(f"[4/6] distill ({cfg.distill.method})")
         result = stage_distill(ctx)
-        gap = gap_closed(ctx.rows)
+        gap = gap_closed(ctx.rows, ctx.headline.key)
         if gap is not None:
             ctx.rows[-1]["gap_closed"] = round(gap, 4)
             run.log_metrics({"gap_closed": gap})
@@ -650,6 +709,7 @@ def run_job(
             champion_file=champion if has_champion and champion.is_file() else None,
             champion_source=champion_source(ctx, decision),
             seconds=time.perf_counter() - start,
+            headline=ctx.headline,
         )
 
 

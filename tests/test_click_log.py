@@ -133,10 +133,13 @@ def test_a_job_config_with_a_bad_feature_names_its_key_path(paths):
     from pipelines.config import ConfigError, parse_config
 
     bad = FEATURES[:1] + [dict(FEATURES[1], hash_buckets=0)] + FEATURES[2:]
-    raw = {"data": {**paths, "features": bad, "label": {"column": "clicked", "kind": "click"}}}
+    raw = {"data": {**paths, "features": bad, "label": {"column": "clicked", "kind": "click"}},
+           "tracking": {"holdout_metric": "test_auc", "baseline_metric": "valid_auc",
+                        "greater_is_better": True}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"data\.features\[1\]\.hash_buckets: must be at least 1"):
         parse_config(raw)
-    assert parse_config({"data": {**raw["data"], "features": FEATURES}}).data.features == FEATURES
+    good = parse_config({**raw, "data": {**raw["data"], "features": FEATURES}})
+    assert good.data.features == FEATURES
 
 
 def test_a_missing_column_fails_before_any_data_is_read(paths):
@@ -155,3 +158,47 @@ def test_a_language_teacher_on_clicks_is_refused_naming_the_label(clicks):
     with pytest.raises(ValueError, match="minilm teacher: it reads rating prompts and predicts a "
                                          "rating, but data.label is a click"):  # fmt: skip
         build_model("minilm", clicks)
+
+
+def _click_job_raw(paths, tmp_path, **tracking) -> dict:
+    return {
+        "name": "clicks", "output_dir": str(tmp_path / "runs"), "student": "mlp_s",
+        "models": {"mlp_s": {"id_embedding_dim": 8, "side_embedding_dim": 4, "hidden": [16, 8]},
+                   "mlp_l": {"id_embedding_dim": 16, "side_embedding_dim": 8, "hidden": [32, 16]}},
+        "data": {**paths, "features": FEATURES, "label": {"column": "clicked", "kind": "click"}},
+        "train": {"epochs": 2, "batch_size": 512, "patience": 1, "progress": False},
+        "distill": {"method": "ld", "teachers": ["mlp_l"]},
+        "export": {"parity_rows": 256},
+        "tracking": {"local_dir": str(tmp_path / "mlflow"), **tracking},
+    }  # fmt: skip
+
+
+def test_a_click_job_with_mse_promotion_metrics_is_refused_on_load(paths, tmp_path):
+    from pipelines.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"tracking.holdout_metric: 'test_mse', but data.label is a "
+                                          r"click .* set tracking.holdout_metric: test_log_loss"):  # fmt: skip
+        parse_config(_click_job_raw(paths, tmp_path))
+
+
+@pytest.mark.slow
+def test_the_committee_job_runs_on_a_click_log(paths, tmp_path):
+    """`recdistill run` on clicks: teacher, student alone and LD ranked by log loss with AUC
+    beside it, a served file of click probabilities, a version compared on log loss."""
+    from pipelines.config import parse_config
+    from pipelines.jobs import run_job
+
+    cfg = parse_config(_click_job_raw(paths, tmp_path, holdout_metric="test_log_loss",
+                                      baseline_metric="valid_log_loss"))  # fmt: skip
+    result = run_job(cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    roles = [row["role"] for row in result.rows]
+    assert roles == ["reference", "teacher", "student alone", "distilled (ld)"]
+    reference, *models = result.rows
+    assert reference["model"] == "training click rate" and reference["test_auc"] == 0.5
+    for row in models:  # every model ranks clicks and beats predicting the click rate
+        assert 0.6 < row["test_auc"] <= 1.0 and row["test_log_loss"] < reference["test_log_loss"]
+    assert result.headline.key == "log_loss" and "valid log loss" in result.distillation_verdict
+    assert result.export.passed and result.version == "1"
+    served = torch.jit.load(str(result.export.path))
+    p = served(*ParityRows.sample(prepare(cfg.data), 8, "test").inputs.args)
+    assert bool(((p > 0) & (p < 1)).all())
