@@ -463,7 +463,16 @@ class StringEncoder(nn.Module):
     def forward(self, numbers: Dict[str, torch.Tensor], strings: Dict[str, List[str]],
                 lengths: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         raw = strings[self.name]
-        indices = torch.tensor([self._one(v) for v in raw], dtype=torch.int64)
+        if self.length == 0 and self.buckets == 0:  # the common case, inlined: no call per value
+            found: List[int] = []
+            for value in raw:
+                i = self.index.get(value, -1)
+                if i < 0:
+                    i = self.index.get(fold_case(value) if self.fold else strip_space(value), 0)
+                found.append(i)
+        else:
+            found = [self._one(value) for value in raw]
+        indices = torch.tensor(found, dtype=torch.int64)
         if not self.multi:
             return indices, torch.empty(0, dtype=torch.int64)
         counts = lengths[self.name]
