@@ -55,6 +55,8 @@ class DataConfig:
         item_key: with a features list: the items table's key column.
         embedding_dim: with a features list: the width of features that name none (else the
             model's id / side widths).
+        kind_embedding_dims: with a features list: a width per kind (``{categorical: 8}``),
+            before ``embedding_dim``.
         user_template: the user part of a prompt; fields in braces are user columns
             (MovieLens: ``user_id``, ``age``, ``gender``, ``occupation``, ``zip_code``; any
             column of your own users table).
@@ -80,6 +82,7 @@ class DataConfig:
     user_key: str = "user_id"
     item_key: str = "item_id"
     embedding_dim: int | None = None
+    kind_embedding_dims: dict[str, int] = field(default_factory=dict)
     user_template: str = DEFAULT_USER_TEMPLATE
     item_template: str = DEFAULT_ITEM_TEMPLATE
     genre_separator: str = ", "
@@ -127,6 +130,7 @@ class DataConfig:
         if not isinstance(self.features, list):
             given = [k for k in spec_keys if getattr(self, k) is not None]
             given += [k for k in ("user_key", "item_key") if getattr(self, k) != f"{k[:4]}_id"]
+            given += ["kind_embedding_dims"] if self.kind_embedding_dims else []
             if given:
                 raise SpecError(f"data.{given[0]}: set only with a list of data.features (a "
                                 "spec file gives its own)")  # fmt: skip
@@ -145,6 +149,8 @@ class DataConfig:
         raw["label"] = self.label if self.label is not None else {"column": "rating"}
         if self.embedding_dim is not None:
             raw["embedding_dim"] = self.embedding_dim
+        if self.kind_embedding_dims:
+            raw["kind_embedding_dims"] = dict(self.kind_embedding_dims)
         return spec_from_dict(raw, "data")
 
     @property

@@ -187,3 +187,34 @@ def test_the_shipped_synth_job_runs_streamed_end_to_end(folder, tmp_path):
 
     rows = ParityRows.sample(prepare(cfg.data), 8, "test")
     assert served(*rows.inputs.args).shape == (8,)
+
+
+def test_csv_shards_stream_the_same_rows_as_parquet_shards(folder, streamed, tmp_path):
+    """A CSV shard is one chunk; the rows, encodings and splits are those of the parquet set."""
+    import polars as pl
+
+    (tmp_path / "csv").mkdir()
+    for shard in sorted((folder / "ratings").glob("*.parquet")):
+        pl.read_parquet(shard).write_csv(tmp_path / "csv" / f"{shard.stem}.csv")
+    config = DataConfig(interactions=str(tmp_path / "csv"), users=str(folder / "users.parquet"),
+                        items=str(folder / "items.parquet"), features="ml100k", stream=True)  # fmt: skip
+    csv = prepare(config, vocabs=streamed.vocabs).data
+    assert len(csv.chunks) == 3 and len(csv) == SPEC.rows
+    for a, b in zip(csv.batches("valid", 4096), streamed.data.batches("valid", 4096)):
+        _same_batch(a, b)
+
+
+def test_per_kind_widths_in_the_job_yaml_reach_the_model(folder):
+    features = [{"name": "user_id", "table": "users", "column": "user_id", "kind": "id"},
+                {"name": "item_id", "table": "items", "column": "item_id", "kind": "id"},
+                {"name": "genres", "table": "items", "column": "genres", "kind": "multi_hot"},
+                {"name": "occupation", "table": "users", "column": "occupation",
+                 "kind": "categorical", "embedding_dim": 3}]  # fmt: skip
+    config = DataConfig(
+        interactions=str(folder / "ratings"), users=str(folder / "users.parquet"),
+        items=str(folder / "items.parquet"), features=features, stream=True,
+        kind_embedding_dims={"id": 12, "multi_hot": 5},
+    )  # fmt: skip
+    model = build_model("mlp_s", prepare(config))
+    dims = dict(zip(model.sparse_arch.features, model.sparse_arch.dims))
+    assert dims == {"user_id": 12, "item_id": 12, "occupation": 3, "genres": 5}
