@@ -110,3 +110,19 @@ def test_a_server_uri_is_printed_as_it_is(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mlflow.set_tracking_uri('http://127.0.0.1:5000')" in out
     assert "browse             open http://127.0.0.1:5000" in out
+
+
+def test_the_readme_own_data_yaml_is_a_valid_job_config():
+    """The "Your own data" block parses as a job config as pasted (its paths are read only when
+    the job runs)."""
+    import yaml
+
+    from pipelines.config import parse_config
+
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    own = [b for b in blocks if "features:" in b and "interactions:" in b]
+    assert len(own) == 1, f"README has {len(own)} own-data YAML blocks, not 1"
+    cfg = parse_config(yaml.safe_load(own[0]), "README")
+    spec = cfg.data.spec_for("own")
+    assert spec.label.kind == "click" and spec["item_id"].hash_buckets == 1_000_000
+    assert cfg.data.stream and cfg.tracking.holdout_metric == "test_log_loss"
