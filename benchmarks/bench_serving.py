@@ -37,21 +37,15 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.batches import MultiHot, RatingsData, prepare
+from features.batches import RatingsData, prepare
 from recdistill.export import ParityRows, ServingStudent
 from recdistill.models import build_model
 
 
 def encode_eager(prepared, joined_rows) -> KeyedJaggedTensor:
     """Python-side encoding of raw rows into a KJT (what the eager student needs per request)."""
-    spec = prepared.vocabs.spec
-    encoded = prepared.vocabs.encode(joined_rows)
-    single = torch.from_numpy(encoded.select(spec.single_names).to_numpy().astype(np.int64))
-    multi = {name: MultiHot.from_lists(encoded[name]) for name in spec.multi_names}
-    rows = torch.arange(len(single))
-    data = RatingsData(single, multi, torch.zeros(len(single)), {}, prepared.vocabs.sizes,
-                       spec.single_names)  # fmt: skip
-    return data.batch(rows).sparse
+    data = RatingsData.encode(joined_rows, prepared.vocabs)
+    return data.batch(torch.arange(len(data))).sparse
 
 
 def percentiles(wall_s: list[float], cpu_s: list[float]) -> dict[str, float]:

@@ -185,25 +185,30 @@ class RatingsData:
         self.task = task
 
     @classmethod
-    def from_frames(cls, ml: MovieLens, vocabs: FeatureVocabs, config: DataConfig) -> "RatingsData":
+    def encode(cls, joined: pl.DataFrame, vocabs: FeatureVocabs,
+               splits: dict[str, torch.Tensor] | None = None) -> "RatingsData":  # fmt: skip
+        """The rows of a joined interaction frame (with the label column), encoded by
+        ``vocabs``: what both the in-memory data and each streamed chunk hold.
+
+        Raises:
+            DataError: the label column is missing, or a click label is not 0 / 1.
+        """
         spec = vocabs.spec
-        encoded = vocabs.encode(ml.joined(spec.user_key, spec.item_key))
+        label = spec.label
+        if label.column not in joined.columns:
+            raise DataError(f"data.label.column: the interactions have no column {label.column!r} "
+                            f"(they have {', '.join(joined.columns)})")  # fmt: skip
+        encoded = vocabs.encode(joined)
         single = torch.from_numpy(encoded.select(spec.single_names).to_numpy().astype(np.int64))
         multi = {name: MultiHot.from_lists(encoded[name]) for name in spec.multi_names}
-        label = spec.label
-        if label.column not in ml.ratings.columns:
-            raise DataError(f"data.label.column: the interactions have no column {label.column!r} "
-                            f"(they have {', '.join(ml.ratings.columns)})")  # fmt: skip
+        return cls(single, multi, label_tensor(joined[label.column], label.kind), splits or {},
+                   vocabs.sizes, spec.single_names, LABEL_TASKS[label.kind])  # fmt: skip
+
+    @classmethod
+    def from_frames(cls, ml: MovieLens, vocabs: FeatureVocabs, config: DataConfig) -> "RatingsData":
+        spec = vocabs.spec
         splits = {k: torch.from_numpy(v.astype(np.int64)) for k, v in split_rows(ml.ratings, config).items()}
-        return cls(
-            single=single,
-            multi=multi,
-            labels=label_tensor(ml.ratings[label.column], label.kind),
-            splits=splits,
-            sizes=vocabs.sizes,
-            single_names=spec.single_names,
-            task=LABEL_TASKS[label.kind],
-        )
+        return cls.encode(ml.joined(spec.user_key, spec.item_key), vocabs, splits)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -22,7 +22,7 @@ on every rank and scores this rank's slice of each global batch, as the in-memor
 
 Example::
 
-    stream = StreamingRatings.open(DataConfig(interactions="logs/*.parquet", ...), vocabs)
+    stream = prepare(DataConfig(interactions="logs/*.parquet", ..., stream=True)).data
     for batch in stream.batches("train", 8192, shuffle=True, seed=0):
         ...                      # a features.batches.Batch; batch.rows are global row numbers
 """
@@ -37,12 +37,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from features.batches import LABEL_TASKS, Batch, MultiHot, RatingsData, label_tensor
+from features.batches import LABEL_TASKS, Batch, MultiHot, RatingsData
 from features.config import DataConfig
 from features.sources import DataError
-from features.spec import check_columns
 from features.splits import SPLITS
-from features.tables import Tables, scan_tables
+from features.tables import Tables
 from features.vocab import FeatureVocabs
 
 #: Rows read at a time from one shard (a chunk), and rows shuffled together (the buffer).
@@ -128,17 +127,12 @@ class StreamingRatings:
             self.chunk_rows = max(1, -(-max(c.rows for c in self.chunks) // (4 * world)))
             self.chunks = self._chunks(files)
         self.n_rows = sum(c.rows for c in self.chunks)
-        self.splits = {name: SplitSize(n) for name, n in zip(SPLITS, self._split_sizes())}
+        # [chunks, 3]: each chunk's train / valid / test rows, hashed once (no row is read)
+        self.chunk_splits = np.stack([np.bincount(self._codes(c), minlength=3) for c in self.chunks])
+        self.splits = {name: SplitSize(int(n)) for name, n in zip(SPLITS, self.chunk_splits.sum(0))}
         self._train_counts: dict[str, torch.Tensor] = {}
         self._owners: dict[int, list[int]] = {}
         self._label_range: tuple[float, float] | None = None
-
-    @classmethod
-    def open(cls, config: DataConfig, vocabs: FeatureVocabs, **options) -> "StreamingRatings":
-        """The stream of ``config``'s own tables (``data.interactions``, users, items)."""
-        tables = scan_tables(config.interactions, config.users, config.items)
-        check_columns(vocabs.spec, tables.schemas())
-        return cls(tables, vocabs, config, **options)
 
     # ------------------------------------------------------------------ setup
     def _interaction_columns(self) -> list[str]:
@@ -172,12 +166,6 @@ class StreamingRatings:
 
     def _codes(self, chunk: Chunk) -> np.ndarray:
         return split_codes(np.arange(chunk.first, chunk.first + chunk.rows), self.fractions, self.seed)
-
-    def _split_sizes(self) -> list[int]:
-        counts = np.zeros(3, dtype=np.int64)
-        for chunk in self.chunks:
-            counts += np.bincount(self._codes(chunk), minlength=3)
-        return counts.tolist()
 
     # ------------------------------------------------------------------ reading
     def read_chunk(self, chunk: Chunk, split: str | None) -> RatingsData:
@@ -215,11 +203,7 @@ class StreamingRatings:
             frame = frame.join(self.users, on=spec.user_key, how="left", maintain_order="left")
         if self.items is not None:
             frame = frame.join(self.items, on=spec.item_key, how="left", maintain_order="left")
-        encoded = self.vocabs.encode(frame)
-        single = torch.from_numpy(encoded.select(spec.single_names).to_numpy().astype(np.int64))
-        multi = {name: MultiHot.from_lists(encoded[name]) for name in spec.multi_names}
-        data = RatingsData(single, multi, label_tensor(frame[spec.label.column], spec.label.kind),
-                           {}, self.sizes, self.single_names, self.task)  # fmt: skip
+        data = RatingsData.encode(frame, self.vocabs)
         data.rows = torch.from_numpy(rows.astype(np.int64))
         return frame, data
 
@@ -228,13 +212,12 @@ class StreamingRatings:
         goes to the rank with the fewest training rows so far (ties to the lower rank), so the
         ranks' shares differ by less than a chunk and little is left over at an epoch's end."""
         if world not in self._owners:
-            code = SPLITS.index("train")
             held = [0] * world
             owners = []
-            for chunk in self.chunks:
+            for train_rows in self.chunk_splits[:, SPLITS.index("train")].tolist():
                 rank = min(range(world), key=lambda r: (held[r], r))
                 owners.append(rank)
-                held[rank] += int((self._codes(chunk) == code).sum())
+                held[rank] += train_rows
             self._owners[world] = owners
         return self._owners[world]
 
@@ -307,10 +290,8 @@ class StreamingRatings:
         if world == 1:
             return -(-len(self.splits[split]) // batch_size)
         local = max(batch_size // world, 1)
-        per_rank = np.zeros(world, dtype=np.int64)
-        code = SPLITS.index(split)
-        for chunk, rank in zip(self.chunks, self.owner(world)):  # dealt as _chunks_of deals them
-            per_rank[rank] += int((self._codes(chunk) == code).sum())
+        per_rank = np.zeros(world, dtype=np.int64)  # dealt as _chunks_of deals them
+        np.add.at(per_rank, self.owner(world), self.chunk_splits[:, SPLITS.index(split)])
         return int(per_rank.min()) // local
 
     # ------------------------------------------------------------------ what evaluation needs
