@@ -108,6 +108,22 @@ def _check_models(cfg: JobConfig) -> None:
         cfg.teacher_train(name)
 
 
+def _check_label_kinds(cfg: JobConfig) -> None:
+    """Every model of the job must predict the data's label kind: an impossible committee is
+    refused here, not minutes into the job when its member is built."""
+    label = cfg.data.spec_for("ml-100k").label
+    members = [("student", cfg.student)] + [(f"distill.teachers[{i}]", name)
+                                            for i, name in enumerate(cfg.distill.teachers)]  # fmt: skip
+    for key, name in members:
+        labels = model_entry(name).labels
+        if label.kind not in labels:
+            others = sorted(n for n, e in MODELS.items() if label.kind in e.labels)
+            raise ConfigError(
+                f"{key}: model {name!r} predicts {' or '.join(labels)} labels, but data.label is a "
+                f"{label.kind} ({label.column!r}); models for {label.kind} labels: {', '.join(others)}"
+            )
+
+
 def _check_label_metrics(cfg: JobConfig) -> None:
     """A click label has no MSE: the promotion metrics must be ones a click job logs."""
     if cfg.data.features is None:  # MovieLens and GroupLens presets: ratings
@@ -143,6 +159,7 @@ def parse_config(raw: Any, where: str = "<config>") -> JobConfig:
     try:
         cfg = from_dict(JobConfig, raw)
         _check_models(cfg)
+        _check_label_kinds(cfg)
         _check_label_metrics(cfg)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from err

@@ -457,7 +457,7 @@ class EncoderLMTeacher(StagedModule):
         }  # fmt: skip
 
 
-@register_model("minilm", EncoderLMConfig)
+@register_model("minilm", EncoderLMConfig, labels=("rating",))
 def build_encoder_lm(config: EncoderLMConfig, prepared: Prepared) -> EncoderLMTeacher:
     offset = rating_offset(prepared, "minilm")  # first: a click spec fails before any loading
     path = Path(config.path) if config.path else minilm_path()

@@ -19,24 +19,44 @@ from features.batches import Prepared
 from recdistill.stages import StagedModule
 
 
+#: The label kinds of a feature spec (``features.spec.LABEL_KINDS``).
+ALL_LABELS: tuple[str, ...] = ("rating", "click")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered model.
+
+    Attributes:
+        name: its registry name.
+        config_cls: its config dataclass.
+        builder: ``builder(config, prepared) -> model``.
+        defaults: the preset values of ``config_cls``.
+        labels: the label kinds it can predict (``rating``, ``click``): a job config that puts
+            it on another label is refused when it is loaded, before any work.
+    """
+
     name: str
     config_cls: type
     builder: Callable[[Any, Prepared], StagedModule]
     defaults: dict
+    labels: tuple[str, ...] = ALL_LABELS
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config_cls: type, **defaults: Any):
-    """Register ``builder(config, prepared)`` under ``name``; ``defaults`` preset the config."""
+def register_model(name: str, config_cls: type, labels: tuple[str, ...] = ALL_LABELS, **defaults: Any):
+    """Register ``builder(config, prepared)`` under ``name``; ``defaults`` preset the config,
+    ``labels`` are the label kinds the model can predict."""
+    unknown = [kind for kind in labels if kind not in ALL_LABELS]
+    if unknown or not labels:
+        raise ValueError(f"model {name!r}: labels must be some of {', '.join(ALL_LABELS)}, got {labels}")
 
     def wrap(builder: Callable[[Any, Prepared], StagedModule]):
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelEntry(name, config_cls, builder, defaults)
+        MODELS[name] = ModelEntry(name, config_cls, builder, defaults, tuple(labels))
         return builder
 
     return wrap

@@ -332,7 +332,7 @@ class T5Teacher(StagedModule):
         return self.head(self._decoder_middle(self._decoder_early(states, mask), states, mask))
 
 
-@register_model("t5", T5TeacherConfig)
+@register_model("t5", T5TeacherConfig, labels=("rating",))
 def build_t5(config: T5TeacherConfig, prepared: Prepared) -> T5Teacher:
     offset = rating_offset(prepared, "t5")  # first: a click spec fails before any loading
     from transformers import T5Config, T5ForConditionalGeneration  # here: imports stay light
