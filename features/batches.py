@@ -23,6 +23,7 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from features.config import DataConfig
+from features.history import HistoryBags, RowHistory
 from features.sources import DataError, MovieLens, load_movielens
 from features.spec import check_columns
 from features.splits import SPLITS, split_rows
@@ -124,6 +125,10 @@ class MultiHot:
         return cls(torch.from_numpy(np.array(padded, dtype=np.int64)),
                    torch.from_numpy(lengths.to_numpy().astype(np.int64)))  # fmt: skip
 
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, G] padded indices, [B] lengths)`` of rows ``rows``."""
+        return self.padded[rows], self.lengths[rows]
+
 
 #: The data set's task (``recdistill.training.tasks.TASKS``) per label kind.
 LABEL_TASKS = {"rating": "regression", "click": "binary"}
@@ -151,7 +156,9 @@ class RatingsData:
 
     Args:
         single: ``[N, F1]`` indices of the single-valued features (``single_names`` order).
-        multi: per multi-hot feature (``multi_names`` order), its :class:`MultiHot` indices.
+        multi: per multi-valued feature (``multi_names`` order), its :class:`MultiHot` indices,
+            or for a history feature its :class:`~features.history.RowHistory` (each row's bag
+            is its key entity's training bag).
         labels: ``[N]`` ratings (float32) or clicks (int64).
         splits: row ids per split name.
         sizes: embedding rows per feature (vocabulary size + unknown slot), KJT order.
@@ -188,10 +195,12 @@ class RatingsData:
     def encode(cls, joined: pl.DataFrame, vocabs: FeatureVocabs,
                splits: dict[str, torch.Tensor] | None = None) -> "RatingsData":  # fmt: skip
         """The rows of a joined interaction frame (with the label column), encoded by
-        ``vocabs``: what both the in-memory data and each streamed chunk hold.
+        ``vocabs``: what both the in-memory data and each streamed chunk hold. A history
+        feature's bags are gathered from the rows of ``splits["train"]`` only.
 
         Raises:
-            DataError: the label column is missing, or a click label is not 0 / 1.
+            DataError: the label column is missing, a click label is not 0 / 1, or the spec
+                has a history feature and no training split is given.
         """
         spec = vocabs.spec
         label = spec.label
@@ -200,7 +209,20 @@ class RatingsData:
                             f"(they have {', '.join(joined.columns)})")  # fmt: skip
         encoded = vocabs.encode(joined)
         single = torch.from_numpy(encoded.select(spec.single_names).to_numpy().astype(np.int64))
-        multi = {name: MultiHot.from_lists(encoded[name]) for name in spec.multi_names}
+        multi: dict[str, MultiHot | RowHistory] = {}
+        for name in spec.multi_names:
+            feature = spec[name]
+            if feature.kind != "history":
+                multi[name] = MultiHot.from_lists(encoded[name])
+                continue
+            if not splits or "train" not in splits:
+                raise DataError(f"history feature {name!r}: its bags come from the training split, "
+                                "and these rows have none (a streamed log takes no history yet)")  # fmt: skip
+            keys = single[:, spec.single_names.index(feature.key)]
+            values = torch.from_numpy(encoded[name].to_numpy().astype(np.int64))
+            order = joined[feature.order_by].to_numpy() if feature.order_by else None
+            bags = HistoryBags.build(feature, keys, values, splits["train"], vocabs[feature.key].size, order)
+            multi[name] = RowHistory(bags, keys)
         return cls(single, multi, label_tensor(joined[label.column], label.kind), splits or {},
                    vocabs.sizes, spec.single_names, LABEL_TASKS[label.kind])  # fmt: skip
 
@@ -212,6 +234,10 @@ class RatingsData:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def histories(self) -> dict[str, HistoryBags]:
+        """The bags of every history feature, by name (what the served module freezes)."""
+        return {name: bag.bags for name, bag in self.multi.items() if isinstance(bag, RowHistory)}
 
     def label_mean(self) -> float:
         """The mean training label (a rating, or the click rate)."""
@@ -232,8 +258,7 @@ class RatingsData:
         values = [single.t().reshape(-1)]
         lengths = [torch.ones(single.numel(), dtype=torch.int64)]  # feature-major, as KJT expects
         for bag in self.multi.values():
-            bag_lengths = bag.lengths[rows]  # [B]
-            padded = bag.padded[rows]  # [B, G]
+            padded, bag_lengths = bag.take(rows)  # [B, G], [B]
             values.append(padded[torch.arange(padded.shape[1]) < bag_lengths.unsqueeze(1)])
             lengths.append(bag_lengths)
         kjt = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
@@ -352,7 +377,9 @@ def prepare(config: DataConfig | None = None, vocabs: FeatureVocabs | None = Non
     check_columns(spec, {name: t.schema for name, t in tables.items() if t is not None})
     if vocabs is None:
         vocabs = FeatureVocabs.build(spec, ml.ratings, ml.users, ml.items)
-    return Prepared(config, ml, vocabs, RatingsData.from_frames(ml, vocabs, config))
+    data = RatingsData.from_frames(ml, vocabs, config)
+    vocabs.histories = data.histories()  # frozen with the vocabularies: the served module's
+    return Prepared(config, ml, vocabs, data)
 
 
 def prepare_stream(config: DataConfig, vocabs: FeatureVocabs | None = None) -> Prepared:

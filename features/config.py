@@ -114,7 +114,12 @@ class DataConfig:
         for key in ("chunk_rows", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}: must be at least 1, got {getattr(self, key)}")
-        self.spec_for("ml-100k")  # a bad spec fails on load, naming its key path
+        spec = self.spec_for("ml-100k")  # a bad spec fails on load, naming its key path
+        if self.stream and spec.histories:
+            i = spec.names.index(spec.histories[0].name)
+            raise ValueError(f"data.features[{i}]: history {spec.histories[0].name!r} is gathered "
+                             "from the training split in memory; a streamed log (data.stream) "
+                             "takes no history features yet")  # fmt: skip
 
     def spec_for(self, dataset: str) -> "DataSpec":
         """The feature spec of this config for a source named ``dataset`` (``ml-100k``,

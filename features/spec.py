@@ -12,6 +12,12 @@ Kinds (the raw string value(s) a feature takes, before its vocabulary maps them 
     bucketized   a number bucketed by ``boundaries`` (optional ``labels``) or floored to a
                  multiple of ``width`` (age groups, release-year buckets, prices)
     prefix       the first ``length`` characters of the column (zip prefix)
+    history      implicit feedback (SVD++): the values of an interactions ``column`` over the
+                 TRAINING interactions of the row's ``key`` entity (``key`` names an id
+                 feature): "the items this user rated" (column item_id, key user_id) or "the
+                 users who rated this item"; capped at ``max_length`` per entity (the latest by
+                 ``order_by`` when given), pooled by ``pooling`` (``sqrt``: sum / sqrt(n), the
+                 default; ``mean``; ``sum``). No valid or test interaction ever reaches it.
 
 Vocabulary policy: ``min_count`` (values seen fewer times are unknown), ``max_size`` (keep the
 most frequent), or ``hash_buckets`` for open vocabularies (a value's index is
@@ -39,7 +45,9 @@ import yaml
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 TABLES: tuple[str, ...] = ("interactions", "users", "items")
-KINDS: tuple[str, ...] = ("id", "categorical", "multi_hot", "bucketized", "prefix")
+KINDS: tuple[str, ...] = ("id", "categorical", "multi_hot", "bucketized", "prefix", "history")
+#: How a history bag is pooled: ``sqrt`` (sum / sqrt(n), SVD++'s normalization), ``mean``, ``sum``.
+HISTORY_POOLINGS: tuple[str, ...] = ("sqrt", "mean", "sum")
 LABEL_KINDS: tuple[str, ...] = ("rating", "click")
 #: The parameters each kind accepts; any other kind parameter on a feature is an error.
 KIND_PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -48,8 +56,10 @@ KIND_PARAMETERS: dict[str, tuple[str, ...]] = {
     "multi_hot": ("separator",),
     "bucketized": ("boundaries", "labels", "width"),
     "prefix": ("length",),
+    "history": ("key", "max_length", "pooling", "order_by"),
 }
-_ALL_KIND_PARAMETERS = ("separator", "boundaries", "labels", "width", "length")
+_ALL_KIND_PARAMETERS = ("separator", "boundaries", "labels", "width", "length", "key", "max_length",
+                        "pooling", "order_by")  # fmt: skip
 
 
 class SpecError(ValueError):
@@ -93,6 +103,12 @@ class FeatureSpec:
             ``"[b0,b1)"``, ..., ``">=bk"``).
         width: bucketized only, instead of boundaries: floor to multiples of ``width``.
         length: prefix only: how many leading characters to keep.
+        key: history only: the id feature whose entity the history belongs to (``user_id``:
+            the row's user's training interactions).
+        max_length: history only: keep at most this many values per entity (default: all).
+        pooling: history only: ``sqrt`` (default), ``mean`` or ``sum``.
+        order_by: history only: an interactions column; with ``max_length`` the entity's
+            latest values by it are kept (default: the first in file order).
         min_count: values seen fewer times are unknown (default 1: every value seen).
         max_size: keep at most this many values, the most frequent.
         hash_buckets: an open vocabulary of this many hashed indices (no min_count/max_size).
@@ -108,6 +124,10 @@ class FeatureSpec:
     labels: list[str] | None = None
     width: int | None = None
     length: int | None = None
+    key: str | None = None
+    max_length: int | None = None
+    pooling: str | None = None
+    order_by: str | None = None
     min_count: int | None = None
     max_size: int | None = None
     hash_buckets: int | None = None
@@ -170,6 +190,23 @@ class FeatureSpec:
             if len(set(self.labels)) != len(self.labels):
                 _fail("labels", f"labels must be distinct, got {self.labels}")
 
+    def _check_history(self) -> None:
+        if self.table != "interactions":
+            _fail("table", f"a history is built from the interactions (the training rows), not "
+                  f"from table {self.table!r}")  # fmt: skip
+        if self.key is None:
+            _fail("key", "missing: kind 'history' needs the id feature whose entity it belongs to "
+                  "(e.g. key: user_id for the items each user interacted with)")  # fmt: skip
+        _check_type("key", self.key, str, "a feature name")
+        if self.max_length is not None:
+            _check_positive_int("max_length", self.max_length)
+        if self.pooling is not None:
+            _one_of("pooling", self.pooling, HISTORY_POOLINGS, "pooling")
+        if self.order_by is not None:
+            _check_type("order_by", self.order_by, str, "a column name")
+        if self.hash_buckets is not None:
+            _fail("hash_buckets", "a history's values need a stored vocabulary (no hash_buckets)")
+
     def _check_prefix(self) -> None:
         if self.length is None:
             _fail("length", "missing: kind 'prefix' needs the number of leading characters")
@@ -177,8 +214,13 @@ class FeatureSpec:
 
     @property
     def multi_valued(self) -> bool:
-        """Several values per row (pooled by the embedding bag)."""
-        return self.kind == "multi_hot"
+        """Several values per row (pooled by the embedding bag): a multi-hot list, or a history."""
+        return self.kind in ("multi_hot", "history")
+
+    @property
+    def history_pooling(self) -> str:
+        """How a history bag is pooled (``sqrt`` unless set)."""
+        return self.pooling or "sqrt"
 
     @property
     def bucket_labels(self) -> list[str] | None:
@@ -255,6 +297,15 @@ class DataSpec:
                 _fail(f"features[{i}].name", f"duplicate feature name {feature.name!r} (also "
                       f"features[{first[feature.name]}])")  # fmt: skip
             first[feature.name] = i
+        for i, feature in enumerate(self.features):
+            if feature.kind != "history":
+                continue
+            key = self.features[first[feature.key]] if feature.key in first else None
+            if key is None or key.kind != "id" or key.hash_buckets is not None:
+                ids = [f.name for f in self.features if f.kind == "id" and f.hash_buckets is None]
+                _fail(f"features[{i}].key", f"history {feature.name!r} belongs to {feature.key!r}, "
+                      f"which is not an id feature with a stored vocabulary (those: "
+                      f"{', '.join(ids) or 'none'})")  # fmt: skip
         if self.embedding_dim is not None:
             _check_positive_int("embedding_dim", self.embedding_dim)
         _check_type("kind_embedding_dims", self.kind_embedding_dims, dict, "a mapping")
@@ -266,6 +317,11 @@ class DataSpec:
     def names(self) -> tuple[str, ...]:
         """Feature names in spec order."""
         return tuple(f.name for f in self.features)
+
+    @property
+    def histories(self) -> tuple[FeatureSpec, ...]:
+        """The history features, in spec order."""
+        return tuple(f for f in self.features if f.kind == "history")
 
     @property
     def multi_hot(self) -> frozenset[str]:
@@ -454,6 +510,8 @@ def check_columns(spec: DataSpec, schemas: dict[str, dict[str, Any]]) -> None:
         if f.kind == "multi_hot" and f.separator is not None and dtype != pl.Utf8:
             _fail(key, f"feature {f.name!r} splits column {f.column!r} on {f.separator!r}, so it "
                   f"must be a string; it is {dtype}")  # fmt: skip
+        if f.kind == "history" and f.order_by is not None:
+            need(f"data.features[{i}].order_by", f"history {f.name!r}", "interactions", f.order_by)
         if f.kind == "bucketized" and not dtype.is_numeric():
             _fail(key, f"feature {f.name!r} is bucketized, so column {f.column!r} must be "
                   f"numeric; it is {dtype}")  # fmt: skip
@@ -465,7 +523,9 @@ def check_columns(spec: DataSpec, schemas: dict[str, dict[str, Any]]) -> None:
 
 def feature_expr(feature: FeatureSpec) -> pl.Expr:
     """The raw string value of ``feature`` per row (a list of strings for multi_hot), from its
-    column, aliased to its name. Nulls stay null (the vocabulary maps them to 0).
+    column, aliased to its name. Nulls stay null (the vocabulary maps them to 0). A history's
+    expression is the row's own value of its column: its bags are gathered from the training
+    rows' values (:mod:`features.history`).
 
     Args:
         feature: the feature.
@@ -474,7 +534,7 @@ def feature_expr(feature: FeatureSpec) -> pl.Expr:
         A polars expression over a frame holding ``feature.column``.
     """
     col = pl.col(feature.column)
-    if feature.kind in ("id", "categorical"):
+    if feature.kind in ("id", "categorical", "history"):  # a history: the row's own value
         expr = col.cast(pl.Utf8)
     elif feature.kind == "prefix":
         expr = col.cast(pl.Utf8).str.slice(0, feature.length)

@@ -29,6 +29,7 @@ from typing import Any
 
 import polars as pl
 
+from features.history import HistoryBags
 from features.sources import DataError
 from features.spec import DataSpec, FeatureSpec, feature_expr, hash_bucket_expr, load_spec, spec_from_dict
 
@@ -81,7 +82,7 @@ def _sorted_values(values: pl.Series, integer: bool) -> pl.Series:
 def _is_integer(feature: FeatureSpec, schema: dict[str, Any]) -> bool:
     """Whether the raw values are integers: an id or categorical over an integer column."""
     dtype = schema.get(feature.column)
-    return feature.kind in ("id", "categorical") and dtype is not None and dtype.is_integer()
+    return feature.kind in ("id", "categorical", "history") and dtype is not None and dtype.is_integer()
 
 
 def _lazy(frame: pl.DataFrame | pl.LazyFrame | None) -> pl.LazyFrame | None:
@@ -94,17 +95,22 @@ class FeatureVocabs:
     Args:
         spec: the feature spec the vocabularies were built for.
         vocabs: one :class:`Vocabulary` per feature of the spec.
+        histories: the training bags of each history feature (:mod:`features.history`), set
+            once the split is known (``features.batches.prepare``); saved with the vocabularies
+            so that the served module freezes the same bags.
 
     Raises:
         DataError: a feature of the spec has no vocabulary.
     """
 
-    def __init__(self, spec: DataSpec, vocabs: dict[str, Vocabulary]):
+    def __init__(self, spec: DataSpec, vocabs: dict[str, Vocabulary],
+                 histories: dict[str, HistoryBags] | None = None):  # fmt: skip
         missing = [f for f in spec.names if f not in vocabs]
         if missing:
             raise DataError(f"vocabularies lack feature(s) {', '.join(missing)}")
         self.spec = spec
         self.vocabs = {name: vocabs[name] for name in spec.names}
+        self.histories = dict(histories or {})
 
     def __getitem__(self, name: str) -> Vocabulary:
         return self.vocabs[name]
@@ -154,7 +160,7 @@ class FeatureVocabs:
             queries = []
             for f in plain:
                 values = frame.select(feature_expr(f))
-                values = values.explode(f.name) if f.multi_valued else values
+                values = values.explode(f.name) if f.kind == "multi_hot" else values
                 queries.append(values.drop_nulls().unique())
             for f, distinct in zip(plain, pl.collect_all(queries, engine="streaming")):
                 integer = _is_integer(f, schema)
@@ -172,7 +178,7 @@ class FeatureVocabs:
         for f in self.spec.features:
             vocab = self.vocabs[f.name]
             raw = feature_expr(f)
-            if f.multi_valued and not vocab.hash_buckets:
+            if f.kind == "multi_hot" and not vocab.hash_buckets:
                 exprs.append(raw.list.eval(vocab.encode(pl.element())).alias(f.name))
             else:
                 exprs.append(vocab.encode(raw).alias(f.name))
@@ -185,6 +191,7 @@ class FeatureVocabs:
             "format": VOCAB_FORMAT,
             "spec": self.spec.to_dict(),
             "features": {name: vocab.to_dict() for name, vocab in self.vocabs.items()},
+            "histories": {name: bags.to_dict() for name, bags in self.histories.items()},
         }
         path.write_text(json.dumps(payload))
         return path
@@ -203,7 +210,9 @@ class FeatureVocabs:
             for name, entry in payload["features"].items():
                 vocabs[name] = Vocabulary(name, list(entry.get("values", [])),
                                           entry.get("hash_buckets"), bool(entry["integer"]))  # fmt: skip
-            return cls(spec, vocabs)
+            histories = {name: HistoryBags.from_dict(name, entry)
+                         for name, entry in payload.get("histories", {}).items()}  # fmt: skip
+            return cls(spec, vocabs, histories)
         except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise DataError(f"{path}: not a recdistill vocabulary file ({err})") from err
 
@@ -230,7 +239,7 @@ def _value_counts(
         key = spec.user_key if feature.table == "users" else spec.item_key
         per_key = interactions.group_by(pl.col(key).alias("_key")).agg(pl.len().alias("_n"))
         values = frame.select(pl.col(key).alias("_key"), raw).join(per_key, on="_key", how="inner")
-    if feature.multi_valued:
+    if feature.kind == "multi_hot":
         values = values.explode(feature.name)
     count = pl.col("_n").sum() if "_n" in values.collect_schema() else pl.len()
     counts = values.filter(pl.col(feature.name).is_not_null()).group_by(feature.name).agg(

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from features.batches import Batch, Prepared
+from features.history import HistoryBags, pooling_scale
 from features.spec import FeatureSpec, stable_hash, stable_hash_scriptable
 from features.vocab import FeatureVocabs, Vocabulary
 from recdistill.training.evaluation import label_range
@@ -208,13 +209,14 @@ def serving_inputs(joined: pl.DataFrame, vocabs: FeatureVocabs) -> ServingInputs
         ValueError: a feature's column is missing (named).
     """
     spec = vocabs.spec
-    missing = [f"{f.column} (feature {f.name})" for f in spec.features if f.column not in joined.columns]
+    inputs = [f for f in spec.features if f.kind != "history"]  # histories are frozen in the module
+    missing = [f"{f.column} (feature {f.name})" for f in inputs if f.column not in joined.columns]
     if missing:
         raise ValueError(f"serving_inputs: frame lacks column(s) {', '.join(missing)}")
     numbers: Dict[str, torch.Tensor] = {}
     strings: Dict[str, List[str]] = {}
     lengths: Dict[str, torch.Tensor] = {}
-    for f in spec.features:
+    for f in inputs:
         col = joined[f.column]
         if f.multi_valued:
             values = feature_lists(joined, f)
@@ -484,6 +486,30 @@ class StringEncoder(nn.Module):
         return indices, torch.cumsum(counts, 0) - counts  # bag starts
 
 
+class HistoryEncoder(nn.Module):
+    """A history feature's bag, frozen at export: the training bag of each row's key entity
+    (:mod:`features.history`), looked up by the key's index; the caller passes nothing for it.
+
+    Args:
+        bags: the feature's bags (``FeatureVocabs.histories``).
+        key_column: the key feature's column in the ``[B, F1]`` single-valued indices.
+    """
+
+    def __init__(self, bags: HistoryBags, key_column: int):
+        super().__init__()
+        self.register_buffer("padded", bags.padded.clone())  # [E, L]
+        self.register_buffer("bag_lengths", bags.lengths.clone())  # [E]
+        self.key_column = key_column
+
+    def forward(self, single: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``([V] value indices, [B] bag starts)`` of each row's bag."""
+        keys = single[:, self.key_column]  # [B]
+        lengths = self.bag_lengths[keys]  # [B]
+        padded = self.padded[keys]  # [B, L]
+        values = padded[torch.arange(padded.size(1)).unsqueeze(0) < lengths.unsqueeze(1)]
+        return values, torch.cumsum(lengths, 0) - lengths
+
+
 def feature_encoder(feature: FeatureSpec, vocab: Vocabulary) -> nn.Module:
     """The encoder of ``feature`` (its kind and its input dictionary decide which)."""
     if feature.kind == "bucketized":
@@ -523,18 +549,33 @@ class FeatureEncoder(nn.Module):
     number_names: List[str]
     string_names: List[str]
     length_names: List[str]
+    multi_slots: List[int]
+    history_slots: List[int]
 
     def __init__(self, vocabs: FeatureVocabs):
         super().__init__()
         spec = vocabs.spec
         self.feature_names = list(spec.kjt_names)
         self.single = nn.ModuleList([feature_encoder(spec[n], vocabs[n]) for n in spec.single_names])
-        self.multi = nn.ModuleList([feature_encoder(spec[n], vocabs[n]) for n in spec.multi_names])
-        where = {n: input_dict(spec[n], vocabs[n]) for n in self.feature_names}
-        self.input_labels = [f"{where[n]}['{n}']" for n in self.feature_names]
-        self.number_names = [n for n in self.feature_names if where[n] == "numbers"]
-        self.string_names = [n for n in self.feature_names if where[n] == "strings"]
-        self.length_names = list(spec.multi_names)
+        bags = list(spec.multi_names)
+        listed = [n for n in bags if spec[n].kind != "history"]  # the caller's multi-hot inputs
+        self.multi = nn.ModuleList([feature_encoder(spec[n], vocabs[n]) for n in listed])
+        self.multi_slots = [bags.index(n) for n in listed]
+        frozen = [n for n in bags if spec[n].kind == "history"]
+        lacking = [n for n in frozen if n not in vocabs.histories]
+        if lacking:
+            raise ValueError(f"history feature {lacking[0]!r}: the vocabularies carry no training "
+                             "bags for it; export with the vocabularies of a prepared data set")  # fmt: skip
+        self.histories = nn.ModuleList([
+            HistoryEncoder(vocabs.histories[n], spec.single_names.index(spec[n].key)) for n in frozen
+        ])  # fmt: skip
+        self.history_slots = [bags.index(n) for n in frozen]
+        inputs = [n for n in self.feature_names if spec[n].kind != "history"]
+        where = {n: input_dict(spec[n], vocabs[n]) for n in inputs}
+        self.input_labels = [f"{where[n]}['{n}']" for n in inputs]
+        self.number_names = [n for n in inputs if where[n] == "numbers"]
+        self.string_names = [n for n in inputs if where[n] == "strings"]
+        self.length_names = listed
 
     def _check_names(self, label: str, given: List[str], expected: List[str]) -> None:
         for name in given:
@@ -572,12 +613,13 @@ class FeatureEncoder(nn.Module):
             indices, _ = encoder(numbers, strings, lengths)
             columns.append(indices)
             rows.append(indices.size(0))
-        bag_values: List[torch.Tensor] = []
-        bag_offsets: List[torch.Tensor] = []
-        for encoder in self.multi:
+        n_bags = len(self.multi_slots) + len(self.history_slots)
+        bag_values: List[torch.Tensor] = [torch.zeros(0, dtype=torch.int64) for slot in range(n_bags)]
+        bag_offsets: List[torch.Tensor] = [torch.zeros(0, dtype=torch.int64) for slot in range(n_bags)]
+        for i, encoder in enumerate(self.multi):
             indices, offsets = encoder(numbers, strings, lengths)
-            bag_values.append(indices)
-            bag_offsets.append(offsets)
+            bag_values[self.multi_slots[i]] = indices
+            bag_offsets[self.multi_slots[i]] = offsets
             rows.append(offsets.size(0))
         for i in range(1, len(rows)):
             if rows[i] != rows[0]:
@@ -587,6 +629,10 @@ class FeatureEncoder(nn.Module):
             single = torch.zeros(rows[0], 0, dtype=torch.int64)
         else:
             single = torch.stack(columns, dim=1)
+        for i, history in enumerate(self.histories):
+            indices, offsets = history(single)
+            bag_values[self.history_slots[i]] = indices
+            bag_offsets[self.history_slots[i]] = offsets
         return single, bag_values, bag_offsets
 
     @torch.jit.export
@@ -601,8 +647,8 @@ class FeatureEncoder(nn.Module):
         unknown = (single == 0).sum(0)  # [F1]
         for column in range(n_single):
             counts[self.feature_names[column]] = int(unknown[column])
-        for i, values in enumerate(bag_values):
-            counts[self.feature_names[n_single + i]] = int((values == 0).sum())
+        for i, slot in enumerate(self.multi_slots):  # frozen history bags are no input
+            counts[self.feature_names[n_single + slot]] = int((bag_values[slot] == 0).sum())
         return counts
 
 
@@ -640,6 +686,8 @@ class ServingSparseArch(nn.Module):
         weights: one embedding table per feature in KeyedJaggedTensor order (``[rows, D]``):
             the single-valued features, then the multi-hot ones.
         n_single: how many of them are single-valued.
+        bag_poolings: per multi-valued feature, how its sum is scaled (``sum``, or a history's
+            ``sqrt`` / ``mean``: :func:`features.history.pooling_scale`); default all ``sum``.
 
     Example::
 
@@ -648,10 +696,17 @@ class ServingSparseArch(nn.Module):
         h = arch(single, bag_values, bag_offsets)  # [B, sum(D)]
     """
 
-    def __init__(self, weights: List[torch.Tensor], n_single: int):
+    bag_poolings: List[str]
+
+    def __init__(self, weights: List[torch.Tensor], n_single: int,
+                 bag_poolings: Optional[List[str]] = None):  # fmt: skip
         super().__init__()
         if not 0 <= n_single <= len(weights):
             raise ValueError(f"n_single must be in 0..{len(weights)}, got {n_single}")
+        n_bags = len(weights) - n_single
+        self.bag_poolings = list(bag_poolings) if bag_poolings is not None else ["sum"] * n_bags
+        if len(self.bag_poolings) != n_bags:
+            raise ValueError(f"bag_poolings: {len(self.bag_poolings)} given for {n_bags} bags")
         single = weights[:n_single]
         groups: List[List[int]] = []  # runs of adjacent features with the same width
         for i, w in enumerate(single):
@@ -665,7 +720,8 @@ class ServingSparseArch(nn.Module):
         self.out_dim = sum(int(w.shape[1]) for w in weights)
 
     @classmethod
-    def from_ebc(cls, ebc: nn.Module, sizes: Dict[str, int], n_single: int) -> "ServingSparseArch":
+    def from_ebc(cls, ebc: nn.Module, sizes: Dict[str, int], n_single: int,
+                 bag_poolings: Optional[List[str]] = None) -> "ServingSparseArch":  # fmt: skip
         """Copy the tables ``t_<feature>`` of a TorchRec ``EmbeddingBagCollection``, features
         in ``sizes``' order (KJT order).
 
@@ -688,7 +744,7 @@ class ServingSparseArch(nn.Module):
                     f"{sizes[name]}: the vocabularies are not the ones the student was trained on"
                 )
             weights.append(weight)
-        return cls(weights, n_single)
+        return cls(weights, n_single, bag_poolings)
 
     def forward(self, single: torch.Tensor, bag_values: List[torch.Tensor],
                 bag_offsets: List[torch.Tensor]) -> torch.Tensor:  # fmt: skip
@@ -696,7 +752,11 @@ class ServingSparseArch(nn.Module):
         for group in self.single:
             pooled.append(group(single))  # [B, k*D] for k adjacent features of width D
         for i, bag in enumerate(self.bags):
-            pooled.append(bag(bag_values[i], bag_offsets[i]))  # [B, D]
+            sums = bag(bag_values[i], bag_offsets[i])  # [B, D]
+            if self.bag_poolings[i] != "sum":
+                ends = torch.cat([bag_offsets[i][1:], torch.tensor([bag_values[i].numel()])])
+                sums = sums * pooling_scale(ends - bag_offsets[i], self.bag_poolings[i]).unsqueeze(1)
+            pooled.append(sums)
         return torch.cat(pooled, dim=1)
 
 
@@ -751,8 +811,10 @@ class ServingStudent(nn.Module):
                 f"cannot export {type(student).__name__}: missing {', '.join(missing)} "
                 "(expected an MLPRecommender: sparse_arch.ebc, tower, rating_head)"
             )
-        n_single = len(vocabs.spec.single_names)
-        sparse_arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc, vocabs.sizes, n_single)
+        spec = vocabs.spec
+        n_single = len(spec.single_names)
+        poolings = [spec[n].history_pooling if spec[n].kind == "history" else "sum" for n in spec.multi_names]
+        sparse_arch = ServingSparseArch.from_ebc(student.sparse_arch.ebc, vocabs.sizes, n_single, poolings)
         served = cls(
             FeatureEncoder(vocabs),
             sparse_arch,

@@ -211,7 +211,8 @@ def shard_model(
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             _apply_optimizer_in_backward(
-                optimizer_class(kind), module.parameters(), optimizer_kwargs(kind, train.embedding_lr)
+                optimizer_class(kind), module.parameters(),
+                optimizer_kwargs(kind, train.embedding_lr, train.embedding_weight_decay)
             )
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sharders = [FullEmbeddingBagCollectionSharder()]

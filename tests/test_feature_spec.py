@@ -63,7 +63,7 @@ def test_an_unknown_kind_fails_naming_the_kinds():
         spec_from_dict(with_feature(3, kind="bucket", separator=None))
     assert str(err.value) == (
         "data.features[3].kind: unknown kind 'bucket'; "
-        "expected one of id, categorical, multi_hot, bucketized, prefix"
+        "expected one of id, categorical, multi_hot, bucketized, prefix, history"
     )
 
 
@@ -131,7 +131,7 @@ def test_load_spec_names_the_file_and_key_path_of_a_bad_spec(tmp_path):
     )
     with pytest.raises(SpecError, match=rf"^{path}: data\.features\[0\]\.kind: unknown kind 'idd'"):
         load_spec(path)
-    with pytest.raises(SpecError, match=r"shipped name \(ml100k, ml1m, ml20m\)"):
+    with pytest.raises(SpecError, match=r"shipped name \(ml100k, ml100k_history, ml1m, ml20m\)"):
         load_spec("ml10k")
 
 

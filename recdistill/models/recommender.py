@@ -27,6 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batches import Batch, Prepared
+from features.history import pooling_scale
 from recdistill.models.registry import register_model
 from recdistill.stages import StagedModule
 
@@ -62,10 +63,14 @@ class RecommenderConfig:
 class SparseArch(nn.Module):
     """One embedding table per feature; pooled embeddings concatenated in ``sizes``' order.
 
+    Bags are sum-pooled; a history bag's sum is then scaled by its pooling
+    (:func:`features.history.pooling_scale`: ``1 / sqrt(n)`` for SVD++'s normalization).
+
     Args:
         sizes: rows per feature (vocabulary size including the unknown slot 0), in the
             KeyedJaggedTensor order (``FeatureVocabs.sizes``).
         dims: embedding width per feature.
+        poolings: ``{history feature: "sqrt" | "mean" | "sum"}`` (``spec_poolings``).
 
     Example::
 
@@ -73,13 +78,15 @@ class SparseArch(nn.Module):
         h = arch(kjt)  # [B, sum(dims)]
     """
 
-    def __init__(self, sizes: dict[str, int], dims: dict[str, int]):
+    def __init__(self, sizes: dict[str, int], dims: dict[str, int],
+                 poolings: dict[str, str] | None = None):  # fmt: skip
         super().__init__()
         missing = [f for f in sizes if f not in dims]
         if missing:
             raise ValueError(f"dims lacks feature(s): {', '.join(missing)}")
         self.features = list(sizes)
         self.dims = [dims[f] for f in self.features]
+        self.poolings = {f: p for f, p in (poolings or {}).items() if p != "sum"}
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
@@ -98,8 +105,17 @@ class SparseArch(nn.Module):
     def out_dim(self) -> int:
         return sum(self.dims)
 
-    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def pooled(self, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """``{feature: [B, D_f]}`` pooled embeddings (histories scaled by their pooling)."""
         pooled = self.ebc(sparse).to_dict()
+        if self.poolings:
+            split = dict(zip(sparse.keys(), sparse.lengths().view(len(sparse.keys()), -1)))  # [F, B]
+            for f, pooling in self.poolings.items():
+                pooled[f] = pooled[f] * pooling_scale(split[f], pooling).unsqueeze(1)
+        return pooled
+
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.pooled(sparse)
         return torch.cat([pooled[f] for f in self.features], dim=1)
 
 
@@ -131,6 +147,7 @@ class MLPRecommender(StagedModule):
         dims: width per feature (``FeatureVocabs.embedding_dims``); default: user_id and
             item_id ``id_embedding_dim``, the rest ``side_embedding_dim``.
         clicks: predict click logits ``[B, 2]`` = ``[0, l]`` instead of ratings ``[B]``.
+        poolings: ``{history feature: pooling}`` (:func:`spec_poolings`).
 
     Example::
 
@@ -139,14 +156,15 @@ class MLPRecommender(StagedModule):
     """
 
     def __init__(self, sizes: dict[str, int], config: RecommenderConfig, rating_offset: float = 0.0,
-                 dims: dict[str, int] | None = None, clicks: bool = False):  # fmt: skip
+                 dims: dict[str, int] | None = None, clicks: bool = False,
+                 poolings: dict[str, str] | None = None):  # fmt: skip
         super().__init__()
         self.config = config
         self.clicks = clicks
         if dims is None:
             dims = {f: config.id_embedding_dim if f in ID_FEATURES else config.side_embedding_dim
                     for f in sizes}  # fmt: skip
-        self.sparse_arch = SparseArch(sizes, dims)
+        self.sparse_arch = SparseArch(sizes, dims, poolings)
         self.tower = DenseTower(self.sparse_arch.out_dim, config.hidden, config.dropout)
         self.rating_head = nn.Linear(config.hidden[-1], 1)
         nn.init.constant_(self.rating_head.bias, rating_offset)
@@ -167,7 +185,7 @@ class MLPRecommender(StagedModule):
         return y
 
 
-def _train_offset(prepared: Prepared) -> float:
+def train_offset(prepared: Prepared) -> float:
     """The head's starting bias: the mean training rating, or the logit of the click rate."""
     mean = prepared.data.label_mean()
     if prepared.vocabs.spec.label.kind == "click":
@@ -176,20 +194,28 @@ def _train_offset(prepared: Prepared) -> float:
     return mean
 
 
+def spec_poolings(prepared: Prepared) -> dict[str, str]:
+    """``{history feature: its pooling}`` of the prepared data's spec."""
+    return {f.name: f.history_pooling for f in prepared.vocabs.spec.histories}
+
+
 def feature_dims(prepared: Prepared, config: RecommenderConfig) -> dict[str, int]:
     """Each feature's width: the spec's (per feature, per kind, default), else the model's
     ``id_embedding_dim`` for id features and ``side_embedding_dim`` for the rest."""
     spec = prepared.vocabs.spec
     fallback = {kind: config.side_embedding_dim for kind in ("categorical", "multi_hot",
                                                               "bucketized", "prefix")}  # fmt: skip
-    dims = spec.embedding_dims({"id": config.id_embedding_dim, **fallback})
+    # a history is a bag of ids: as wide as the id tables
+    dims = spec.embedding_dims({"id": config.id_embedding_dim, "history": config.id_embedding_dim,
+                                **fallback})  # fmt: skip
     return {name: dims[name] for name in spec.kjt_names}
 
 
 def _build(config: RecommenderConfig, prepared: Prepared) -> MLPRecommender:
-    return MLPRecommender(prepared.vocabs.sizes, config, rating_offset=_train_offset(prepared),
+    return MLPRecommender(prepared.vocabs.sizes, config, rating_offset=train_offset(prepared),
                           dims=feature_dims(prepared, config),
-                          clicks=prepared.vocabs.spec.label.kind == "click")  # fmt: skip
+                          clicks=prepared.vocabs.spec.label.kind == "click",
+                          poolings=spec_poolings(prepared))  # fmt: skip
 
 
 # Sizes aim at the paper's ~2M / ~3M / ~4M parameters on ML-100K; teachers get wider

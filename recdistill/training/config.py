@@ -32,6 +32,13 @@ class TrainConfig:
         embedding_optimizer: ``"adagrad"`` (a sum of squares per weight) or
             ``"rowwise_adagrad"`` (one per table row: less state, the usual choice at scale).
         dense_weight_decay: L2 penalty of the dense (Adam) parameters.
+        embedding_weight_decay: L2 penalty of the embedding tables, applied by Adagrad every
+            step to every row (dense gradients; sparse gradients take none).
+        swa_start_epoch: weight averaging (SWA, ``torch.optim.swa_utils.AveragedModel``):
+            from this epoch on, the weights at the end of each epoch join a running average,
+            and the average is what is validated, early-stopped, checkpointed and returned
+            (training goes on from the raw weights). Averaging is much of what a Bayesian
+            model's posterior mean gets for free. None: no averaging.
         patience: stop after this many epochs without a better validation MSE.
         seed: seed of shuffling and dropout (set it before building the model for its init).
         checkpoint_dir: where ``best.pt`` and ``last.pt`` go after each epoch, and the resume
@@ -71,6 +78,8 @@ class TrainConfig:
     embedding_lr: float = 0.02
     embedding_optimizer: Literal["adagrad", "rowwise_adagrad"] = "adagrad"
     dense_weight_decay: float = 0.0
+    embedding_weight_decay: float = 0.0
+    swa_start_epoch: int | None = None
     patience: int = 4
     seed: int = 0
     checkpoint_dir: str | None = None
@@ -90,16 +99,20 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"train.{name} must be a positive number, got {value}")
-        if self.dense_weight_decay < 0:
-            raise ValueError(
-                f"train.dense_weight_decay must be non-negative, got {self.dense_weight_decay}"
-            )
+        for name in ("dense_weight_decay", "embedding_weight_decay"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"train.{name} must be a non-negative number, got {value}")
+        if self.embedding_weight_decay and self.sparse_embedding_grads:
+            raise ValueError("train.embedding_weight_decay: Adagrad takes no weight decay with "
+                             "sparse gradients (train.sparse_embedding_grads: true)")  # fmt: skip
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise ValueError(
                 f"train.embedding_optimizer must be one of {', '.join(EMBEDDING_OPTIMIZERS)}, "
                 f"got {self.embedding_optimizer!r}"
             )
-        for name in ("max_steps_per_epoch", "checkpoint_every_steps", "progress_every_steps", "threads"):
+        for name in ("max_steps_per_epoch", "checkpoint_every_steps", "progress_every_steps", "threads",
+                     "swa_start_epoch"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"train.{name} must be at least 1 or null, got {value}")

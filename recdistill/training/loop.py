@@ -11,6 +11,8 @@ That is a :class:`TrainStep`; :func:`fit` owns the rest, the same for all of the
   step, every entry's value at that step and the last good checkpoints; so does a NaN
   validation metric, before anything is written;
 - the epoch mean of every loss entry, the validation metrics, throughput, ``on_epoch``;
+- with ``cfg.swa_start_epoch``, a running average of the end-of-epoch weights
+  (:mod:`~recdistill.training.averaging`) is what is validated, kept and returned;
 - evaluation and early stopping by the data's task (:mod:`~recdistill.training.tasks`:
   validation MSE for ratings, accuracy for classes) with the best weights restored at the end;
 - ``best.pt`` / ``last.pt`` after every epoch (:class:`EpochCheckpoints`), and ``resume.pt``
@@ -38,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recdistill.training.averaging import WeightAverage
 from recdistill.training.checkpoints import EpochCheckpoints, write_atomically
 from recdistill.training.config import TrainConfig, TrainingError, TrainResult
 from recdistill.training.progress import Progress
@@ -238,6 +241,10 @@ def fit(
     stopper = EarlyStopping(cfg.patience)
     result = TrainResult(checkpoint=checkpoints.best if checkpoints is not None else None)
     position = Position()
+    average = WeightAverage(cfg.swa_start_epoch) if cfg.swa_start_epoch is not None else None
+    if average is not None and world > 1:
+        raise ValueError("train.swa_start_epoch: weight averaging runs in one process, not under "
+                         f"a process group of {world} ranks")  # fmt: skip
 
     def payload() -> dict[str, Any]:
         """The loop's whole state now; the model's as it is under DMP (sharded tensors stay)."""
@@ -250,6 +257,7 @@ def fit(
             random=random_state(),
             early_stopping=stopper.state_dict(),
             history=result.history,
+            averaged=average.state_dict() if average is not None else None,
         )  # fmt: skip
 
     if resume_from is not None:
@@ -265,6 +273,8 @@ def fit(
 
             state = read_sharded(resume_from, cfg, live)
         position = _resume(state, resume_from, model, step, stopper, result)
+        if average is not None:
+            average.load_state_dict(model, state.get("averaged"))
     resume: Path | None = None  # where the resume state goes
     if checkpoints is not None:
         resume = checkpoints.resume if world == 1 else checkpoints.resume_sharded
@@ -293,7 +303,8 @@ def fit(
             loss_means, seen = _train_epoch(model, data, cfg, step, position, steps_per_epoch,
                                             progress, where, snapshot if resume is not None else None)  # fmt: skip
             seconds = position.seconds
-            valid = task.evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+            evaluated = average.after_epoch(model, epoch) if average is not None else model
+            valid = task.evaluate(evaluated, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
             watched = valid[task.monitor]
             if not math.isfinite(watched):  # only the watched metric: an empty slice is NaN
                 raise TrainingError(f"validation {task.monitor} is {watched} after the last step, "
@@ -303,14 +314,15 @@ def fit(
                 # row counts describe the split, not the epoch
                 **{f"valid_{k}": v for k, v in valid.items() if not k.startswith("n_")},
                 **(step.epoch_metrics() if step.epoch_metrics is not None else {}),
+                **({"averaged_epochs": average.count} if average is not None else {}),
                 "seconds": seconds,
                 "examples_per_s": seen / seconds,
             }
             progress.end_epoch(loss_means, {f"valid_{task.monitor}": watched}, seen / seconds, seconds)
             result.history.append({"epoch": epoch, **metrics})
-            improved = stopper.update(model, task.score(valid), epoch)
+            improved = stopper.update(evaluated, task.score(valid), epoch)
             if checkpoints is not None:
-                checkpoints.save(model, epoch, valid, improved)
+                checkpoints.save(evaluated, epoch, valid, improved)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             position.next_epoch(stopped=stopper.should_stop)

@@ -66,6 +66,8 @@ def optimizer_kwargs(kind: str, lr: float, weight_decay: float = 0.0) -> dict[st
         raise ValueError(f"unknown optimizer {kind!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
     if kind == "adam":
         return {"lr": lr, "weight_decay": weight_decay}
+    if weight_decay:  # only when asked: FBGEMM's fused kernels take the same key
+        return {"lr": lr, "eps": ADAGRAD_EPS, "weight_decay": weight_decay}
     return {"lr": lr, "eps": ADAGRAD_EPS}
 
 
@@ -84,7 +86,7 @@ def make_optimizer(
         params: named parameters (a mapping or ``named_parameters()``-style pairs).
         kind: optimizer name, one of ``OPTIMIZER_NAMES``.
         lr: learning rate.
-        weight_decay: L2 penalty (Adam only).
+        weight_decay: L2 penalty.
     """
     from torchrec.optim.keyed import KeyedOptimizerWrapper
 
@@ -105,8 +107,8 @@ def use_sparse_gradients(model: nn.Module, tables: Mapping[str, torch.Tensor], c
         ValueError: sparse gradients asked for with row-wise Adagrad, which cannot take them.
     """
     wanted = cfg.sparse_embedding_grads
-    if wanted is None:
-        wanted = cfg.embedding_optimizer == "adagrad" and \
+    if wanted is None:  # weight decay needs dense gradients
+        wanted = cfg.embedding_optimizer == "adagrad" and not cfg.embedding_weight_decay and \
             sum(p.numel() for p in tables.values()) > SPARSE_GRADS_ABOVE  # fmt: skip
     if wanted and cfg.embedding_optimizer != "adagrad":
         raise ValueError("train.sparse_embedding_grads: sparse gradients need "
@@ -162,13 +164,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
         replicated = {n: p for n, p in rest.items() if isinstance(p, TableBatchedEmbeddingSlice)}
         if replicated:
             parts.append(("embedding_replicated",
-                          make_optimizer(replicated, cfg.embedding_optimizer, cfg.embedding_lr)))  # fmt: skip
+                          make_optimizer(replicated, cfg.embedding_optimizer, cfg.embedding_lr,
+                                         cfg.embedding_weight_decay)))  # fmt: skip
         dense = {n: p for n, p in rest.items() if n not in replicated}
     else:
         tables = embedding_parameters(model)
         use_sparse_gradients(model, tables, cfg)
         if tables:
-            parts.append(("embedding", make_optimizer(tables, cfg.embedding_optimizer, cfg.embedding_lr)))
+            parts.append(("embedding", make_optimizer(tables, cfg.embedding_optimizer, cfg.embedding_lr,
+                                                      cfg.embedding_weight_decay)))  # fmt: skip
         table_ids = {id(p) for p in tables.values()}
         dense = {
             name: p
