@@ -1,4 +1,5 @@
-"""``recdistill data summary``, ``recdistill data prompts`` and ``recdistill data synth``."""
+"""``recdistill data summary``, ``recdistill data prompts``, ``recdistill data synth`` and
+``recdistill data synth-clicks``."""
 
 from __future__ import annotations
 
@@ -86,6 +87,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_clicks(args: argparse.Namespace) -> int:
+    """Write the synthetic click log; a size below 1 is named before anything is imported."""
+    for option in ("rows", "users", "ads", "shard_rows"):
+        if getattr(args, option) < 1:
+            flag = "--" + option.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1 (got {getattr(args, option)})")
+    from features.click_synth import ClickSynthSpec, write_click_log
+
+    spec = ClickSynthSpec(rows=args.rows, users=args.users, ads=args.ads, seed=args.seed,
+                          shard_rows=args.shard_rows)  # fmt: skip
+    start = time.perf_counter()
+    meta = write_click_log(args.out, spec, force=args.force)
+    elapsed = time.perf_counter() - start
+    print(
+        f"wrote {spec.rows:,} impressions ({meta['click_rate']:.2%} clicked) in {meta['shards']} "
+        f"shard(s), {spec.users:,} users, {spec.ads:,} ads to {args.out} in {elapsed:.1f} s; "
+        f"feature spec: {args.out}/spec.yaml"
+    )
+    return 0
+
+
 def add_commands(sub, with_config) -> None:
     data = sub.add_parser("data", help="inspect the configured data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -107,3 +129,17 @@ def add_commands(sub, with_config) -> None:
                        help="most ratings per parquet shard (default 1,000,000)")  # fmt: skip
     synth.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     synth.set_defaults(func=cmd_synth)
+    clicks = data_sub.add_parser(
+        "synth-clicks",
+        help="write a synthetic ad click log from a known model (its ceiling is known), with "
+             "users and ads tables and its feature spec",
+    )  # fmt: skip
+    clicks.add_argument("--rows", type=int, default=300_000, help="impressions (default 300,000)")
+    clicks.add_argument("--users", type=int, default=10_000, help="users (default 10,000)")
+    clicks.add_argument("--ads", type=int, default=2_000, help="ads (default 2,000)")
+    clicks.add_argument("--out", required=True, help="folder to write (must be empty or new)")
+    clicks.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
+    clicks.add_argument("--shard-rows", type=int, default=1_000_000,
+                        help="most impressions per parquet shard (default 1,000,000)")  # fmt: skip
+    clicks.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    clicks.set_defaults(func=cmd_synth_clicks)
