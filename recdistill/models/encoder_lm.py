@@ -22,7 +22,15 @@ Stages (DESIGN.md section 1), with ``F = frozen_layers`` and ``Q = question_laye
 - ``middle(h, batch) -> z [B, 384]``: the same states with [CLS] replaced by ``h`` (or a
   question) through layers ``Q..L-1``; the [CLS] position. The last layer computes only the
   [CLS] position (its other outputs are never read), which makes it ~6x cheaper.
-- ``head(z) -> [B]``: a regression ``Linear``, its bias starting at the training mean rating.
+- ``head(z)``: a ``Linear`` over ``z``: on a rating label ``[B]`` ratings, its bias starting at
+  the training mean rating; on a click label ``[B, 2]`` logits ``[0, l]``, its bias starting at
+  the logit of the training click rate, exactly as the recommenders' heads (so cross-entropy is
+  the log loss of ``l`` and every distillation method's logit form applies).
+
+**Clicks.** The prompts are the team's own templates over its users and items tables
+(``data.user_template`` / ``data.item_template`` may name any of their columns: a list column
+such as interests or tags reads "cooking, travel", an ad's headline as written); the per-entity
+cache, the id vectors and the stages are the same as for ratings.
 
 Example::
 
@@ -53,7 +61,7 @@ from recdistill.models.text import (
     load_tokenizer,
     minilm_path,
     prompt_parts,
-    rating_offset,
+    head_offset,
     special_id,
 )
 from recdistill.stages import StagedModule
@@ -175,8 +183,13 @@ def cls_only_layer(layer: nn.Module, first: torch.Tensor, rest: torch.Tensor, ma
     return cls_attend(layer, first, keys, values, mask)
 
 
+#: The label kinds the MiniLM teacher predicts (its registration and its head agree on them).
+LABELS: tuple[str, ...] = ("rating", "click")
+
+
 class EncoderLMTeacher(StagedModule):
-    """A BERT-style encoder over the two parts of a prompt, in three stages, with a rating head.
+    """A BERT-style encoder over the two parts of a prompt, in three stages, with a rating or a
+    click head.
 
     Args:
         encoder: a ``transformers`` BERT-style model (``.embeddings``, ``.encoder.layer``).
@@ -184,9 +197,11 @@ class EncoderLMTeacher(StagedModule):
         frozen_layers: ``F``, layers cached per entity.
         question_layer: ``Q`` in ``[F, L-1]``.
         id_vectors: add learned per-user and per-item vectors at the id tokens.
-        rating_offset: initial bias of the rating head (the training mean rating).
+        head_offset: initial bias of the head (the training mean rating, or the logit of
+            the training click rate).
         cache_dir: where the per-entity states are cached.
         description: what the cache key records about where the weights came from.
+        clicks: predict click logits ``[B, 2]`` = ``[0, l]`` instead of ratings ``[B]``.
     """
 
     def __init__(
@@ -196,9 +211,10 @@ class EncoderLMTeacher(StagedModule):
         frozen_layers: int,
         question_layer: int | None = None,
         id_vectors: bool = True,
-        rating_offset: float = 0.0,
+        head_offset: float = 0.0,
         cache_dir: str | Path = "",
         description: str = "",
+        clicks: bool = False,
     ):
         super().__init__()
         layers = encoder.encoder.layer
@@ -228,8 +244,11 @@ class EncoderLMTeacher(StagedModule):
             ],
             device=torch.device("cpu"),
         ) if id_vectors else None  # fmt: skip
+        self.clicks = clicks
+        # One linear output either way (a rating, or the click logit l): the name is the one
+        # checkpoints and the recommenders use.
         self.rating_head = nn.Linear(width, 1)
-        nn.init.constant_(self.rating_head.bias, rating_offset)
+        nn.init.constant_(self.rating_head.bias, head_offset)
         self.early_dim = self.hidden_dim = width
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.description = description
@@ -415,7 +434,10 @@ class EncoderLMTeacher(StagedModule):
         return self._upper(h, states, mask)  # [B, W]
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.rating_head(z).squeeze(-1)  # [B]
+        y = self.rating_head(z).squeeze(-1)  # [B]
+        if self.clicks:
+            return torch.stack([torch.zeros_like(y), y], dim=1)  # [B, 2] logits [0, l]
+        return y
 
     def forward(self, batch: Any) -> torch.Tensor:
         if self.keys_values_per_entity:
@@ -457,9 +479,9 @@ class EncoderLMTeacher(StagedModule):
         }  # fmt: skip
 
 
-@register_model("minilm", EncoderLMConfig, labels=("rating",))
+@register_model("minilm", EncoderLMConfig, labels=LABELS)
 def build_encoder_lm(config: EncoderLMConfig, prepared: Prepared) -> EncoderLMTeacher:
-    offset = rating_offset(prepared, "minilm")  # first: a click spec fails before any loading
+    offset = head_offset(prepared, "minilm", LABELS)  # first: a bad label fails before any loading
     path = Path(config.path) if config.path else minilm_path()
     encoder = load_encoder(path, config.dropout)
     tokenizer_file = path / "tokenizer.json"
@@ -476,6 +498,7 @@ def build_encoder_lm(config: EncoderLMConfig, prepared: Prepared) -> EncoderLMTe
         )
     teacher = EncoderLMTeacher(encoder, parts, config.frozen_layers, config.question_layer,
                                config.id_vectors, offset, config.cache_dir,
-                               description=f"minilm({path.name})")  # fmt: skip
+                               description=f"minilm({path.name})",
+                               clicks=prepared.vocabs.spec.label.kind == "click")  # fmt: skip
     teacher.model_name, teacher.config = "minilm", config  # what checkpoints record
     return teacher

