@@ -16,10 +16,11 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 setup: $(STAMP) fashion-mnist
 
 # Reinstalls only when a lock file or pyproject changes, so a second `make setup` is instant.
-$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.lock requirements-extras.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements.lock
 	$(PIP) install -q --no-deps -r requirements-nodeps.lock
+	$(PIP) install -q -r requirements-extras.lock
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -52,6 +53,7 @@ setup-gpu:
 	$(GPU_VENV)/bin/pip install -q torch==2.13.0 fbgemm-gpu==1.8.0 torchrec==1.8.0
 	grep -v -E '^(torch|fbgemm-gpu-cpu)==' requirements.lock | $(GPU_VENV)/bin/pip install -q -r /dev/stdin
 	grep -v '^torchrec==' requirements-nodeps.lock | $(GPU_VENV)/bin/pip install -q --no-deps -r /dev/stdin
+	$(GPU_VENV)/bin/pip install -q -r requirements-extras.lock
 	$(GPU_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	$(GPU_VENV)/bin/python -c "import torch, fbgemm_gpu, torchrec; print('cuda', torch.cuda.is_available(), torch.cuda.device_count(), 'gpus')"
 

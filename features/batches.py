@@ -190,6 +190,9 @@ class RatingsData:
         self.single_names = tuple(single_names)
         self.keys = list(self.single_names) + list(multi)
         self.task = task
+        #: What a batch's ``rows`` add to positions here: a transfer set's rows
+        #: (:mod:`features.transfer`) are numbered after the data's, so per-row caches never mix them.
+        self.row_offset = 0
 
     @classmethod
     def encode(cls, joined: pl.DataFrame, vocabs: FeatureVocabs,
@@ -262,7 +265,7 @@ class RatingsData:
             values.append(padded[torch.arange(padded.shape[1]) < bag_lengths.unsqueeze(1)])
             lengths.append(bag_lengths)
         kjt = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
-        return Batch(kjt, self.labels[rows], rows)
+        return Batch(kjt, self.labels[rows], rows + self.row_offset if self.row_offset else rows)
 
     def batches(
         self,
@@ -295,6 +298,13 @@ class Prepared:
     movielens: MovieLens
     vocabs: FeatureVocabs
     data: RatingsData
+
+    def transfer_set(self, count: int, policy: str = "popularity", seed: int = 0) -> RatingsData:
+        """``count`` unrated (user, item) pairs to be labelled by a committee
+        (:func:`features.transfer.transfer_set`)."""
+        from features.transfer import transfer_set  # late: it imports this module
+
+        return transfer_set(self, count, policy, seed)
 
     def joined(self) -> pl.DataFrame:
         """Every interaction with its user's and item's attributes (joined on the spec's keys).

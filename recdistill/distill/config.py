@@ -53,6 +53,42 @@ class GatingConfig:
             raise ValueError(f"explore must be in [0, 1], got {self.explore}")
 
 
+TRANSFER_POLICIES = ("popularity", "uniform")
+
+
+@dataclass
+class TransferConfig:
+    """A transfer set: committee-labelled (user, item) pairs nobody rated, the same for every
+    method (``features.transfer``). Each training step adds a batch of them, on which the
+    student matches the committee (the method's distillation terms; no task loss: they have
+    no label).
+
+    Args:
+        pairs: how many distinct pairs are drawn (once per data seed); 0 is off.
+        policy: ``popularity`` (users and items in proportion to their training interactions)
+            or ``uniform``.
+        batch_ratio: transfer rows per step, as a share of ``train.batch_size``.
+        weight: what the transfer terms are multiplied by (beside ``kd_weight``).
+        seed: the seed of the pairs' draw and of each step's sample of them.
+    """
+
+    pairs: int = 0
+    policy: str = "popularity"
+    batch_ratio: float = 1.0
+    weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pairs < 0:
+            raise ValueError(f"transfer.pairs must be >= 0, got {self.pairs}")
+        if self.policy not in TRANSFER_POLICIES:
+            raise ValueError(f"transfer.policy must be one of {', '.join(TRANSFER_POLICIES)}, got {self.policy!r}")
+        if not self.batch_ratio > 0:
+            raise ValueError(f"transfer.batch_ratio must be positive, got {self.batch_ratio}")
+        if not self.weight >= 0:
+            raise ValueError(f"transfer.weight must be >= 0, got {self.weight}")
+
+
 @dataclass
 class DistillConfig:
     """What a distillation run adds to supervised training.
@@ -121,6 +157,7 @@ class DistillConfig:
             epoch. Costs ``4 * (1 + m_k)`` bytes per row and teacher in memory; off for logs
             too large for that. DiverseDistill's questions are never cached.
         gating: importance gating.
+        transfer: a transfer set of unrated pairs labelled by the committee.
     """
 
     method: str = "diverse_distill"
@@ -144,6 +181,7 @@ class DistillConfig:
     aekd_cap: float = 0.6
     cache_teacher_outputs: bool = True
     gating: GatingConfig = field(default_factory=GatingConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def __post_init__(self) -> None:
         from recdistill.distill.methods import METHODS  # late: methods import this module

@@ -26,9 +26,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from recdistill.distill.config import DistillConfig
+from recdistill.distill.config import DistillConfig, TransferConfig
 from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
+from recdistill.training.ranks import _world as ranks_world
 from recdistill.training import (
     EpochCheckpoints,
     TrainConfig,
@@ -127,6 +128,40 @@ def module_state(method: DistillMethod) -> dict[str, Any]:
     return {"method_state": state} if state else {}
 
 
+def with_transfer(runner: DistillMethod, prepared: Any, config: TransferConfig, train: TrainConfig,
+                  losses: Callable[[Any], dict[str, torch.Tensor]]) -> Callable[[Any], dict[str, torch.Tensor]]:  # fmt: skip
+    """``losses`` plus, each step, the method's label-free terms on a sample of the transfer set
+    (``prepared.transfer_set``: unrated pairs, drawn once), times ``config.weight``.
+
+    A step's sample depends only on the seed and the method's step count, so a resumed run
+    draws what the uninterrupted one drew.
+
+    Raises:
+        ValueError: the data has no transfer set (images), or the method takes none.
+    """
+    if not runner.transfer_terms:
+        raise ValueError(f"distill.transfer: method {runner.name!r} takes no transfer set (its "
+                         "losses need labels on every row); set distill.transfer.pairs: 0")  # fmt: skip
+    make = getattr(prepared, "transfer_set", None)
+    if not callable(make):
+        raise ValueError(f"distill.transfer: the data ({type(prepared).__name__}) has no transfer "
+                         "set of unrated pairs; set distill.transfer.pairs: 0")  # fmt: skip
+    pairs = make(config.pairs, config.policy, config.seed)
+    _, world = ranks_world()
+    size = max(1, round(train.batch_size * config.batch_ratio / world))
+    device_of = lambda batch: batch.labels.device  # noqa: E731
+
+    def both(batch: Any) -> dict[str, torch.Tensor]:
+        rank, _ = ranks_world()
+        generator = torch.Generator().manual_seed(hash((config.seed, runner.step, rank)) % 2**62)
+        rows = torch.randint(config.pairs, (size,), generator=generator)
+        labelled = losses(batch)  # moves the step count: draw first
+        unlabelled = runner.forward_transfer(pairs.batch(rows).to(device_of(batch)))
+        return {**labelled, **{name: config.weight * value for name, value in unlabelled.items()}}
+
+    return both
+
+
 def distill(
     student: nn.Module,
     committee: Sequence[tuple[str, nn.Module]],
@@ -197,8 +232,11 @@ def distill(
         runner.load_resume_state(state["method"])
         passes_saved.before = state["passes_before"]
 
+    losses = lambda batch: runner.forward_train(batch)[1]  # noqa: E731  (prediction, losses)
+    if config.transfer.pairs:
+        losses = with_transfer(runner, prepared, config.transfer, train, losses)
     step = TrainStep(
-        losses=lambda batch: runner.forward_train(batch)[1],  # (prediction, losses)
+        losses=losses,
         optimizers=optimizers,
         backward=runner.backward,
         module=runner,

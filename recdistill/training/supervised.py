@@ -37,6 +37,26 @@ def task_losses(model: nn.Module, task: Task) -> Callable[[Any], dict[str, torch
     return losses
 
 
+def _fit_offline(model: nn.Module, data: Any, cfg: TrainConfig, checkpoints: EpochCheckpoints | None,
+                 on_epoch: Callable[[int, dict[str, float]], None] | None) -> TrainResult:  # fmt: skip
+    """A model with a fitting procedure of its own (``model.fit_offline(data, progress, seed)``:
+    the FM teacher's Gibbs sampler) instead of gradient steps: one "epoch", evaluated and
+    checkpointed as the loop would (``best.pt`` and ``last.pt``; no ``resume.pt``: a killed fit
+    starts again)."""
+    stats = model.fit_offline(data, progress=cfg.progress, seed=cfg.seed)
+    task = task_of(data)
+    model.eval()
+    valid = task.evaluate(model, data, "valid", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+    test = task.evaluate(model, data, "test", cfg.eval_batch_size, slice_edges=cfg.slice_edges)
+    metrics = {**stats, **{f"valid_{k}": v for k, v in valid.items() if not k.startswith("n_")}}
+    if checkpoints is not None:
+        checkpoints.save(model, 1, valid, True)
+    if on_epoch is not None:
+        on_epoch(1, metrics)
+    return TrainResult(history=[{"epoch": 1, **metrics}], best_epoch=1, valid=valid, test=test,
+                       checkpoint=checkpoints.best if checkpoints is not None else None)  # fmt: skip
+
+
 def mse_losses(model: nn.Module) -> Callable[[Any], dict[str, torch.Tensor]]:
     """The rating step's losses: ``{"train_loss": MSE of model(batch) against the labels}``."""
     return task_losses(model, RegressionTask())
@@ -81,6 +101,8 @@ def train_supervised(
     """
     checkpoints = EpochCheckpoints.for_run(model, prepared, cfg, model_name, model_config)
     data = getattr(prepared, "data", prepared)
+    if callable(getattr(model, "fit_offline", None)):
+        return _fit_offline(model, data, cfg, checkpoints, on_epoch)
     step = TrainStep(losses=task_losses(model, task_of(data)), optimizers=[build_optimizer(model, cfg)])
     torch.manual_seed(cfg.seed)  # dropout
     desc = checkpoints.model_name if checkpoints is not None else getattr(model, "model_name", "")

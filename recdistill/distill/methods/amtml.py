@@ -110,6 +110,7 @@ class AMTML(DistillMethod):
 
     teacher_hidden = True
     joint_losses = ("loss_kd", "loss_hint")
+    transfer_terms = ("loss_kd", "loss_hint")
 
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)

@@ -77,6 +77,9 @@ class AutoSKD(DistillMethod):
         method.probabilities()  # [K], moves towards the teachers whose steps help
     """
 
+    #: Its reward is the task loss's fall after a step, which unlabelled rows do not have.
+    transfer_terms = ()
+
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)
         size = len(self.committee)

@@ -128,6 +128,11 @@ class DistillMethod(nn.Module):
     #: Losses that train the student *and* ``learnable_parameters()`` (FD's projection, AMTML's
     #: hint regressors: trained jointly with the student by the same term).
     joint_losses: ClassVar[tuple[str, ...]] = ()
+    #: The losses that need no label, kept on a transfer set's unlabelled rows
+    #: (:meth:`forward_transfer`); empty: the method takes no transfer set.
+    transfer_terms: ClassVar[tuple[str, ...]] = ("loss_kd",)
+    #: The suffix of a loss computed on transfer rows; it is routed as its base name is.
+    TRANSFER: ClassVar[str] = "_transfer"
 
     def __init__(
         self,
@@ -201,6 +206,23 @@ class DistillMethod(nn.Module):
         """``(student prediction [B], {loss name: scalar})`` for one training batch."""
         raise NotImplementedError
 
+    def forward_transfer(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The label-free losses (``transfer_terms``) on a batch of unlabelled transfer rows
+        (labels NaN), named ``<loss>_transfer``. The step count does not move (the labelled
+        batch of the same step moved it); a term that read the labels is NaN, which the loop
+        refuses, naming it.
+
+        Raises:
+            ValueError: the method takes no transfer set.
+        """
+        if not self.transfer_terms:
+            raise ValueError(f"distill.transfer: method {self.name!r} takes no transfer set (its "
+                             "losses need labels on every row)")  # fmt: skip
+        step = self.step
+        _, losses = self.forward_train(batch)
+        self.step = step
+        return {f"{name}{self.TRANSFER}": losses[name] for name in self.transfer_terms if name in losses}
+
     def forward(self, batch: Any) -> torch.Tensor:
         """The student's prediction alone (what is evaluated and served)."""
         return self.student(batch)
@@ -226,14 +248,16 @@ class DistillMethod(nn.Module):
         # distillation loss and every module term are zeros with no graph behind them.
         module_params = self.learnable_parameters()
         student_params = self.student_parameters()
+
+        def base(name: str) -> str:  # a transfer term goes where its labelled twin goes
+            return name.removesuffix(self.TRANSFER)
+
         student_terms = [
             v for k, v in losses.items()
-            if k not in self.module_losses and k not in self.joint_losses and v.requires_grad
+            if base(k) not in self.module_losses and base(k) not in self.joint_losses and v.requires_grad
         ]
-        joint_terms = [losses[k] for k in self.joint_losses if k in losses and losses[k].requires_grad]
-        module_terms = [
-            losses[k] for k in self.module_losses if k in losses and losses[k].requires_grad
-        ]
+        joint_terms = [v for k, v in losses.items() if base(k) in self.joint_losses and v.requires_grad]
+        module_terms = [v for k, v in losses.items() if base(k) in self.module_losses and v.requires_grad]
         if not module_params:
             module_terms = []
         more = bool(joint_terms or module_terms)

@@ -52,6 +52,9 @@ class DiverseDistill(DistillMethod):
     """
 
     module_losses = ("loss_reg_teacher", "loss_reg_answer", "loss_reg_importance")
+    #: On unlabelled rows the student still matches the answers (and the committee's
+    #: predictions); the module's regularizer needs labels and trains on labelled rows only.
+    transfer_terms = ("loss_kd", "loss_kd_prediction")
 
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)

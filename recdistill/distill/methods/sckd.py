@@ -88,6 +88,8 @@ class SCKD(LD):
 
     #: FD's projections train with the student through its term; the ``ld`` form has none.
     joint_losses = ("loss_kd",)
+    #: Its gate compares the KD gradient with the task gradient, which unlabelled rows lack.
+    transfer_terms = ()
 
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)
