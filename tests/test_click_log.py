@@ -154,12 +154,6 @@ def test_own_tables_need_a_spec():
         DataConfig(interactions="log.parquet")
 
 
-def test_a_language_teacher_on_clicks_is_refused_naming_the_label(clicks):
-    with pytest.raises(ValueError, match="minilm teacher: it reads rating prompts and predicts a "
-                                         "rating, but data.label is a click"):  # fmt: skip
-        build_model("minilm", clicks)
-
-
 def _click_job_raw(paths, tmp_path, **tracking) -> dict:
     return {
         "name": "clicks", "output_dir": str(tmp_path / "runs"), "student": "mlp_s",

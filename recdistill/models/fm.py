@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -230,7 +232,9 @@ class BayesianFM(StagedModule):
             ImportError: myFM is not installed (naming the extra to install).
         """
         try:
-            import myfm
+            with warnings.catch_warnings():  # myFM 0.4.0 imports pkg_resources
+                warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+                import myfm
         except ImportError as err:
             raise ImportError("the fm teacher needs myFM: pip install 'recdistill[fm]' (or "
                               "myfm==0.4.0 and setuptools<81); `make setup` installs it") from err
@@ -240,9 +244,11 @@ class BayesianFM(StagedModule):
         row_design, blocks = self.myfm_inputs(train)
         sampler = myfm.MyFMRegressor(rank=self.config.rank, random_seed=seed)
         labels = data.labels[train].numpy().astype(np.float64)
-        with _quiet_progress(not progress):
+        bar = progress and sys.stderr.isatty()  # a bar on a terminal, plain lines in a log
+        with _quiet_progress(not bar):
             sampler.fit(row_design, labels, X_rel=blocks, n_iter=self.config.n_iter,
-                        n_kept_samples=self.config.n_kept_samples)  # fmt: skip
+                        n_kept_samples=self.config.n_kept_samples,
+                        callback=None if bar or not progress else _plain_lines(self.config.n_iter))  # fmt: skip
         self._load_samples(sampler.predictor_.samples, self._design)
         self.sampler = sampler
         fitted = sampler.predict(row_design, blocks)
@@ -345,6 +351,22 @@ class _Design:
 
     def rows(self, rows: np.ndarray) -> sps.csr_matrix:
         return self._matrix(self.fm.layout.rows, rows, None, len(rows))
+
+
+def _plain_lines(n_iter: int) -> Callable[..., tuple[bool, None]]:
+    """A myFM callback printing one plain line every 10% of the Gibbs iterations (logs and
+    schedulers, where a bar would be thousands of carriage returns)."""
+    every = max(1, n_iter // 10)
+    start = time.perf_counter()
+
+    def callback(i: int, fm: Any, hyper: Any, history: Any) -> tuple[bool, None]:
+        done = i + 1
+        if done % every == 0 or done == n_iter:
+            print(f"  fm: Gibbs iteration {done}/{n_iter}, noise precision {hyper.alpha:.2f}, "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        return False, None
+
+    return callback
 
 
 @contextlib.contextmanager
