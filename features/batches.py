@@ -151,6 +151,25 @@ def label_tensor(column: pl.Series, kind: str) -> torch.Tensor:
     return torch.from_numpy(clicks.to_numpy().astype(np.int64))
 
 
+def logged_tensor(column: pl.Series, kind: str, name: str) -> torch.Tensor:
+    """``[N]`` float32 values of a logged score (another model's predictions of the label).
+
+    Raises:
+        DataError: a null or non-finite value, or on a click label a value outside 0..1 (a
+            probability, not a logit), naming the score, its column, the count and a row.
+    """
+    values = column.cast(pl.Float64, strict=False)
+    bad = values.is_null() | ~values.fill_null(0.0).is_finite()
+    if kind == "click":
+        bad = bad | (values.fill_null(0.0) < 0) | (values.fill_null(0.0) > 1)
+    if bad.any():
+        row = int(bad.arg_true()[0])
+        want = "a click probability in 0..1" if kind == "click" else "a finite rating prediction"
+        raise DataError(f"logged score {name!r} (column {column.name!r}): every row needs {want}; "
+                        f"{int(bad.sum())} rows do not (first: row {row}, {column[row]!r})")  # fmt: skip
+    return torch.from_numpy(values.to_numpy().astype(np.float32))
+
+
 class RatingsData:
     """All interactions of a source, encoded, with their splits.
 
@@ -164,6 +183,7 @@ class RatingsData:
         sizes: embedding rows per feature (vocabulary size + unknown slot), KJT order.
         single_names: the single-valued features, in KJT order.
         task: ``"regression"`` (ratings) or ``"binary"`` (clicks).
+        logged: per logged score (the spec's ``logged_scores``), its ``[N]`` float32 values.
 
     Example::
 
@@ -181,6 +201,7 @@ class RatingsData:
         sizes: dict[str, int],
         single_names: tuple[str, ...],
         task: str = "regression",
+        logged: dict[str, torch.Tensor] | None = None,
     ):
         self.single = single
         self.multi = multi
@@ -190,6 +211,7 @@ class RatingsData:
         self.single_names = tuple(single_names)
         self.keys = list(self.single_names) + list(multi)
         self.task = task
+        self.logged = dict(logged or {})
         #: What a batch's ``rows`` add to positions here: a transfer set's rows
         #: (:mod:`features.transfer`) are numbered after the data's, so per-row caches never mix them.
         self.row_offset = 0
@@ -226,8 +248,10 @@ class RatingsData:
             order = joined[feature.order_by].to_numpy() if feature.order_by else None
             bags = HistoryBags.build(feature, keys, values, splits["train"], vocabs[feature.key].size, order)
             multi[name] = RowHistory(bags, keys)
+        logged = {score.name: logged_tensor(joined[score.column], label.kind, score.name)
+                  for score in spec.logged_scores}  # fmt: skip
         return cls(single, multi, label_tensor(joined[label.column], label.kind), splits or {},
-                   vocabs.sizes, spec.single_names, LABEL_TASKS[label.kind])  # fmt: skip
+                   vocabs.sizes, spec.single_names, LABEL_TASKS[label.kind], logged)  # fmt: skip
 
     @classmethod
     def from_frames(cls, ml: MovieLens, vocabs: FeatureVocabs, config: DataConfig) -> "RatingsData":

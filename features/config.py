@@ -57,6 +57,9 @@ class DataConfig:
             model's id / side widths).
         kind_embedding_dims: with a features list: a width per kind (``{categorical: 8}``),
             before ``embedding_dim``.
+        logged_scores: with a features list: ``[{name, column}]``, columns of the
+            interactions holding another model's predictions, each a prediction-only committee
+            member (:class:`features.spec.LoggedScoreSpec`).
         user_template: the user part of a prompt; fields in braces are user columns
             (MovieLens: ``user_id``, ``age``, ``gender``, ``occupation``, ``zip_code``; any
             column of your own users table).
@@ -83,6 +86,7 @@ class DataConfig:
     item_key: str = "item_id"
     embedding_dim: int | None = None
     kind_embedding_dims: dict[str, int] = field(default_factory=dict)
+    logged_scores: list[dict[str, Any]] = field(default_factory=list)
     user_template: str = DEFAULT_USER_TEMPLATE
     item_template: str = DEFAULT_ITEM_TEMPLATE
     genre_separator: str = ", "
@@ -120,6 +124,10 @@ class DataConfig:
             raise ValueError(f"data.features[{i}]: history {spec.histories[0].name!r} is gathered "
                              "from the training split in memory; a streamed log (data.stream) "
                              "takes no history features yet")  # fmt: skip
+        if self.stream and spec.logged_scores:
+            raise ValueError(f"data.logged_scores: {spec.logged_scores[0].name!r} is looked up per "
+                             "row of the whole log in memory; a streamed log (data.stream) takes "
+                             "no logged scores yet")  # fmt: skip
 
     def spec_for(self, dataset: str) -> "DataSpec":
         """The feature spec of this config for a source named ``dataset`` (``ml-100k``,
@@ -136,6 +144,7 @@ class DataConfig:
             given = [k for k in spec_keys if getattr(self, k) is not None]
             given += [k for k in ("user_key", "item_key") if getattr(self, k) != f"{k[:4]}_id"]
             given += ["kind_embedding_dims"] if self.kind_embedding_dims else []
+            given += ["logged_scores"] if self.logged_scores else []
             if given:
                 raise SpecError(f"data.{given[0]}: set only with a list of data.features (a "
                                 "spec file gives its own)")  # fmt: skip
@@ -156,6 +165,8 @@ class DataConfig:
             raw["embedding_dim"] = self.embedding_dim
         if self.kind_embedding_dims:
             raw["kind_embedding_dims"] = dict(self.kind_embedding_dims)
+        if self.logged_scores:
+            raw["logged_scores"] = list(self.logged_scores)
         return spec_from_dict(raw, "data")
 
     @property

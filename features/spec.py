@@ -268,6 +268,26 @@ class LabelSpec:
 
 
 @dataclass
+class LoggedScoreSpec:
+    """A column of the interactions holding another model's prediction of the label (a
+    production model's score, logged beside each impression): a prediction-only committee
+    member, named in ``distill.teachers`` by ``name``.
+
+    Args:
+        name: the member's name in the committee (not a feature's or a registered model's).
+        column: the interactions column: a rating prediction, or on a click label the
+            predicted click probability (0..1).
+    """
+
+    name: str
+    column: str
+
+    def __post_init__(self) -> None:
+        _check_type("name", self.name, str, "a string")
+        _check_type("column", self.column, str, "a string")
+
+
+@dataclass
 class DataSpec:
     """The features of a data set, in order, and its label.
 
@@ -278,6 +298,8 @@ class DataSpec:
         item_key: the items table's key, also a column of the interactions.
         embedding_dim: default width for features that name none.
         kind_embedding_dims: default width per kind (before ``embedding_dim``).
+        logged_scores: columns of another model's predictions, each a prediction-only
+            committee member (:class:`LoggedScoreSpec`); never features of any model.
     """
 
     features: list[FeatureSpec]
@@ -286,6 +308,7 @@ class DataSpec:
     item_key: str = "item_id"
     embedding_dim: int | None = None
     kind_embedding_dims: dict[str, int] = field(default_factory=dict)
+    logged_scores: list[LoggedScoreSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_type("features", self.features, list, "a list of features")
@@ -306,6 +329,20 @@ class DataSpec:
                 _fail(f"features[{i}].key", f"history {feature.name!r} belongs to {feature.key!r}, "
                       f"which is not an id feature with a stored vocabulary (those: "
                       f"{', '.join(ids) or 'none'})")  # fmt: skip
+        _check_type("logged_scores", self.logged_scores, list, "a list of {name, column}")
+        seen: dict[str, int] = {}
+        for i, logged in enumerate(self.logged_scores):
+            if logged.name in seen or logged.name in first:
+                other = f"logged_scores[{seen[logged.name]}]" if logged.name in seen else "a feature"
+                _fail(f"logged_scores[{i}].name", f"{logged.name!r} is taken by {other}")
+            seen[logged.name] = i
+            if logged.column == self.label.column:
+                _fail(f"logged_scores[{i}].column", f"{logged.column!r} is the label itself, not "
+                      "another model's prediction of it")  # fmt: skip
+            used = [f.name for f in self.features if f.table == "interactions" and f.column == logged.column]
+            if used:
+                _fail(f"logged_scores[{i}].column", f"{logged.column!r} is also read by feature "
+                      f"{used[0]!r}: a logged score is a committee member, never an input")  # fmt: skip
         if self.embedding_dim is not None:
             _check_positive_int("embedding_dim", self.embedding_dim)
         _check_type("kind_embedding_dims", self.kind_embedding_dims, dict, "a mapping")
@@ -444,7 +481,14 @@ def spec_from_dict(data: Any, path: str = "data") -> DataSpec:
     return _build(DataSpec, data, path, {
         "features": _build_features,
         "label": lambda value, key: _build(LabelSpec, value, key),
+        "logged_scores": _build_logged_scores,
     })  # fmt: skip
+
+
+def _build_logged_scores(value: Any, key: str) -> list[LoggedScoreSpec]:
+    if not isinstance(value, list):
+        _fail(key, f"expected a list of {{name, column}}, got {value!r}")
+    return [_build(LoggedScoreSpec, item, f"{key}[{i}]") for i, item in enumerate(value)]
 
 
 def load_spec(name_or_path: str | Path) -> DataSpec:
@@ -497,6 +541,12 @@ def check_columns(spec: DataSpec, schemas: dict[str, dict[str, Any]]) -> None:
         return schemas[table][column]
 
     need("data.label.column", "the label", "interactions", spec.label.column)
+    for i, logged in enumerate(spec.logged_scores):
+        dtype = need(f"data.logged_scores[{i}].column", f"logged score {logged.name!r}", "interactions",
+                     logged.column)  # fmt: skip
+        if not dtype.is_numeric():
+            _fail(f"data.logged_scores[{i}].column", f"logged score {logged.name!r} must be numeric; "
+                  f"column {logged.column!r} is {dtype}")  # fmt: skip
     for key, table in (("user_key", "users"), ("item_key", "items")):
         if table in schemas:
             need(f"data.{key}", f"the {table} key", "interactions", getattr(spec, key))

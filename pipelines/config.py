@@ -19,6 +19,7 @@ import yaml
 from features.config import DataConfig
 from pipelines.schema import ConfigError, from_dict
 from recdistill.distill.config import DistillConfig
+from recdistill.distill.methods import METHODS, prediction_level
 from recdistill.export import ExportConfig
 import recdistill.models  # noqa: F401  (registers every model)
 from recdistill.models.registry import MODELS, model_entry
@@ -85,27 +86,67 @@ class JobConfig:
         return from_dict(TrainConfig, merged, f"teachers.{name}.train")
 
 
+def logged_members(cfg: JobConfig) -> dict[str, str]:
+    """``{name: column}`` of the logged scores the job's spec declares (prediction-only
+    committee members, :mod:`recdistill.models.logged`)."""
+    spec = cfg.data.spec_for("ml-100k")
+    return {score.name: score.column for score in spec.logged_scores}
+
+
 def _check_models(cfg: JobConfig) -> None:
     known = ", ".join(sorted(MODELS))
+    logged = logged_members(cfg)
+    taken = sorted(set(logged) & set(MODELS))
+    if taken:
+        raise ConfigError(f"data.logged_scores: {taken[0]!r} is a registered model's name; give "
+                          "the logged score another")  # fmt: skip
     if cfg.student not in MODELS:
         raise ConfigError(f"student: unknown model {cfg.student!r}; expected one of {known}")
     for key in ("models", "teachers"):
         for name in getattr(cfg, key):
+            if name in logged:
+                raise ConfigError(f"{key}.{name}: a logged score (column {logged[name]!r}) has "
+                                  "nothing to build or train")  # fmt: skip
             if name not in MODELS:
                 raise ConfigError(f"{key}.{name}: unknown model; expected one of {known}")
+    members = known + (f"; or a logged score of the spec: {', '.join(logged)}" if logged else "")
     for i, name in enumerate(cfg.distill.teachers):
-        if name not in MODELS:
-            raise ConfigError(f"distill.teachers[{i}]: unknown model {name!r}; expected one of {known}")
+        if name not in MODELS and name not in logged:
+            raise ConfigError(f"distill.teachers[{i}]: unknown model {name!r}; expected one of {members}")
     for name in cfg.teachers:
         if name not in cfg.distill.teachers:
             raise ConfigError(
                 f"teachers.{name}: not in the committee (distill.teachers: "
                 f"{', '.join(cfg.distill.teachers)})"
             )
-    for name in set(cfg.models) | {cfg.student} | set(cfg.distill.teachers):
+    trained = [name for name in cfg.distill.teachers if name not in logged]
+    for name in set(cfg.models) | {cfg.student} | set(trained):
         cfg.model_config(name)
-    for name in cfg.distill.teachers:
+    for name in trained:
         cfg.teacher_train(name)
+    _check_logged_members(cfg, logged)
+
+
+def _check_logged_members(cfg: JobConfig, logged: dict[str, str]) -> None:
+    """A logged score is predictions only: refused by a method that needs a teacher's stages,
+    and by a transfer set (unrated pairs were never logged)."""
+    for i, name in enumerate(cfg.distill.teachers):
+        if name not in logged:
+            continue
+        method = METHODS[cfg.distill.method]
+        if method.needs_teacher_stages(cfg.distill):
+            raise ConfigError(
+                f"distill.teachers[{i}]: {name!r} is a logged score (column {logged[name]!r}: "
+                f"predictions only), and distill.method {cfg.distill.method!r} asks each teacher a "
+                f"question or reads its hidden state; the prediction-level methods take it: "
+                f"{', '.join(prediction_level(cfg.distill))}"
+            )
+        if cfg.distill.transfer.pairs:
+            raise ConfigError(
+                f"distill.teachers[{i}]: {name!r} is a logged score, which exists only for the "
+                "rows that were logged, and distill.transfer asks every teacher about unrated "
+                "pairs; set distill.transfer.pairs: 0"
+            )
 
 
 def _check_label_kinds(cfg: JobConfig) -> None:
@@ -114,7 +155,10 @@ def _check_label_kinds(cfg: JobConfig) -> None:
     label = cfg.data.spec_for("ml-100k").label
     members = [("student", cfg.student)] + [(f"distill.teachers[{i}]", name)
                                             for i, name in enumerate(cfg.distill.teachers)]  # fmt: skip
+    logged = logged_members(cfg)
     for key, name in members:
+        if name in logged:
+            continue  # a logged score predicts the label it was logged for
         labels = model_entry(name).labels
         if label.kind not in labels:
             others = sorted(n for n, e in MODELS.items() if label.kind in e.labels)

@@ -38,12 +38,13 @@ from torch import nn
 
 from features.batches import Prepared, prepare
 from features.sources import embedded_ml100k_folder
-from pipelines.config import JobConfig
+from pipelines.config import JobConfig, logged_members
 from pipelines.schema import to_dict
 from recdistill.baselines import reference_metrics
 from recdistill.distill.trainer import DistillResult, distill
 from recdistill.export import ExportReport, ParityRows, export_torchscript
 from recdistill.models import build_model, count_parameters
+from recdistill.models.logged import LoggedScores
 from recdistill.tracking import (
     TAG_EXPORT_FILE,
     PromotionDecision,
@@ -368,7 +369,11 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
     its config names."""
     cfg = ctx.config
     ctx.committee = []
+    logged = logged_members(cfg)
     for name in cfg.distill.teachers:
+        if name in logged:
+            ctx.committee.append((name, stage_logged_member(ctx, name, logged[name])))
+            continue
         source = cfg.teachers.get(name)
         folder = ctx.out / f"teacher_{name}"
         ckpt = source.checkpoint if source and source.checkpoint else None
@@ -393,6 +398,21 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
         ctx.add_row(name, "teacher", test, count_parameters(teacher))
         ctx.committee.append((name, teacher))
     return ctx.committee
+
+
+def stage_logged_member(ctx: JobContext, name: str, column: str) -> nn.Module:
+    """A logged score as a committee member: nothing to train, evaluated like a teacher (its
+    valid and test metrics in its own run and the results table)."""
+    member = LoggedScores.from_prepared(ctx.prepared, name)
+    with ctx.model_run(name, "teacher", f"teacher_{name}") as run:
+        valid, test = _evaluate(ctx, member, "valid"), _evaluate(ctx, member, "test")
+        run.set_tags({"logged_column": column})
+        h = ctx.headline
+        log_final(run, test, valid[h.key], metric=h.key)
+    ctx.say(f"  {name}: logged scores (column {column!r}), valid {h.label} {valid[h.key]:.4f}, "
+            f"test {h.label} {test[h.key]:.4f}")  # fmt: skip
+    ctx.add_row(name, "teacher (logged)", test, 0)
+    return member
 
 
 def _evaluate(ctx: JobContext, model: nn.Module, split: str) -> dict[str, float]:
@@ -458,6 +478,10 @@ def stage_distill(ctx: JobContext) -> DistillResult:
         f"{result.best_epoch}, test {h.label} {result.test[h.key]:.4f}, teacher passes saved "
         f"{saved:.1%}"
     )
+    if cfg.distill.committee_weights != "equal":
+        weights = ", ".join(f"{name} {w:.3f}" for name, w in result.committee_weights.items())
+        ctx.say(f"  committee weights: {weights}")
+        ctx.run.log_metrics({f"committee_weight_{name}": w for name, w in result.committee_weights.items()})
     ctx.add_row(cfg.student, f"distilled ({result.method})", result.test,
                 count_parameters(result.student), teacher_passes_saved=round(saved, 4))  # fmt: skip
     ctx.run.log_metrics(finite_metrics("test_", result.test))
@@ -475,7 +499,7 @@ def gap_closed(rows: list[dict[str, Any]], metric: str = "mse") -> float | None:
     """(alone - distilled) / (alone - best teacher) of the test ``metric`` (MSE, or log loss:
     lower is better); DESIGN.md section 3."""
     alone = [r[f"test_{metric}"] for r in rows if r["role"] == "student alone"]
-    teachers = [r[f"test_{metric}"] for r in rows if r["role"] == "teacher"]
+    teachers = [r[f"test_{metric}"] for r in rows if r["role"].startswith("teacher")]
     distilled = [r[f"test_{metric}"] for r in rows if r["role"].startswith("distilled")]
     if not (alone and teachers and distilled) or alone[0] == min(teachers):
         return None

@@ -42,7 +42,7 @@ BAD_CONFIGS = {
     "blank": ("\n   \n", "the file is empty"),
     "only comments": ("# nothing set yet\n", "only comments"),
     "cut mid-key": (_cut_inside(DEFAULT_YAML.read_text(), "embedding_optimizer"), "not valid YAML"),
-    "cut mid-list": (_cut_inside(DEFAULT_YAML.read_text(), "[mlp_l, minilm]"), "not valid YAML"),
+    "cut mid-list": (_cut_inside(DEFAULT_YAML.read_text(), "[fm, dlrm_l, minilm]"), "not valid YAML"),
     "a list at the top": ("- data\n- train\n", "the top level must be a mapping"),
     "a scalar at the top": ("recdistill\n", "the top level must be a mapping"),
     "not text": (None, "not a text file"),

@@ -8,6 +8,7 @@ section holds only what distillation adds. Every choice DESIGN.md marks "(ours)"
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,6 +90,10 @@ class TransferConfig:
             raise ValueError(f"transfer.weight must be >= 0, got {self.weight}")
 
 
+#: ``distill.committee_weights`` by name (else a list of one weight per teacher).
+COMMITTEE_WEIGHTS = ("equal", "valid")
+
+
 @dataclass
 class DistillConfig:
     """What a distillation run adds to supervised training.
@@ -156,6 +161,11 @@ class DistillConfig:
             never question a teacher (LD, FD, MT, ...): a frozen teacher says the same every
             epoch. Costs ``4 * (1 + m_k)`` bytes per row and teacher in memory; off for logs
             too large for that. DiverseDistill's questions are never cached.
+        committee_weights: how a method that reads the committee's mean prediction (LD)
+            weighs its members: ``"equal"`` (the plain mean), ``"valid"`` (convex weights fitted
+            by the task's loss on the validation split, where no teacher trained:
+            :mod:`recdistill.distill.weights`), or one non-negative weight per teacher
+            (normalized to sum to 1).
         gating: importance gating.
         transfer: a transfer set of unrated pairs labelled by the committee.
     """
@@ -180,6 +190,7 @@ class DistillConfig:
     autoskd_lr: float = 0.01
     aekd_cap: float = 0.6
     cache_teacher_outputs: bool = True
+    committee_weights: str | list[float] = "equal"
     gating: GatingConfig = field(default_factory=GatingConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
@@ -191,6 +202,20 @@ class DistillConfig:
                 f"unknown method {self.method!r}; "
                 f"registered: {', '.join(sorted(METHODS))}"
             )
+        weights = self.committee_weights
+        if isinstance(weights, str):
+            if weights not in COMMITTEE_WEIGHTS:
+                raise ValueError(f"committee_weights must be one of {', '.join(COMMITTEE_WEIGHTS)} "
+                                 f"or a list of one weight per teacher, got {weights!r}")  # fmt: skip
+        elif (not isinstance(weights, list) or len(weights) != len(self.teachers)
+              or any(not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w < math.inf for w in weights)
+              or not sum(weights) > 0):  # fmt: skip
+            raise ValueError(f"committee_weights: give one finite non-negative weight per teacher "
+                             f"({len(self.teachers)}: {', '.join(self.teachers)}), not all zero; "
+                             f"got {weights!r}")  # fmt: skip
+        if weights != "equal" and not METHODS[self.method].weighs_committee:
+            raise ValueError(f"committee_weights: method {self.method!r} does not read the committee's "
+                             "mean prediction (ld does); only 'equal' applies to it")  # fmt: skip
         if self.divergence not in DIVERGENCES:
             raise ValueError(
                 f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}"

@@ -29,6 +29,7 @@ from torch import nn
 from recdistill.distill.config import DistillConfig, TransferConfig
 from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
+from recdistill.distill.weights import fit_committee_weights
 from recdistill.training.ranks import _world as ranks_world
 from recdistill.training import (
     EpochCheckpoints,
@@ -55,6 +56,8 @@ class DistillResult:
         valid: :func:`recdistill.training.evaluate` of the student on the validation split.
         test: the same on the test split.
         teacher_passes: ``{teacher or "all": {"done", "full", "saved"}}`` over the whole run.
+        committee_weights: ``{teacher: w_k}`` of the committee's mean prediction (equal unless
+            ``distill.committee_weights`` fitted or gave others).
         importance: ``{teacher: [N_valid] scores}`` on the validation split at the end, for
             methods with importance scores (None otherwise).
         stopped_early: whether patience ran out before ``epochs``.
@@ -71,6 +74,7 @@ class DistillResult:
     valid: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     teacher_passes: dict[str, dict[str, float]] = field(default_factory=dict)
+    committee_weights: dict[str, float] = field(default_factory=dict)
     importance: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
     steps: int = 0
@@ -137,8 +141,14 @@ def with_transfer(runner: DistillMethod, prepared: Any, config: TransferConfig, 
     draws what the uninterrupted one drew.
 
     Raises:
-        ValueError: the data has no transfer set (images), or the method takes none.
+        ValueError: the data has no transfer set (images), the method takes none, or a member
+            is logged scores (which exist only for logged rows).
     """
+    logged = [name for name, teacher in runner.committee if getattr(teacher, "prediction_only", False)]
+    if logged:
+        raise ValueError(f"distill.transfer: teacher {logged[0]!r} is logged scores, which exist "
+                         "only for the rows that were logged, not for unrated pairs; set "
+                         "distill.transfer.pairs: 0 or leave it out of the committee")  # fmt: skip
     if not runner.transfer_terms:
         raise ValueError(f"distill.transfer: method {runner.name!r} takes no transfer set (its "
                          "losses need labels on every row); set distill.transfer.pairs: 0")  # fmt: skip
@@ -217,6 +227,8 @@ def distill(
         probe = data.batch(data.splits["train"][: min(8, len(data.splits["train"]))])
     torch.manual_seed(train.seed)  # the module's init and dropout
     runner = build_method(method or config.method, student, committee, config, probe_batch=probe)
+    if config.committee_weights == "valid":
+        runner.committee_weights = fit_committee_weights(runner.committee, data, "valid", train.eval_batch_size)
     checkpoints = EpochCheckpoints.for_run(
         student, prepared, train, model_name, model_config,
         extra={"method": runner.name, "distill": dataclasses.asdict(config)},
@@ -255,6 +267,7 @@ def distill(
         valid=trained.valid,
         test=trained.test,
         teacher_passes=runner.passes.summary(),
+        committee_weights=dict(zip(runner.teacher_names, runner.committee_weights.tolist())),
         importance=importance_scores(runner, data, "valid", train.eval_batch_size),
         stopped_early=trained.stopped_early,
         steps=runner.step,

@@ -42,6 +42,12 @@ def build_method(name: str, student: Any, committee: Any, config: Any, probe_bat
     return method_class(name)(student, committee, config, probe_batch=probe_batch)
 
 
+def prediction_level(config: Any) -> list[str]:
+    """The methods that, so configured, take a teacher's prediction alone (and so take a
+    prediction-only member: logged scores)."""
+    return sorted(name for name, cls in METHODS.items() if not cls.needs_teacher_stages(config))
+
+
 def _import_methods() -> None:
     """Import every method file of this package: importing one registers it."""
     import importlib
@@ -54,4 +60,4 @@ def _import_methods() -> None:
 
 _import_methods()
 
-__all__ = ["METHODS", "build_method", "method_class", "register_method"]
+__all__ = ["METHODS", "build_method", "method_class", "prediction_level", "register_method"]

@@ -106,6 +106,23 @@ class RowCache:
         return {name: value[rows] for name, value in self.values.items()}
 
 
+def check_stages_available(method: str, committee: Sequence[tuple[str, nn.Module]], config: DistillConfig) -> None:
+    """Refuse a prediction-only member (logged scores) under a method that needs its stages.
+
+    Raises:
+        ValueError: naming the member, the method, and the methods that take predictions only.
+    """
+    from recdistill.distill.methods import prediction_level  # late: the package imports this file
+
+    for name, teacher in committee:
+        if getattr(teacher, "prediction_only", False):
+            raise ValueError(
+                f"teacher {name!r} is logged scores (predictions only, no stages), and method "
+                f"{method!r} asks each teacher a question or reads its hidden state; the "
+                f"prediction-level methods take it: {', '.join(prediction_level(config))}"
+            )
+
+
 class DistillMethod(nn.Module):
     """Base class of distillation methods.
 
@@ -134,6 +151,17 @@ class DistillMethod(nn.Module):
     #: The suffix of a loss computed on transfer rows; it is routed as its base name is.
     TRANSFER: ClassVar[str] = "_transfer"
 
+    #: Whether the method's target is the committee's mean prediction, which
+    #: ``distill.committee_weights`` weighs (:meth:`committee_mean`).
+    weighs_committee: ClassVar[bool] = False
+
+    @classmethod
+    def needs_teacher_stages(cls, config: DistillConfig) -> bool:
+        """Whether the method, so configured, runs a teacher's stages apart (asks it a
+        question, reads its hidden state) rather than taking its prediction alone; such a
+        method refuses a prediction-only member (logged scores, ``prediction_only``)."""
+        return cls.teacher_hidden
+
     def __init__(
         self,
         student: nn.Module,
@@ -144,12 +172,22 @@ class DistillMethod(nn.Module):
         super().__init__()
         check_model(student, "student", probe_batch, role="student")
         check_committee(committee, probe_batch)
+        if self.needs_teacher_stages(config):
+            check_stages_available(self.name, committee, config)
         self.student = student
         self._committee = tuple((name, freeze(teacher)) for name, teacher in committee)
         self.config = config
         self.passes = TeacherPasses(self.teacher_names)
         self.step = 0
         self._caches = [RowCache() for _ in self._committee]
+        weights = config.committee_weights
+        if weights != "equal" and not self.weighs_committee:
+            raise ValueError(f"distill.committee_weights: method {self.name!r} does not read the "
+                             "committee's mean prediction; only 'equal' applies to it")  # fmt: skip
+        given = torch.tensor(weights, dtype=torch.float32) if isinstance(weights, list) else None
+        #: ``[K]`` weights of :meth:`committee_mean` (uniform until fitted or given).
+        self.committee_weights = (given / given.sum() if given is not None
+                                  else torch.full((len(self._committee),), 1.0 / len(self._committee)))  # fmt: skip
 
     @property
     def committee(self) -> tuple[tuple[str, nn.Module], ...]:
@@ -197,6 +235,13 @@ class DistillMethod(nn.Module):
             out = self._caches[k].get(rows, lambda missing: compute(slice_batch(batch, missing.to(device))))
             out = {key: value.to(device) for key, value in out.items()}
         return TeacherOutput(prediction=out["prediction"], hidden=out.get("hidden"))
+
+    def committee_mean(self, outputs: Sequence[TeacherOutput]) -> torch.Tensor:
+        """``sum_k w_k prediction_k`` over the committee (``[B]`` or ``[B, C]``), with
+        :attr:`committee_weights`."""
+        predictions = torch.stack([out.prediction for out in outputs])
+        weights = self.committee_weights.to(predictions.device, predictions.dtype)
+        return (weights.view((-1,) + (1,) * (predictions.dim() - 1)) * predictions).sum(0)
 
     def teacher_outputs(self, batch: Any) -> list[TeacherOutput]:
         """:meth:`teacher_output` of every teacher, in committee order."""

@@ -56,6 +56,10 @@ class DiverseDistill(DistillMethod):
     #: predictions); the module's regularizer needs labels and trains on labelled rows only.
     transfer_terms = ("loss_kd", "loss_kd_prediction")
 
+    @classmethod
+    def needs_teacher_stages(cls, config) -> bool:
+        return True  # each teacher's middle answers a question
+
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)
         self.module = DistillationModule(

@@ -2,7 +2,10 @@
 
 The student's prediction matches the teacher's prediction; with several teachers, their mean::
 
-    L = task(y_hat, y) + lambda * mean_b[ (y_hat - mean_k teacher_k(batch))^2 ]
+    L = task(y_hat, y) + lambda * mean_b[ (y_hat - sum_k w_k teacher_k(batch))^2 ]
+
+with ``w_k = 1/K`` (the mean), or weights fitted on the validation split
+(``distill.committee_weights: valid``, :mod:`recdistill.distill.weights`).
 
 For ``[B, C]`` logits (vision) the match is the KL between temperature-softened
 distributions instead, with ``kl_temperature``.
@@ -23,9 +26,12 @@ from recdistill.distill.methods.base import DistillMethod
 class LD(DistillMethod):
     """Student prediction vs the committee's mean prediction; trains no extra module."""
 
+    weighs_committee = True
+
     def teacher_prediction(self, batch: Any) -> torch.Tensor:
-        """Mean prediction of the committee, ``[B]`` (or ``[B, C]`` logits), without gradients."""
-        return torch.stack([out.prediction for out in self.teacher_outputs(batch)]).mean(dim=0)
+        """Mean prediction of the committee, ``[B]`` (or ``[B, C]`` logits), without gradients,
+        weighted by ``distill.committee_weights`` (equal by default)."""
+        return self.committee_mean(self.teacher_outputs(batch))
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prediction = self.student(batch)

@@ -91,6 +91,10 @@ class SCKD(LD):
     #: Its gate compares the KD gradient with the task gradient, which unlabelled rows lack.
     transfer_terms = ()
 
+    @classmethod
+    def needs_teacher_stages(cls, config) -> bool:
+        return config.sckd_form == "fd"
+
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)
         self.teacher_hidden = config.sckd_form == "fd"
