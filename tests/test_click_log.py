@@ -196,3 +196,23 @@ def test_the_committee_job_runs_on_a_click_log(paths, tmp_path):
     served = torch.jit.load(str(result.export.path))
     p = served(*ParityRows.sample(prepare(cfg.data), 8, "test").inputs.args)
     assert bool(((p > 0) & (p < 1)).all())
+
+
+def test_history_features_on_a_click_log_train_a_dlrm_that_exports(paths, tmp_path):
+    """Implicit feedback on a team's own click log: the ads each user was shown, the users each
+    ad reached (training rows only), pooled 1/sqrt(n), read by DLRM-S; the served module keeps
+    the bags frozen inside and matches the eager model."""
+    features = FEATURES + [
+        {"name": "user_items", "table": "interactions", "column": "item_id", "kind": "history",
+         "key": "user_id", "max_length": 50},
+        {"name": "item_users", "table": "interactions", "column": "user_id", "kind": "history",
+         "key": "item_id"},
+    ]  # fmt: skip
+    features[1] = {k: v for k, v in features[1].items() if k != "hash_buckets"}  # a history keys on stored ids
+    prepared = prepare(click_config(paths, features))
+    assert set(prepared.vocabs.histories) == {"user_items", "item_users"}
+    model = build_model("dlrm_s", prepared, {"embedding_dim": 8, "over": [16]})
+    result = train_supervised(model, prepared, TrainConfig(epochs=2, batch_size=512, progress=False))
+    assert 0.5 < result.test["auc"] <= 1 and math.isfinite(result.test["log_loss"])
+    report = export_torchscript(model, prepared.vocabs, tmp_path / "s.pt", ParityRows.sample(prepared, 256))
+    assert report.max_abs_diff < 1e-5

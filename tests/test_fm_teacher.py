@@ -84,3 +84,33 @@ def test_the_fm_refuses_a_click_label_and_bad_settings():
         BayesianFMConfig(n_iter=10, n_kept_samples=20)
     with pytest.raises(ValueError, match="multi_hot_weight must be mean or sum"):
         BayesianFMConfig(multi_hot_weight="max")
+
+
+def test_a_job_with_the_fm_in_the_committee_distils_exports_and_serves(tmp_path):
+    """The shipped committee's shape, at a tiny budget: FM and DLRM teachers on the history
+    spec, a DLRM student by LD with committee weights fitted on valid and a transfer set, then
+    the TorchScript export (frozen history bags) and its parity check."""
+    from pipelines.config import load_config
+    from pipelines.jobs import run_job
+
+    cfg = load_config("default", [
+        f"output_dir={tmp_path / 'runs'}", f"tracking.local_dir={tmp_path / 'mlflow'}",
+        "distill.teachers=[fm, dlrm_s]", f"models.fm={yaml.safe_dump(SMALL, default_flow_style=True)}",
+        "models.dlrm_s={embedding_dim: 8, over: [16]}", "teachers={}",
+        "train.epochs=1", "train.max_steps_per_epoch=5", "train.progress=false",
+        "distill.transfer.pairs=2000", "export.parity_rows=128",
+    ])  # fmt: skip
+    result = run_job(cfg, say=lambda line: None)
+    roles = {r["model"]: r["role"] for r in result.rows}
+    assert roles["fm"] == "teacher" and roles["dlrm_s"].startswith("distilled")
+    assert set(result.distill.committee_weights) == {"fm", "dlrm_s"}
+    assert abs(sum(result.distill.committee_weights.values()) - 1) < 1e-5
+    assert result.export.path.is_file()
+    from recdistill.export import serving_inputs
+
+    served = torch.jit.load(str(result.export.path))
+    prepared = prepare(DataConfig(features="ml100k_history"))
+    inputs = serving_inputs(prepared.joined()[:16], prepared.vocabs)
+    assert "user_items" not in inputs.numbers and "user_items" not in inputs.strings  # frozen inside
+    ratings = served(*inputs.args)
+    assert ratings.shape == (16,) and bool(((ratings >= 1) & (ratings <= 5)).all())
