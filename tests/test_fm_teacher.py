@@ -100,7 +100,7 @@ def test_a_job_with_the_fm_in_the_committee_distils_exports_and_serves(tmp_path)
         "train.epochs=1", "train.max_steps_per_epoch=5", "train.progress=false",
         "distill.transfer.pairs=2000", "export.parity_rows=128",
     ])  # fmt: skip
-    result = run_job(cfg, say=lambda line: None)
+    result = run_job(cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", say=lambda line: None)
     roles = {r["model"]: r["role"] for r in result.rows}
     assert roles["fm"] == "teacher" and roles["dlrm_s"].startswith("distilled")
     assert set(result.distill.committee_weights) == {"fm", "dlrm_s"}

@@ -159,8 +159,8 @@ def test_the_job_evaluates_the_logged_member_and_distils_from_it(tmp_path, log_p
     raw["distill"]["teachers"] = ["prod"]
     raw["train"] = {"epochs": 1, "max_steps_per_epoch": 5, "progress": False}
     raw["export"] = {"parity_rows": 64}
-    raw["tracking"] = {"local_dir": str(tmp_path / "mlflow")}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
-    result = run_job(load_config(str(tmp_path / "job.yaml")), say=lambda line: None)
+    result = run_job(load_config(str(tmp_path / "job.yaml")), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     say=lambda line: None)  # fmt: skip
     logged = [r for r in result.rows if r["role"] == "teacher (logged)"]
     assert [r["model"] for r in logged] == ["prod"] and logged[0]["test_mse"] < 0.7

@@ -181,7 +181,7 @@ def test_train_command_prints_sizes_and_metrics_and_saves(capsys, tmp_path):
     args = ["train", "--model", "mlp_s", "--epochs", "1", "--max-steps", "3", "--out", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "model mlp_s: 1,873,089 trainable parameters" in out
+    assert "model mlp_s: 3,718,209 trainable parameters" in out  # the default spec: with the history bags
     assert "test   MSE" in out and "RMSE" in out and "MAE" in out
     assert (tmp_path / "mlp_s" / "best.pt").is_file() and (tmp_path / "mlp_s" / "vocabs.json").is_file()
 
