@@ -16,6 +16,7 @@ Usage::
 
     nice -n 5 .venv/bin/python benchmarks/bench_clicks.py --out /tmp/clicks.jsonl
     .venv/bin/python benchmarks/bench_clicks.py --models mlp_s dlrm_s --set mlp_s.dropout=0.1
+    .venv/bin/python benchmarks/bench_clicks.py --models dlrm_s --embedding-weight-decay 3e-4 --swa-start-epoch 2
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=TrainConfig.patience)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--seed", type=int, default=0, help="the training seed")
+    parser.add_argument("--embedding-weight-decay", type=float, default=0.0, help="train.embedding_weight_decay")
+    parser.add_argument("--swa-start-epoch", type=int, help="train.swa_start_epoch (weight averaging)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--out", help="also write the JSON lines here")
     args = parser.parse_args()
@@ -122,7 +125,9 @@ def main() -> None:
     spec = ClickSynthSpec(rows=args.rows, users=args.users, ads=args.ads, seed=args.data_seed)
     prepared = prepare(data_config(click_log(Path(args.data), spec)))
     train = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                        seed=args.seed, threads=args.threads, progress=False)  # fmt: skip
+                        seed=args.seed, threads=args.threads, progress=False,
+                        embedding_weight_decay=args.embedding_weight_decay,
+                        swa_start_epoch=args.swa_start_epoch)  # fmt: skip
     best = split_ceiling(prepared, "test")
     lines = [{"model": "ceiling", "split": "test", **best, "data": dataclasses.asdict(spec)}]
     print(json.dumps(lines[0]), flush=True)
