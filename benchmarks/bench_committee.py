@@ -35,7 +35,6 @@ from torch import nn  # noqa: E402
 
 from pipelines.config import load_config  # noqa: E402
 from pipelines.jobs import run_job  # noqa: E402
-from recdistill.distill.weights import fit_committee_weights  # noqa: E402
 from recdistill.training import evaluate, load_checkpoint  # noqa: E402
 
 SLICES = ("mse_item_cold", "mse_item_medium", "mse_item_warm", "mse_user_medium", "mse_user_warm")
@@ -82,13 +81,13 @@ def teacher_checkpoint(cfg, folder: Path, name: str) -> str:
     return source.checkpoint if source and source.checkpoint else str(Path(folder) / f"teacher_{name}" / "best.pt")
 
 
-def committee_rows(folder: Path, cfg, prepared_of) -> list[dict]:
-    """The committee's own prediction, equal and fitted weights, on valid and test."""
+def committee_rows(folder: Path, cfg, prepared_of, fitted: dict[str, float]) -> list[dict]:
+    """The committee's own prediction on valid and test, with equal weights and with the
+    weights the job fitted (``fitted``: ``DistillResult.committee_weights``)."""
     prepared = prepared_of(cfg)
     names = list(cfg.distill.teachers)
     teachers = [load_checkpoint(teacher_checkpoint(cfg, folder, n), prepared).eval() for n in names]
-    members = list(zip(names, teachers))
-    fitted = fit_committee_weights(members, prepared.data, "valid", cfg.train.eval_batch_size)
+    fitted = torch.tensor([fitted[n] for n in names])
     rows = []
     for label, weights in (("equal", torch.full((len(names),), 1 / len(names))), ("valid", fitted)):
         model = CommitteeMean(teachers, weights)
@@ -123,7 +122,7 @@ def run(args) -> None:
                 rows[-1]["valid_mse"] = result.distill.valid["mse"]
                 rows[-1]["committee_weights"] = result.distill.committee_weights
                 rows[-1]["fit_seconds"] = round(sum(h.get("seconds", 0) for h in result.distill.history), 1)
-                rows += committee_rows(folder, cfg, lambda c: prepare(c.data))
+                rows += committee_rows(folder, cfg, lambda c: prepare(c.data), result.distill.committee_weights)
                 write(out, split, seed, cfg.distill.method, rows, str(folder))
             folder = folder or latest_folder(out, split, seed, cfg.distill.method)
             for method in args.methods:

@@ -78,3 +78,9 @@ def test_bad_weights_are_refused_naming_the_key(weights, message):
 def test_a_method_without_a_committee_mean_refuses_weights(prepared, committee):
     with pytest.raises(ValueError, match="committee_weights: method 'mt' does not read the committee's mean"):
         DistillConfig(method="mt", teachers=["good", "flat"], committee_weights="valid")
+
+
+def test_sckd_takes_weights_in_its_ld_form_only():
+    DistillConfig(method="sckd", teachers=["good", "flat"], committee_weights="valid", sckd_form="ld")
+    with pytest.raises(ValueError, match="committee_weights: method 'sckd' does not read the committee's mean"):
+        DistillConfig(method="sckd", teachers=["good", "flat"], committee_weights="valid", sckd_form="fd")

@@ -213,7 +213,7 @@ class DistillConfig:
             raise ValueError(f"committee_weights: give one finite non-negative weight per teacher "
                              f"({len(self.teachers)}: {', '.join(self.teachers)}), not all zero; "
                              f"got {weights!r}")  # fmt: skip
-        if weights != "equal" and not METHODS[self.method].weighs_committee:
+        if weights != "equal" and not METHODS[self.method].weighs_committee(self):
             raise ValueError(f"committee_weights: method {self.method!r} does not read the committee's "
                              "mean prediction (ld does); only 'equal' applies to it")  # fmt: skip
         if self.divergence not in DIVERGENCES:

@@ -151,9 +151,11 @@ class DistillMethod(nn.Module):
     #: The suffix of a loss computed on transfer rows; it is routed as its base name is.
     TRANSFER: ClassVar[str] = "_transfer"
 
-    #: Whether the method's target is the committee's mean prediction, which
-    #: ``distill.committee_weights`` weighs (:meth:`committee_mean`).
-    weighs_committee: ClassVar[bool] = False
+    @classmethod
+    def weighs_committee(cls, config: DistillConfig) -> bool:
+        """Whether the method, so configured, targets the committee's mean prediction
+        (:meth:`committee_mean`), which ``distill.committee_weights`` weighs."""
+        return False
 
     @classmethod
     def needs_teacher_stages(cls, config: DistillConfig) -> bool:
@@ -181,7 +183,7 @@ class DistillMethod(nn.Module):
         self.step = 0
         self._caches = [RowCache() for _ in self._committee]
         weights = config.committee_weights
-        if weights != "equal" and not self.weighs_committee:
+        if weights != "equal" and not self.weighs_committee(config):
             raise ValueError(f"distill.committee_weights: method {self.name!r} does not read the "
                              "committee's mean prediction; only 'equal' applies to it")  # fmt: skip
         given = torch.tensor(weights, dtype=torch.float32) if isinstance(weights, list) else None

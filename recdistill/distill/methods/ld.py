@@ -26,7 +26,9 @@ from recdistill.distill.methods.base import DistillMethod
 class LD(DistillMethod):
     """Student prediction vs the committee's mean prediction; trains no extra module."""
 
-    weighs_committee = True
+    @classmethod
+    def weighs_committee(cls, config) -> bool:
+        return True
 
     def teacher_prediction(self, batch: Any) -> torch.Tensor:
         """Mean prediction of the committee, ``[B]`` (or ``[B, C]`` logits), without gradients,

@@ -95,6 +95,10 @@ class SCKD(LD):
     def needs_teacher_stages(cls, config) -> bool:
         return config.sckd_form == "fd"
 
+    @classmethod
+    def weighs_committee(cls, config) -> bool:
+        return config.sckd_form == "ld"  # LD's target; the fd form matches each teacher's state
+
     def __init__(self, student, committee, config, probe_batch: Any = None):
         super().__init__(student, committee, config, probe_batch)
         self.teacher_hidden = config.sckd_form == "fd"
