@@ -575,7 +575,8 @@ def write_click_log(out: str | Path, spec: ClickSynthSpec, force: bool = False) 
 # The ceiling
 
 
-def _log_loss(p: np.ndarray, clicked: np.ndarray) -> float:
+def binary_log_loss(p: np.ndarray, clicked: np.ndarray) -> float:
+    """Mean log loss of click probabilities ``p`` ``[N]`` for the 0/1 ``clicked`` ``[N]``."""
     p = np.clip(p, 1e-15, 1 - 1e-15)
     return float(-np.mean(np.where(clicked == 1, np.log(p), np.log1p(-p))))
 
@@ -620,10 +621,10 @@ def ceiling(impressions: pl.DataFrame, rate: float | None = None) -> dict[str, f
     return {
         "rows": int(len(clicked)),
         "click_rate": float(clicked.mean()),
-        "log_loss": _log_loss(true_p, clicked),
+        "log_loss": binary_log_loss(true_p, clicked),
         "auc": roc_auc(true_p, clicked),
         "constant_rate": rate,
-        "constant_log_loss": _log_loss(np.full(len(clicked), rate), clicked),
+        "constant_log_loss": binary_log_loss(np.full(len(clicked), rate), clicked),
     }
 
 
