@@ -16,6 +16,21 @@ DIVERGENCES = ("l2", "kl")
 DIVERGENCE_REDUCTIONS = ("sum", "mean")
 QUESTION_FORMS = ("bilinear", "simple")
 ANSWER_ACTIVATIONS = ("auto", "relu", "none")
+VARIANTS = ("paper", "tied")
+ANSWER_TARGETS = ("label", "teacher", "mix")
+IMPORTANCE_FORMS = ("sigmoid", "softmax")
+PREDICTION_TARGETS = ("mean", "importance")
+
+#: What each DiverseDistill ``variant`` sets the fields left at ``None`` to (issue 19).
+#: ``paper`` is the method as published (and as this library ran it before the variants);
+#: ``tied`` ties the module to what the teachers predict instead of the training labels the
+#: teachers memorized.
+VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
+    "paper": {"answer_target": "label", "zero_init_questions": False, "residual_questions": False,
+              "importance_form": "sigmoid", "prediction_weight": 0.0, "prediction_target": "mean"},
+    "tied": {"answer_target": "teacher", "zero_init_questions": True, "residual_questions": True,
+             "importance_form": "softmax", "prediction_weight": 1.0, "prediction_target": "importance"},
+}  # fmt: skip
 
 
 @dataclass
@@ -122,8 +137,38 @@ class DistillConfig:
         question_form: ``"bilinear"`` (ours: ``u_k = E_k @ reshape(h W_q, [d_e, d_q])``, ``d_q``
             wide) or ``"simple"`` (``u_k = (h W_q) * E_k`` with ``W_q`` [d_s, d_e], so ``u_k`` is
             ``d_e`` wide and ``d_q`` is not used).
+        variant: (DiverseDistill) ``"paper"`` or ``"tied"``: what the fields below that are
+            left unset (``None``) default to (:data:`VARIANT_DEFAULTS`). ``paper``: answers
+            regularized to the labels, random questions replacing the teacher's own early
+            output, sigmoid importance, no prediction-level term. ``tied``: answers regularized
+            to the teacher's own prediction, zero-initialized residual questions (a teacher
+            asked at step 0 says what it says unasked), importance normalized across teachers
+            with a floor, and the student's prediction matched to the importance-weighted
+            committee prediction (``prediction_weight`` 1). A field given explicitly wins.
+        answer_target: (DiverseDistill) what ``head_s(a_k)`` is regularized to: ``"label"``
+            (the paper: the row's label), ``"teacher"`` (teacher k's own unquestioned
+            prediction of the row, so an answer carries what the teacher knows, including where
+            it differs from the label) or ``"mix"`` (``answer_label_share`` of the label, the
+            rest the teacher's prediction). Ratings only; a classification task takes
+            ``"label"``.
+        answer_label_share: the label's share of the ``"mix"`` target, in [0, 1].
+        zero_init_questions: (DiverseDistill) the last layer of each question MLP starts at
+            zero, so that with residual questions a teacher's first reply is its unquestioned
+            one. Needs ``residual_questions``.
         residual_questions: (ours) add the question to the teacher's own ``early`` output
             instead of replacing it, so an embedding-table teacher's tables still speak.
+        importance_form: (DiverseDistill) ``"sigmoid"`` (the paper: each ``s_k`` in (0, 1) on
+            its own, which can saturate at 0 where its slope leaves no gradient) or
+            ``"softmax"`` (``s = floor + (1 - K floor) softmax(logits)``: the scores sum to 1
+            over the K teachers and none falls below ``importance_floor``). With gating, the
+            threshold compares against these scores, so a softmax committee of K teachers wants
+            a threshold near or below ``1/K``.
+        importance_floor: the least importance a teacher gets in the ``"softmax"`` form, in
+            [0, 1/K).
+        prediction_target: (DiverseDistill) the target of the prediction-level term: ``"mean"``
+            (the plain mean of the asked teachers' predictions) or ``"importance"`` (their
+            importance-weighted mean, the weights normalized over the asked teachers and not
+            trained by this term).
         importance_regularizer: (ours) the third term of the task regularizer,
             ``task(head_s(sum_k s~_k a_k), y)``, which is what trains the importance scores.
             It trains their ratios only (``s~`` is normalized): with a single teacher
@@ -178,9 +223,16 @@ class DistillConfig:
     divergence_reduction: Literal["sum", "mean"] = "sum"
     answer_activation: Literal["auto", "relu", "none"] = "none"
     question_form: Literal["bilinear", "simple"] = "bilinear"
-    residual_questions: bool = False
+    variant: Literal["paper", "tied"] = "paper"
+    answer_target: Literal["label", "teacher", "mix"] | None = None
+    answer_label_share: float = 0.5
+    zero_init_questions: bool | None = None
+    residual_questions: bool | None = None
+    importance_form: Literal["sigmoid", "softmax"] | None = None
+    importance_floor: float = 0.05
+    prediction_target: Literal["mean", "importance"] | None = None
     importance_regularizer: bool = True
-    prediction_weight: float = 0.0
+    prediction_weight: float | None = None
     d_e: int = 8
     d_q: int = 32
     module_hidden: list[int] = field(default_factory=lambda: [128])
@@ -237,6 +289,25 @@ class DistillConfig:
             )
         if not self.teachers:
             raise ValueError("teachers: the committee is empty; name at least one teacher")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        for name, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name, allowed in (("answer_target", ANSWER_TARGETS), ("importance_form", IMPORTANCE_FORMS),
+                              ("prediction_target", PREDICTION_TARGETS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.zero_init_questions and not self.residual_questions:
+            raise ValueError("zero_init_questions needs residual_questions: true (a zero question that "
+                             "replaces the teacher's own early output is not the unquestioned teacher)")  # fmt: skip
+        if not 0.0 <= self.answer_label_share <= 1.0:
+            raise ValueError(f"answer_label_share must be in [0, 1], got {self.answer_label_share}")
+        if not 0.0 <= self.importance_floor < 1.0:
+            raise ValueError(f"importance_floor must be in [0, 1), got {self.importance_floor}")
+        if self.importance_form == "softmax" and self.importance_floor * len(self.teachers) >= 1.0:
+            raise ValueError(f"importance_floor {self.importance_floor} leaves nothing to learn for "
+                             f"{len(self.teachers)} teachers: it must be below 1/{len(self.teachers)}")  # fmt: skip
         if not self.kd_weight >= 0:  # also refuses NaN
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if not self.prediction_weight >= 0:

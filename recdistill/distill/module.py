@@ -49,6 +49,12 @@ class QuestionAugmenter(nn.Module):
         d_q: width of a question's hidden state (bilinear form).
         hidden: hidden widths of each ``MLP_k``.
         form: ``"bilinear"`` or ``"simple"``.
+        importance_form: ``"sigmoid"`` (the paper's ``s_k`` above) or ``"softmax"``:
+            ``s = floor + (1 - K floor) softmax_k((sg(h) W_s) . E_k)``, in ``[floor, 1]`` and
+            summing to 1 over the teachers, so no score saturates where its gradient vanishes.
+        importance_floor: the least score of the ``"softmax"`` form, below ``1 / K``.
+        zero_init: start the last layer of every ``MLP_k`` at zero (every question is 0 at
+            step 0; with residual questions the teachers then reply as unasked).
 
     Example::
 
@@ -64,13 +70,23 @@ class QuestionAugmenter(nn.Module):
         d_q: int,
         hidden: Sequence[int],
         form: str = "bilinear",
+        importance_form: str = "sigmoid",
+        importance_floor: float = 0.0,
+        zero_init: bool = False,
     ):
         super().__init__()
         if form not in ("bilinear", "simple"):
             raise ValueError(f"form must be 'bilinear' or 'simple', got {form!r}")
+        if importance_form not in ("sigmoid", "softmax"):
+            raise ValueError(f"importance_form must be 'sigmoid' or 'softmax', got {importance_form!r}")
         if not teacher_dims:
             raise ValueError("teacher_dims is empty: a committee needs at least one teacher")
+        if importance_form == "softmax" and not 0.0 <= importance_floor * len(teacher_dims) < 1.0:
+            raise ValueError(f"importance_floor {importance_floor} must be in [0, 1/K) for K = "
+                             f"{len(teacher_dims)} teachers")  # fmt: skip
         self.form = form
+        self.importance_form = importance_form
+        self.importance_floor = float(importance_floor)
         self.d_e = d_e
         self.d_q = d_q if form == "bilinear" else d_e
         self.teacher_embeddings = nn.Parameter(torch.randn(len(teacher_dims), d_e))  # E
@@ -78,6 +94,11 @@ class QuestionAugmenter(nn.Module):
         self.question_projection = nn.Linear(student_dim, projected, bias=False)  # W_q
         self.importance_projection = nn.Linear(student_dim, d_e, bias=False)  # W_s
         self.question_mlps = nn.ModuleList(mlp(self.d_q, hidden, d_k) for d_k in teacher_dims)
+        if zero_init:  # after every random init, so the other parameters draw as without it
+            with torch.no_grad():
+                for net in self.question_mlps:
+                    net[-1].weight.zero_()
+                    net[-1].bias.zero_()
 
     def question_states(self, h: torch.Tensor) -> torch.Tensor:
         """``u`` [B, K, d_q]: one question hidden state per teacher."""
@@ -88,8 +109,13 @@ class QuestionAugmenter(nn.Module):
         return projected.unsqueeze(1) * self.teacher_embeddings.unsqueeze(0)  # [B, K, d_e]
 
     def importance(self, h: torch.Tensor) -> torch.Tensor:
-        """``s`` [B, K] in (0, 1): how much each teacher is expected to help with each row."""
-        return torch.sigmoid(self.importance_projection(h.detach()) @ self.teacher_embeddings.t())
+        """``s`` [B, K]: how much each teacher is expected to help with each row, in (0, 1)
+        (``sigmoid``) or in ``[floor, 1]`` summing to 1 over the teachers (``softmax``)."""
+        logits = self.importance_projection(h.detach()) @ self.teacher_embeddings.t()
+        if self.importance_form == "sigmoid":
+            return torch.sigmoid(logits)
+        teachers = logits.shape[1]
+        return self.importance_floor + (1.0 - teachers * self.importance_floor) * torch.softmax(logits, dim=1)
 
     def forward(self, h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Questions ``[q_1 [B, d_1], ..., q_K [B, d_K]]`` and importance ``s`` [B, K].
@@ -170,7 +196,8 @@ class DistillationModule(nn.Module):
         student_hidden_dim: ``d_z``.
         teacher_early_dims: ``[d_k]``.
         teacher_hidden_dims: ``[m_k]``.
-        config: ``d_e``, ``d_q``, ``module_hidden``, ``question_form``.
+        config: ``d_e``, ``d_q``, ``module_hidden``, ``question_form``, ``importance_form``,
+            ``importance_floor``, ``zero_init_questions``.
         answer_activation: ``"relu"`` or ``"none"``, what answers go through (resolve
             ``config.answer_activation`` against the student with :func:`answer_activation`).
 
@@ -195,6 +222,9 @@ class DistillationModule(nn.Module):
             config.d_q,
             config.module_hidden,
             config.question_form,
+            config.importance_form,
+            config.importance_floor,
+            bool(config.zero_init_questions),
         )
         self.answer = AnswerAugmenter(
             teacher_hidden_dims, student_hidden_dim, config.module_hidden, answer_activation

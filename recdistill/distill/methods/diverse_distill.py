@@ -13,6 +13,13 @@ One training step, with ``sg`` = detach (DESIGN.md section 2)::
     module:  R = sum_k task(teacher_k.head(r_k), y) + sum_k task(head_s(a_k), y)
                  + task(head_s(sum_k s~_k a_k), y)        # last term: importance_regularizer
 
+``variant: paper`` is the above. ``variant: tied`` (issue 19) ties the module to the teachers
+instead of to the training labels they memorized: ``task(head_s(a_k), y)`` becomes
+``(head_s(a_k) - sg(teacher_k(batch)))^2`` (``answer_target``), questions start at zero and add
+to the teacher's own early output (its first reply is its unasked one), the importance is a
+softmax over teachers with a floor (``importance_form``), and the prediction-level term
+targets ``sum_k sg(s~_k) teacher_k(batch)`` (``prediction_target``). Each is its own field.
+
 L trains the student only, R the module only (``backward(inputs=...)``); teachers are frozen.
 With gating, teacher k runs only on the rows it is asked about (``s_k > tau``, plus the
 ``explore`` share drawn from the others) and every term above that involves teacher k is taken
@@ -29,7 +36,9 @@ import torch
 from torch import nn
 
 from recdistill.distill.gating import ImportanceGate, slice_batch
-from recdistill.distill.losses import divergence, normalized_importance, task_loss
+from recdistill.distill.losses import (
+    divergence, normalized_importance, soft_target, soft_target_loss, task_loss,
+)  # fmt: skip
 from recdistill.distill.methods import register_method
 from recdistill.distill.methods.base import DistillMethod
 from recdistill.distill.module import DistillationModule, answer_activation
@@ -108,6 +117,7 @@ class DiverseDistill(DistillMethod):
         )
 
         kd = z.new_zeros(())
+        weighted = self.config.prediction_target == "importance"
         reg_teacher = z.new_zeros(())
         reg_answer = z.new_zeros(())
         answers = []  # K x [B, d_z], zero on rows a teacher was not asked about
@@ -124,8 +134,12 @@ class DiverseDistill(DistillMethod):
             reply = self.ask(k, questions[k] if everyone else questions[k][rows], sub)  # [b, m_k]
             answer = self.module.answer(k, reply)  # [b, d_z]
             sub_labels = labels if everyone else labels[rows]
+            own_prediction = None
+            if self.config.prediction_weight > 0 or self.config.answer_target != "label":
+                with torch.no_grad():  # the teacher's own rating of the row, as LD uses it
+                    own_prediction = teacher(sub)
             reg_teacher = reg_teacher + task_loss(teacher.head(reply), sub_labels)
-            reg_answer = reg_answer + task_loss(self.student.head(answer), sub_labels)
+            reg_answer = reg_answer + self._answer_term(self.student.head(answer), sub_labels, own_prediction)
             gap = divergence(
                 z if everyone else z[rows],
                 answer.detach(),
@@ -136,9 +150,10 @@ class DiverseDistill(DistillMethod):
             kd = kd + (importance[rows, k].detach() * gap).sum() / size
             answers.append(answer if everyone else _scatter(answer, rows, size))
             if self.config.prediction_weight > 0:
-                with torch.no_grad():  # the teacher's own rating of the row, as LD uses it
-                    predicted.index_add_(0, rows, teacher(sub).reshape(-1).to(predicted.dtype))
-                asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype))
+                share = importance[rows, k].detach().to(predicted.dtype) if weighted else None
+                own = own_prediction.reshape(-1).to(predicted.dtype)
+                predicted.index_add_(0, rows, own if share is None else share * own)
+                asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype) if share is None else share)
 
         losses = {
             "loss_task": task_loss(prediction, labels),
@@ -155,9 +170,24 @@ class DiverseDistill(DistillMethod):
             losses["loss_reg_importance"] = self._importance_term(
                 importance, asked, torch.stack(answers, dim=1), labels
             )
+        for k, name in enumerate(self.teacher_names):  # logged per epoch; no gradient, no loss
+            losses[f"importance_{name}"] = importance[:, k].detach().mean()
         if self.training:
             self.step += 1
         return prediction, losses
+
+    def _answer_term(self, predicted, labels, teacher_prediction) -> torch.Tensor:
+        """What ``head_s(a_k)`` (``predicted``) is regularized to, by ``answer_target``: the
+        labels, the teacher's own prediction, or ``answer_label_share`` of the first."""
+        target = self.config.answer_target
+        if target == "label":
+            return task_loss(predicted, labels)
+        t = self.config.kl_temperature
+        to_teacher = soft_target_loss(predicted, soft_target(teacher_prediction.to(predicted.dtype), t), t)
+        if target == "teacher":
+            return to_teacher
+        share = self.config.answer_label_share
+        return share * task_loss(predicted, labels) + (1.0 - share) * to_teacher
 
     def _importance_term(self, importance, asked, answers, labels) -> torch.Tensor:
         """``task(head_s(sum_k s~_k a_k), y)`` over the rows at least one teacher answered.
