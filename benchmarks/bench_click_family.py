@@ -7,7 +7,7 @@ at a 7% rate), and about half of the logit's variance is per user and per ad (ow
 idiosyncratic half of each latent factor, ``features/click_synth.py``). This benchmark fits the
 *correctly specified* model -- the generator's exact form, its true prior spreads (read from the
 log's ``meta.json``), only the values unknown -- by maximum a posteriori on the training split
-(full-batch L-BFGS in float64) and scores it on the test split. Nothing else a model could be
+(full-batch L-BFGS in float64, its iteration count chosen on valid) and scores it on the test split. Nothing else a model could be
 given is withheld, so its gap closed is the practical reach of any model on that log; run it at
 several ``--rows`` (the same world: users, ads and effects depend only on the seed and counts)
 to see how the reach grows with data.
@@ -147,9 +147,13 @@ def rows_of(log: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame, rows: np.
             torch.tensor(part["clicked"].to_numpy().astype(np.float64)))  # fmt: skip
 
 
-def fit(model: Family, train, iterations: int) -> None:
+def fit(model: Family, train, valid, iterations: int, chunk: int = 10) -> int:
+    """L-BFGS on the penalized training log loss, ``chunk`` iterations at a time, keeping the
+    values that scored best on ``valid``: MAP of a bilinear model overfits once the factors fit
+    the training clicks (at 300k rows the training log loss falls to 0.16 while valid rises),
+    so the iteration count is chosen on valid like any model's epochs. Returns it."""
     user, ad, position, clicked = train
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=iterations, history_size=20,
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=chunk, history_size=20,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)  # fmt: skip
 
     def closure():
@@ -160,7 +164,17 @@ def fit(model: Family, train, iterations: int) -> None:
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    best, best_at, state = math.inf, 0, None
+    for done in range(chunk, iterations + 1, chunk):
+        optimizer.step(closure)
+        loss = score(model, valid)
+        if loss < best:
+            best, best_at = loss, done
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif done - best_at >= 5 * chunk:
+            break
+    model.load_state_dict(state)
+    return best_at
 
 
 def score(model: Family, split) -> float:
@@ -196,14 +210,15 @@ def main() -> None:
             torch.manual_seed(0)
             model = Family(users, ads, spec, scale)
             start = time.perf_counter()
-            fit(model, splits["train"], args.iterations)
-            tried.append((score(model, splits["valid"]), scale, model, time.perf_counter() - start))
-            print(json.dumps({"rows": rows, "prior_scale": scale, "valid_log_loss": tried[-1][0]}), flush=True)
-        valid, scale, model, seconds = min(tried, key=lambda t: t[0])
+            at = fit(model, splits["train"], splits["valid"], args.iterations)
+            tried.append((score(model, splits["valid"]), scale, model, time.perf_counter() - start, at))
+            print(json.dumps({"rows": rows, "prior_scale": scale, "valid_log_loss": tried[-1][0],
+                              "best_iteration": at}), flush=True)  # fmt: skip
+        valid, scale, model, seconds, at = min(tried, key=lambda t: t[0])
         test = score(model, splits["test"])
         learned = {k: round(float(model.values[k].item()), 4) for k in ("match", "slope")}
         lines.append({"model": "generator_family_map", "rows": rows, "train_rows": len(splits["train"][0]),
-                      "prior_scale": scale, "valid_log_loss": valid, "test_log_loss": test,
+                      "prior_scale": scale, "best_iteration": at, "valid_log_loss": valid, "test_log_loss": test,
                       "gap_closed": gap_closed(test, best), "learned": learned,
                       "true": {"match": spec.match_effect, "slope": spec.position_slope},
                       "fit_seconds": round(seconds, 1), "ceiling": best})  # fmt: skip

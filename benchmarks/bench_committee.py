@@ -125,18 +125,33 @@ def run(args) -> None:
                 rows += committee_rows(folder, cfg, lambda c: prepare(c.data), result.distill.committee_weights)
                 write(out, split, seed, cfg.distill.method, rows, str(folder))
             folder = folder or latest_folder(out, split, seed, cfg.distill.method)
-            for method in args.methods:
-                if (split, seed, method) in done:
+            for spec in args.methods:
+                method, _, variant = spec.partition(":")  # diverse_distill:tied
+                teachers = args.teachers or list(cfg.distill.teachers)
+                job = spec if not args.teachers else f"{spec}[{','.join(teachers)}]"
+                if (split, seed, job) in done:
                     continue
-                reuse = [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in cfg.distill.teachers]
+                reuse = ["teachers={}"] if args.teachers else []  # the job's sections of teachers left out go
+                reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
                 other = load_config("default", base + reuse + [f"distill.method={method}", "student_alone=false",
-                                                               "distill.committee_weights=equal"])  # fmt: skip
+                                                               "distill.committee_weights=equal",
+                                                               f"distill.teachers=[{','.join(teachers)}]",
+                                                               *([f"distill.variant={variant}"] if variant else [])])  # fmt: skip
                 timer = Timer(args.quiet)
-                result = run_job(other, output_dir=runs / f"{split}-{seed}-{method}", say=timer)
+                result = run_job(other, output_dir=runs / f"{split}-{seed}-{job}", say=timer)
                 rows = [dict(r) for r in result.rows if r["role"].startswith("distilled")]
                 rows[-1]["valid_mse"] = result.distill.valid["mse"]
                 rows[-1]["fit_seconds"] = round(sum(h.get("seconds", 0) for h in result.distill.history), 1)
-                write(out, split, seed, method, rows, str(result.output_dir))
+                rows[-1]["teachers"] = teachers
+                if variant:
+                    rows[-1]["role"] = f"{rows[-1]['role']} {variant}"
+                if args.teachers:
+                    rows[-1]["role"] = f"{rows[-1]['role']} [{'+'.join(teachers)}]"
+                importance = {k: v for k, v in result.distill.history[-1].items() if k.startswith("importance_")}
+                if importance:
+                    rows[-1]["importance_last_epoch"] = importance
+                rows[-1]["teacher_passes"] = result.distill.teacher_passes.get("all")
+                write(out, split, seed, job, rows, str(result.output_dir))
 
 
 def latest_folder(out: Path, split: str, seed: int, job: str) -> str:
@@ -202,7 +217,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", nargs="+", default=["random"], choices=["random", "temporal"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="*", default=["mt"], help="other methods from the same teachers")
+    parser.add_argument("--methods", nargs="*", default=["mt"],
+                        help="other methods from the same teachers; METHOD:VARIANT sets distill.variant "
+                             "(diverse_distill:tied)")  # fmt: skip
+    parser.add_argument("--teachers", nargs="*", help="the other methods' committee: a subset of the job's "
+                        "teachers (default all of them)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", default="docs/results/committee.jsonl")
     parser.add_argument("--runs", default="runs/bench_committee", help="where the jobs' folders go")

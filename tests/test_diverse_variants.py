@@ -30,7 +30,9 @@ def test_tied_variant_sets_only_the_fields_left_unset():
     tied = DistillConfig(variant="tied")
     assert (tied.answer_target, tied.zero_init_questions, tied.residual_questions,
             tied.importance_form, tied.prediction_target) == ("teacher", True, True, "softmax", "importance")  # fmt: skip
-    assert DistillConfig(variant="tied", answer_target="mix", prediction_weight=0.0).answer_target == "mix"
+    assert DistillConfig(variant="tied", kd_weight=7.0).prediction_weight == 7.0  # LD's weight on its target
+    given = DistillConfig(variant="tied", answer_target="mix", prediction_weight=0.0)
+    assert (given.answer_target, given.prediction_weight) == ("mix", 0.0)
 
 
 @pytest.mark.parametrize("bad, says", [

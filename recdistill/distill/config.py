@@ -29,7 +29,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
     "paper": {"answer_target": "label", "zero_init_questions": False, "residual_questions": False,
               "importance_form": "sigmoid", "prediction_weight": 0.0, "prediction_target": "mean"},
     "tied": {"answer_target": "teacher", "zero_init_questions": True, "residual_questions": True,
-             "importance_form": "softmax", "prediction_weight": 1.0, "prediction_target": "importance"},
+             "importance_form": "softmax", "prediction_weight": "kd_weight", "prediction_target": "importance"},
 }  # fmt: skip
 
 
@@ -144,7 +144,8 @@ class DistillConfig:
             to the teacher's own prediction, zero-initialized residual questions (a teacher
             asked at step 0 says what it says unasked), importance normalized across teachers
             with a floor, and the student's prediction matched to the importance-weighted
-            committee prediction (``prediction_weight`` 1). A field given explicitly wins.
+            committee prediction (``prediction_weight`` = ``kd_weight``, the weight LD gives the
+            same kind of target). A field given explicitly wins.
         answer_target: (DiverseDistill) what ``head_s(a_k)`` is regularized to: ``"label"``
             (the paper: the row's label), ``"teacher"`` (teacher k's own unquestioned
             prediction of the row, so an answer carries what the teacher knows, including where
@@ -293,7 +294,7 @@ class DistillConfig:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         for name, value in VARIANT_DEFAULTS[self.variant].items():
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                setattr(self, name, getattr(self, value) if value == "kd_weight" else value)
         for name, allowed in (("answer_target", ANSWER_TARGETS), ("importance_form", IMPORTANCE_FORMS),
                               ("prediction_target", PREDICTION_TARGETS)):  # fmt: skip
             if getattr(self, name) not in allowed:
