@@ -128,13 +128,14 @@ def run(args) -> None:
             for spec in args.methods:
                 method, _, variant = spec.partition(":")  # diverse_distill:tied
                 teachers = args.teachers or list(cfg.distill.teachers)
-                job = spec if not args.teachers else f"{spec}[{','.join(teachers)}]"
+                job = spec if args.weights == "equal" else f"{spec}@{args.weights}"  # ld@valid
+                job = job if not args.teachers else f"{job}[{','.join(teachers)}]"
                 if (split, seed, job) in done:
                     continue
                 reuse = ["teachers={}"] if args.teachers else []  # the job's sections of teachers left out go
                 reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
                 other = load_config("default", base + reuse + [f"distill.method={method}", "student_alone=false",
-                                                               "distill.committee_weights=equal",
+                                                               f"distill.committee_weights={args.weights}",
                                                                f"distill.teachers=[{','.join(teachers)}]",
                                                                *([f"distill.variant={variant}"] if variant else [])])  # fmt: skip
                 timer = Timer(args.quiet)
@@ -145,6 +146,9 @@ def run(args) -> None:
                 rows[-1]["teachers"] = teachers
                 if variant:
                     rows[-1]["role"] = f"{rows[-1]['role']} {variant}"
+                if args.weights != "equal":
+                    rows[-1]["role"] = f"{rows[-1]['role']} @{args.weights} weights"
+                    rows[-1]["committee_weights"] = result.distill.committee_weights
                 if args.teachers:
                     rows[-1]["role"] = f"{rows[-1]['role']} [{'+'.join(teachers)}]"
                 importance = {k: v for k, v in result.distill.history[-1].items() if k.startswith("importance_")}
@@ -224,6 +228,8 @@ def main() -> None:
                         "teachers (default all of them)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", default="docs/results/committee.jsonl")
+    parser.add_argument("--weights", choices=["equal", "valid"], default="equal",
+                        help="the other methods' committee weights (the job itself takes its config's)")
     parser.add_argument("--runs", default="runs/bench_committee", help="where the jobs' folders go")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--report", help="print the markdown tables of this JSONL and exit")
