@@ -130,10 +130,14 @@ def run(args) -> None:
                 teachers = args.teachers or list(cfg.distill.teachers)
                 job = spec if args.weights == "equal" else f"{spec}@{args.weights}"  # ld@valid
                 job = job if not args.teachers else f"{job}[{','.join(teachers)}]"
+                job = job if args.holdout is None else f"{job}+holdout{args.holdout:g}"
                 if (split, seed, job) in done:
                     continue
                 reuse = ["teachers={}"] if args.teachers else []  # the job's sections of teachers left out go
-                reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
+                if args.holdout is None:
+                    reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
+                else:  # teachers fitted without the held-out rows, in the method's own job
+                    reuse += ["distill.importance_fit=holdout", f"distill.holdout_share={args.holdout}"]
                 other = load_config("default", base + reuse + [f"distill.method={method}", "student_alone=false",
                                                                f"distill.committee_weights={args.weights}",
                                                                f"distill.teachers=[{','.join(teachers)}]",
@@ -151,6 +155,10 @@ def run(args) -> None:
                     rows[-1]["committee_weights"] = result.distill.committee_weights
                 if args.teachers:
                     rows[-1]["role"] = f"{rows[-1]['role']} [{'+'.join(teachers)}]"
+                if args.holdout is not None:
+                    rows[-1]["role"] = f"{rows[-1]['role']} holdout {args.holdout:g}"
+                    rows[-1]["teacher_rows"] = {r["model"]: r["test_mse"] for r in result.rows
+                                                if r["role"] == "teacher"}  # fmt: skip
                 importance = {k: v for k, v in result.distill.history[-1].items() if k.startswith("importance_")}
                 if importance:
                     rows[-1]["importance_last_epoch"] = importance
@@ -226,6 +234,10 @@ def main() -> None:
                              "(diverse_distill:tied)")  # fmt: skip
     parser.add_argument("--teachers", nargs="*", help="the other methods' committee: a subset of the job's "
                         "teachers (default all of them)")  # fmt: skip
+    parser.add_argument("--holdout", type=float, metavar="SHARE",
+                        help="the other methods fit DiverseDistill's module on a held-out SHARE of the "
+                             "training rows (distill.importance_fit: holdout): each job fits its own "
+                             "teachers on the rest instead of reusing the first job's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", default="docs/results/committee.jsonl")
     parser.add_argument("--weights", choices=["equal", "valid"], default="equal",

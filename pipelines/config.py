@@ -186,6 +186,14 @@ def _check_label_metrics(cfg: JobConfig) -> None:
             )
 
 
+def _check_holdout(cfg: JobConfig) -> None:
+    """``distill.importance_fit: holdout`` cuts rows out of the training split: a stream has no
+    split to cut (its rows are hashed into splits as they are read)."""
+    if cfg.distill.importance_fit == "holdout" and cfg.data.stream:
+        raise ConfigError("distill.importance_fit: holdout holds rows out of the training split, and "
+                          "data.stream reads no split into memory; use importance_fit: train")  # fmt: skip
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A path as given, or the name of a config shipped in ``pipelines/configs`` (``quick``)."""
     path = Path(name_or_path)
@@ -205,6 +213,7 @@ def parse_config(raw: Any, where: str = "<config>") -> JobConfig:
         _check_models(cfg)
         _check_label_kinds(cfg)
         _check_label_metrics(cfg)
+        _check_holdout(cfg)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from err
     return cfg

@@ -21,6 +21,7 @@ and a tracking server that does not answer stops the job before any work.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -41,6 +42,7 @@ from features.sources import embedded_ml100k_folder
 from pipelines.config import JobConfig, logged_members
 from pipelines.schema import to_dict
 from recdistill.baselines import reference_metrics
+from recdistill.distill.holdout import holdout_rows
 from recdistill.distill.trainer import DistillResult, distill
 from recdistill.export import ExportReport, ParityRows, export_torchscript
 from recdistill.models import build_model, count_parameters
@@ -340,21 +342,66 @@ def _finished_without_resume_point(ctx: JobContext, folder: Path) -> Path | None
     return best if ctx.resume and best.is_file() and not (folder / RESUME).is_file() else None
 
 
+def holdout_marker(ctx: JobContext) -> dict[str, Any] | None:
+    """What a teacher checkpoint of this job records of the held-out slice it never trained on
+    (``distill.importance_fit: holdout``), or None when the teachers train on every training row."""
+    dc = ctx.config.distill
+    if dc.importance_fit != "holdout":
+        return None
+    return {"share": dc.holdout_share, "seed": dc.holdout_seed}
+
+
+def teacher_data(ctx: JobContext) -> Prepared:
+    """The data the job's teachers train on: the prepared data, less the held-out slice of the
+    training split under ``distill.importance_fit: holdout`` (a shallow view; the history bags
+    stay those of the whole training split, so a held-out pair is seen as an interaction, never
+    its label)."""
+    marker = holdout_marker(ctx)
+    if marker is None:
+        return ctx.prepared
+    data = copy.copy(ctx.prepared.data)
+    rest, _ = holdout_rows(data.splits["train"], marker["share"], marker["seed"])
+    data.splits = {**data.splits, "train": rest}
+    return dataclasses.replace(ctx.prepared, data=data)
+
+
+def check_reused_teacher(ctx: JobContext, name: str, path: Path) -> None:
+    """A reused teacher checkpoint must have trained on the rows this job's teachers train on:
+    under ``importance_fit: holdout`` one fitted on the whole training split has memorized the
+    held-out rows the distillation module is fitted on.
+
+    Raises:
+        ValueError: the checkpoint's held-out slice (or its absence) differs from the job's.
+    """
+    want = holdout_marker(ctx)
+    have = read_checkpoint(path)["extra"].get("holdout")
+    if want is not None and have != want:
+        trained = f"held out {have}" if have else "trained on every training row"
+        raise ValueError(
+            f"teacher {name}: checkpoint {path} {trained}, and distill.importance_fit: holdout "
+            f"fits the module on rows the teachers never saw (holdout {want}); train the teacher "
+            f"in this job (drop teachers.{name}.checkpoint) or reuse one fitted with the same holdout"
+        )
+
+
 def train_model(
-    ctx: JobContext, name: str, train: TrainConfig, stage: str, run: TrackedRun | NullRun
+    ctx: JobContext, name: str, train: TrainConfig, stage: str, run: TrackedRun | NullRun,
+    prepared: Prepared | None = None, extra: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, TrainResult]:
-    """Build model ``name`` and train it with ``train`` (resuming its ``resume.pt`` under
-    ``--resume``), logging its epochs into ``run``; returns the model and its result."""
+    """Build model ``name`` and train it with ``train`` on ``prepared`` (default: the job's
+    data), resuming its ``resume.pt`` under ``--resume``, logging its epochs into ``run`` and
+    recording ``extra`` in its checkpoints; returns the model and its result."""
     cfg = ctx.config
+    prepared = prepared if prepared is not None else ctx.prepared
     model_cfg = cfg.model_config(name)
     seed_everything(train.seed)
-    model = build_model(name, ctx.prepared, model_cfg)
+    model = build_model(name, prepared, model_cfg)
     ctx.say(f"  {name}: {count_parameters(model):,} parameters")
     run.log_params({"model_config": model_cfg, "train": train})
     folder = ctx.out / stage
     train = dataclasses.replace(train, checkpoint_dir=str(folder))
-    result = train_supervised(model, ctx.prepared, train, epoch_logger(run),
-                              model_name=name, model_config=model_cfg,
+    result = train_supervised(model, prepared, train, epoch_logger(run),
+                              model_name=name, model_config=model_cfg, extra=extra,
                               resume_from=_resume_point(ctx, folder, name))  # fmt: skip
     h = ctx.headline
     ctx.say(
@@ -370,6 +417,10 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
     cfg = ctx.config
     ctx.committee = []
     logged = logged_members(cfg)
+    data, marker = teacher_data(ctx), holdout_marker(ctx)
+    if marker is not None:
+        held = len(ctx.prepared.data.splits["train"]) - len(data.data.splits["train"])
+        ctx.say(f"  importance_fit: holdout: teachers train without {held:,} held-out training rows")
     for name in cfg.distill.teachers:
         if name in logged:
             ctx.committee.append((name, stage_logged_member(ctx, name, logged[name])))
@@ -383,6 +434,7 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
         with ctx.model_run(name, "teacher", f"teacher_{name}") as run:
             if ckpt is not None:
                 path = _fetch_checkpoint(ckpt)
+                check_reused_teacher(ctx, name, path)
                 teacher = load_checkpoint(path, ctx.prepared)
                 test = read_checkpoint(path)["extra"].get("test") or _evaluate(ctx, teacher, "test")
                 run.set_tags({"reused": ckpt})
@@ -390,7 +442,8 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
                 h = ctx.headline
                 ctx.say(f"  {name}: reused {ckpt} (test {h.label} {test[h.key]:.4f})")
             else:
-                teacher, result = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}", run)
+                teacher, result = train_model(ctx, name, cfg.teacher_train(name), f"teacher_{name}", run,
+                                              data, {"holdout": marker} if marker else None)  # fmt: skip
                 test, path = result.test, folder / BEST
                 log_final(run, test, result.valid[ctx.headline.key], result.best_epoch,
                           ctx.headline.key)  # fmt: skip

@@ -20,6 +20,7 @@ VARIANTS = ("paper", "tied")
 ANSWER_TARGETS = ("label", "teacher", "mix")
 IMPORTANCE_FORMS = ("sigmoid", "softmax")
 PREDICTION_TARGETS = ("mean", "importance")
+IMPORTANCE_FITS = ("train", "holdout")
 
 #: What each DiverseDistill ``variant`` sets the fields left at ``None`` to (issue 19).
 #: ``paper`` is the method as published (and as this library ran it before the variants);
@@ -212,6 +213,15 @@ class DistillConfig:
             by the task's loss on the validation split, where no teacher trained:
             :mod:`recdistill.distill.weights`), or one non-negative weight per teacher
             (normalized to sum to 1).
+        importance_fit: (methods with a fitted module: DiverseDistill) which rows fit the module
+            (questions, answers, importance): ``"train"`` (the paper: every training row, where
+            the teachers memorized the labels, so the module learns to trust the teacher that
+            memorized most) or ``"holdout"`` (a ``holdout_share`` slice of the training split
+            the teachers never trained on: the job fits its teachers on the rest, and each step
+            fits the module on a batch of held-out rows while the student trains on every
+            training row as before). Costs a teacher pass per held-out batch, one per step.
+        holdout_share: the held-out slice's share of the training rows, in (0, 0.5].
+        holdout_seed: the seed of the held-out slice (:func:`recdistill.distill.holdout.holdout_rows`).
         gating: importance gating.
         transfer: a transfer set of unrated pairs labelled by the committee.
     """
@@ -244,6 +254,9 @@ class DistillConfig:
     aekd_cap: float = 0.6
     cache_teacher_outputs: bool = True
     committee_weights: str | list[float] = "equal"
+    importance_fit: Literal["train", "holdout"] = "train"
+    holdout_share: float = 0.1
+    holdout_seed: int = 0
     gating: GatingConfig = field(default_factory=GatingConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
@@ -269,6 +282,13 @@ class DistillConfig:
         if weights != "equal" and not METHODS[self.method].weighs_committee(self):
             raise ValueError(f"committee_weights: method {self.method!r} does not read the committee's "
                              "mean prediction (ld does); only 'equal' applies to it")  # fmt: skip
+        if self.importance_fit not in IMPORTANCE_FITS:
+            raise ValueError(f"importance_fit must be one of {', '.join(IMPORTANCE_FITS)}, got {self.importance_fit!r}")
+        if self.importance_fit == "holdout" and not METHODS[self.method].module_losses:
+            raise ValueError(f"importance_fit: holdout: method {self.method!r} fits no module (diverse_distill "
+                             "does); leave importance_fit at 'train'")  # fmt: skip
+        if not 0.0 < self.holdout_share <= 0.5:
+            raise ValueError(f"holdout_share must be in (0, 0.5], got {self.holdout_share}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(
                 f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from recdistill.distill.config import DistillConfig, TransferConfig
+from recdistill.distill.holdout import holdout_rows
 from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
 from recdistill.distill.weights import fit_committee_weights
@@ -172,6 +173,38 @@ def with_transfer(runner: DistillMethod, prepared: Any, config: TransferConfig, 
     return both
 
 
+def with_holdout(runner: DistillMethod, data: Any, config: DistillConfig, train: TrainConfig,
+                 losses: Callable[[Any], dict[str, torch.Tensor]]) -> Callable[[Any], dict[str, torch.Tensor]]:  # fmt: skip
+    """``importance_fit: holdout``: ``losses`` without the module's terms, plus, each step, the
+    module's terms on a batch of ``train.batch_size`` held-out training rows
+    (:func:`recdistill.distill.holdout.holdout_rows`: the slice the job's teachers never trained on).
+
+    A step's sample depends only on ``holdout_seed`` and the method's step count, so a resumed
+    run draws what the uninterrupted one drew.
+
+    Raises:
+        ValueError: the data has no row splits (a stream) to hold rows out of.
+    """
+    splits = getattr(data, "splits", None)
+    if not isinstance(splits, dict) or "train" not in splits or not callable(getattr(data, "batch", None)):
+        raise ValueError(f"distill.importance_fit: holdout: the data ({type(data).__name__}) has no "
+                         "training rows to hold out (a stream); use importance_fit: train")  # fmt: skip
+    _, held = holdout_rows(splits["train"], config.holdout_share, config.holdout_seed)
+    _, world = ranks_world()
+    size = min(len(held), max(1, train.batch_size // world))
+    device_of = lambda batch: batch.labels.device  # noqa: E731
+    module_terms = set(runner.module_losses)
+
+    def both(batch: Any) -> dict[str, torch.Tensor]:
+        rank, _ = ranks_world()
+        generator = torch.Generator().manual_seed(hash((config.holdout_seed, runner.step, rank, 1)) % 2**62)
+        rows = held[torch.randint(len(held), (size,), generator=generator)]
+        own = {name: value for name, value in losses(batch).items() if name not in module_terms}  # moves the step
+        return {**own, **runner.forward_holdout(data.batch(rows, train=True).to(device_of(batch)))}
+
+    return both
+
+
 def distill(
     student: nn.Module,
     committee: Sequence[tuple[str, nn.Module]],
@@ -245,6 +278,8 @@ def distill(
         passes_saved.before = state["passes_before"]
 
     losses = lambda batch: runner.forward_train(batch)[1]  # noqa: E731  (prediction, losses)
+    if config.importance_fit == "holdout":
+        losses = with_holdout(runner, data, config, train, losses)
     if config.transfer.pairs:
         losses = with_transfer(runner, prepared, config.transfer, train, losses)
     step = TrainStep(

@@ -71,6 +71,7 @@ def train_supervised(
     model_name: str | None = None,
     model_config: Any = None,
     resume_from: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` with its data's task loss (ratings: MSE), early-stopping on the task's
     validation metric (ratings: MSE; classes: accuracy).
@@ -95,11 +96,13 @@ def train_supervised(
         resume_from: a ``resume.pt`` (one process) or ``resume_dcp/`` folder (under a process
             group, torch.distributed.checkpoint) of an interrupted run of this model with this
             config, to continue from (``model`` freshly built as for that run).
+        extra: more to record in every checkpoint's ``extra`` (e.g. the held-out slice a
+            teacher never trained on).
 
     Returns:
         :class:`TrainResult` with the per-epoch history and final valid and test metrics.
     """
-    checkpoints = EpochCheckpoints.for_run(model, prepared, cfg, model_name, model_config)
+    checkpoints = EpochCheckpoints.for_run(model, prepared, cfg, model_name, model_config, extra)
     data = getattr(prepared, "data", prepared)
     if callable(getattr(model, "fit_offline", None)):
         return _fit_offline(model, data, cfg, checkpoints, on_epoch)

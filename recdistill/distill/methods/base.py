@@ -150,6 +150,8 @@ class DistillMethod(nn.Module):
     transfer_terms: ClassVar[tuple[str, ...]] = ("loss_kd",)
     #: The suffix of a loss computed on transfer rows; it is routed as its base name is.
     TRANSFER: ClassVar[str] = "_transfer"
+    #: The suffix of a module loss computed on held-out rows (``importance_fit: holdout``).
+    HOLDOUT: ClassVar[str] = "_holdout"
 
     @classmethod
     def weighs_committee(cls, config: DistillConfig) -> bool:
@@ -270,6 +272,17 @@ class DistillMethod(nn.Module):
         self.step = step
         return {f"{name}{self.TRANSFER}": losses[name] for name in self.transfer_terms if name in losses}
 
+    def forward_holdout(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The module's losses (``module_losses``) on a batch of held-out training rows, which
+        no teacher trained on, named ``<loss>_holdout`` (``importance_fit: holdout``). The step
+        count does not move; the student's losses on these rows are dropped here (the student
+        meets the rows in its own batches).
+        """
+        step = self.step
+        _, losses = self.forward_train(batch)
+        self.step = step
+        return {f"{name}{self.HOLDOUT}": losses[name] for name in self.module_losses if name in losses}
+
     def forward(self, batch: Any) -> torch.Tensor:
         """The student's prediction alone (what is evaluated and served)."""
         return self.student(batch)
@@ -296,8 +309,8 @@ class DistillMethod(nn.Module):
         module_params = self.learnable_parameters()
         student_params = self.student_parameters()
 
-        def base(name: str) -> str:  # a transfer term goes where its labelled twin goes
-            return name.removesuffix(self.TRANSFER)
+        def base(name: str) -> str:  # a transfer or held-out term goes where its twin goes
+            return name.removesuffix(self.TRANSFER).removesuffix(self.HOLDOUT)
 
         student_terms = [
             v for k, v in losses.items()

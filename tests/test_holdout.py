@@ -1,0 +1,134 @@
+"""``distill.importance_fit: holdout`` (issue 19): DiverseDistill's module fitted on training
+rows the teachers never trained on.
+
+The cut itself, the config's refusals, the trainer's routing (the module's terms come from
+held-out rows only, the student's from its own batch), and the job's teachers (trained without
+the held-out rows, their checkpoints marked, an unmarked one refused) on real ML-100K.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from features.batches import RatingsData
+from pipelines.config import ConfigError, TeacherSource, load_config
+from pipelines.jobs import JobContext, NullRun, stage_teachers, teacher_data
+from recdistill.distill import DistillConfig
+from recdistill.distill.holdout import holdout_rows
+from recdistill.distill.methods import build_method
+from recdistill.distill.trainer import with_holdout
+from recdistill.models import build_model
+from recdistill.training import TrainConfig, read_checkpoint, save_checkpoint
+
+SMALL = {"id_embedding_dim": 8, "side_embedding_dim": 4, "hidden": [16, 8]}
+
+
+def test_the_cut_is_disjoint_covers_the_split_and_is_seeded():
+    train = torch.arange(1000) * 3
+    rest, held = holdout_rows(train, 0.1, seed=4)
+    assert len(held) == 100 and len(rest) == 900
+    assert not set(held.tolist()) & set(rest.tolist())
+    assert sorted(held.tolist() + rest.tolist()) == train.tolist()
+    again_rest, again_held = holdout_rows(train, 0.1, seed=4)
+    assert torch.equal(held, again_held) and torch.equal(rest, again_rest)
+    assert not torch.equal(held, holdout_rows(train, 0.1, seed=5)[1])
+    with pytest.raises(ValueError, match="must both be non-empty"):
+        holdout_rows(torch.arange(3), 0.1, seed=0)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"method": "ld", "importance_fit": "holdout"}, "method 'ld' fits no module"),
+    ({"method": "diverse_distill", "importance_fit": "oof"}, "importance_fit must be one of train, holdout"),
+    ({"method": "diverse_distill", "importance_fit": "holdout", "holdout_share": 0.7}, r"holdout_share must be in \(0, 0.5\]"),
+])  # fmt: skip
+def test_impossible_holdout_settings_are_refused_naming_the_field(bad, says):
+    with pytest.raises(ValueError, match=says):
+        DistillConfig(teachers=["a"], **bad)
+
+
+def test_a_stream_is_refused_at_config_load():
+    with pytest.raises(ConfigError, match="data.stream reads no split"):  # before any file is read
+        load_config("synth", ["distill.method=diverse_distill", "distill.importance_fit=holdout"])
+
+
+class Recorder:
+    """The data, recording every row it is asked to batch."""
+
+    def __init__(self, data):
+        self.data, self.rows = data, []
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def batch(self, rows, train=False):
+        self.rows.append(rows.clone())
+        return self.data.batch(rows, train)
+
+
+def test_the_module_learns_from_held_out_rows_only_and_the_student_from_its_own_batch(prepared):
+    torch.manual_seed(0)
+    student = build_model("mlp_s", prepared, SMALL)
+    teacher = build_model("mlp_l", prepared, SMALL).eval()
+    config = DistillConfig(teachers=["t"], method="diverse_distill", variant="tied", importance_fit="holdout",
+                           holdout_share=0.2)  # fmt: skip
+    data = Recorder(prepared.data)
+    runner = build_method("diverse_distill", student, [("t", teacher)], config, data.batch(data.splits["train"][:8]))
+    losses = with_holdout(runner, data, config, TrainConfig(batch_size=64),
+                          lambda batch: runner.forward_train(batch)[1])  # fmt: skip
+    _, held = holdout_rows(prepared.data.splits["train"], 0.2, 0)
+
+    def gradients(rows):
+        runner.step = 0
+        runner.zero_grad()
+        data.rows.clear()
+        terms = losses(prepared.data.batch(rows))
+        assert set(terms) >= {"loss_task", "loss_reg_answer_holdout"} and "loss_reg_answer" not in terms
+        runner.backward(terms)
+        assert len(data.rows) == 1 and set(data.rows[0].tolist()) <= set(held.tolist())
+        module = [p.grad.clone() for p in runner.learnable_parameters() if p.grad is not None]
+        own = [p.grad.clone() for p in runner.student_parameters() if p.grad is not None]
+        return module, own
+
+    train = prepared.data.splits["train"]
+    module_a, student_a = gradients(train[:64])
+    module_b, student_b = gradients(train[5000:5064])
+    assert module_a and all(torch.equal(a, b) for a, b in zip(module_a, module_b))  # rows of the step, not the batch
+    assert any(g.abs().sum() > 0 for g in module_a)
+    assert not all(torch.equal(a, b) for a, b in zip(student_a, student_b))
+
+
+def quick_holdout(extra: tuple[str, ...] = ()):
+    return load_config("quick", ["teachers={}", "distill.teachers=[mlp_l]", "distill.importance_fit=holdout",
+                                 "distill.holdout_share=0.2", "train.max_steps_per_epoch=3",
+                                 "train.epochs=1", *extra])  # fmt: skip
+
+
+def test_the_jobs_teachers_never_train_on_a_held_out_row(prepared, tmp_path, monkeypatch):
+    ctx = JobContext(config=quick_holdout(), out=tmp_path, run=NullRun(), prepared=prepared, say=lambda line: None)
+    before = prepared.data.splits["train"].clone()
+    _, held = holdout_rows(before, 0.2, 0)
+    view = teacher_data(ctx)
+    assert len(view.data.splits["train"]) == len(prepared.data.splits["train"]) - len(held)
+    assert torch.equal(view.data.splits["valid"], prepared.data.splits["valid"])
+    assert torch.equal(prepared.data.splits["train"], before)  # the job's own data is untouched
+    seen = []
+    original = RatingsData.batch
+    monkeypatch.setattr(RatingsData, "batch", lambda self, rows, train=False: seen.append(rows) or original(self, rows, train))
+    stage_teachers(ctx)
+    trained = torch.cat(seen)
+    assert len(trained) > 0 and not set(trained.tolist()) & set(held.tolist())
+    marker = read_checkpoint(Path(tmp_path) / "teacher_mlp_l" / "best.pt")["extra"]["holdout"]
+    assert marker == {"share": 0.2, "seed": 0}
+
+
+def test_a_reused_teacher_that_saw_the_held_out_rows_is_refused(prepared, tmp_path):
+    teacher = build_model("mlp_l", prepared, SMALL)
+    path = save_checkpoint(tmp_path / "mlp_l.pt", teacher.state_dict(), "mlp_l", teacher.config)
+    cfg = quick_holdout()
+    cfg.teachers = {"mlp_l": TeacherSource(checkpoint=str(path))}
+    ctx = JobContext(config=cfg, out=tmp_path / "run", run=NullRun(), prepared=prepared, say=lambda line: None)
+    with pytest.raises(ValueError, match=r"trained on every training row.*drop teachers.mlp_l.checkpoint"):
+        stage_teachers(ctx)
