@@ -533,16 +533,6 @@ def stop_pool(pool: Any) -> None:
     pool.shutdown(cancel_futures=True)
 
 
-def stop_on_sigterm() -> None:
-    """Turn SIGTERM (``kill``, a scheduler's stop) into ``SystemExit`` so ``finally`` blocks run."""
-    import signal
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 class _InProcess:
     """The executor of ``workers=1``: runs a cell in this process when it is submitted."""
 

@@ -15,8 +15,8 @@ returns a module that needs torch alone and gives exactly the exported file's ou
 Promotion (:func:`promote`): a registered version gets the champion alias only if its
 TorchScript export passed the parity check, it beats the baseline its own run recorded (the
 student trained alone, on a validation metric; :meth:`TrackedRun.log_baseline`) AND it beats the
-current champion on the same holdout metric (each strictly; lower is better unless
-``greater_is_better``). Otherwise the champion stays where it was and the version is tagged with
+current champion on the same holdout metric (each by more than ``promotion_margin``, 0 by
+default: strictly; lower is better unless ``greater_is_better``). Otherwise the champion stays where it was and the version is tagged with
 why it lost. Moving the alias is all or nothing: if any write of a promotion fails, the alias
 goes back to the old champion, which keeps serving.
 
@@ -81,6 +81,7 @@ TAG_BASELINE = "baseline"
 #: Model-version tags written by :func:`promote`.
 TAG_PROMOTION = "promotion"
 TAG_REASON = "promotion_reason"
+TAG_MARGIN = "promotion_margin"
 #: MLflow keeps param values up to this many characters.
 MAX_PARAM_CHARS = 6000
 #: Seconds a tracking server has to answer :func:`probe` before a job gives up on it.
@@ -111,6 +112,10 @@ class TrackingConfig:
             test split chooses nothing. Runs without a baseline skip this rule.
         greater_is_better: direction of ``holdout_metric`` and ``baseline_metric`` (MSE: lower
             is better).
+        promotion_margin: how much (in the metric's own units, >= 0) a version must beat its
+            baseline and the champion by: a difference within seed noise (a click job's
+            validation log loss moving by 1e-4) promotes nothing. Written in the version's
+            ``promotion_margin`` tag.
         model_name: the name of the logged MLflow model inside a run.
     """
 
@@ -123,6 +128,7 @@ class TrackingConfig:
     holdout_metric: str = "test_mse"
     baseline_metric: str = "valid_mse"
     greater_is_better: bool = False
+    promotion_margin: float = 0.0
     model_name: str = "student"
 
     def __post_init__(self) -> None:
@@ -130,6 +136,8 @@ class TrackingConfig:
                      "holdout_metric", "baseline_metric", "model_name"):  # fmt: skip
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        if not (math.isfinite(self.promotion_margin) and self.promotion_margin >= 0):
+            raise ValueError(f"promotion_margin must be a finite number >= 0, got {self.promotion_margin}")
         if self.champion_alias.lower().startswith("v") and self.champion_alias[1:].isdigit():
             raise ValueError(f"champion_alias {self.champion_alias!r} looks like a version (v<N>)")
 
@@ -318,8 +326,9 @@ class TrackedRun:
     def child(
         self, name: str, suffix: str | None = None, tags: Mapping[str, Any] | None = None
     ) -> Iterator[TrackedRun]:
-        """A nested run named ``name`` for one model the job trains; it ends FINISHED, or FAILED
-        when the block raises.
+        """A nested run named ``name`` for one model the job trains; it ends FINISHED, KILLED when
+        the job is stopped (Ctrl-C, or SIGTERM through :mod:`pipelines.stopping`), or FAILED when
+        the block raises.
 
         Args:
             name: the run name the MLflow UI shows (``teacher mlp_l``).
@@ -336,6 +345,9 @@ class TrackedRun:
         try:
             yield child
             status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (pipelines.stopping)
+            status = "KILLED"
+            raise
         finally:
             self.client.set_terminated(child.run_id, status)
 
@@ -538,7 +550,8 @@ def start_run(
     config: TrackingConfig, run_name: str | None = None, tracking_uri: str | None = None
 ) -> Iterator[TrackedRun]:
     """Open an MLflow run in ``config.experiment`` (created on first use), the parent of the
-    runs :meth:`TrackedRun.child` opens; a failed job ends its run as FAILED.
+    runs :meth:`TrackedRun.child` opens; a failed job ends its run as FAILED, a stopped one
+    (Ctrl-C, SIGTERM through :mod:`pipelines.stopping`) as KILLED.
 
     Raises:
         TrackingUnavailable: the tracking server does not answer (checked first).
@@ -556,7 +569,11 @@ def start_run(
         client.create_experiment(config.experiment, artifact_location=_local_artifact_root(uri))
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=run_name) as active:
-        yield TrackedRun(config, active.info.run_id, client, active.info.experiment_id)
+        try:
+            yield TrackedRun(config, active.info.run_id, client, active.info.experiment_id)
+        except (KeyboardInterrupt, SystemExit):  # stopped, not failed: ended before MLflow says FAILED
+            mlflow.end_run("KILLED")
+            raise
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -671,8 +688,10 @@ def promote(
     if champion is not None:
         champ_metrics, champ_tags = _run_facts(client, champion.run_id)
     champ_value = champ_metrics.get(metric)
-    better = (lambda a, b: a > b) if config.greater_is_better else (lambda a, b: a < b)
+    margin = config.promotion_margin
+    better = (lambda a, b: a > b + margin) if config.greater_is_better else (lambda a, b: a < b - margin)
     word = ">" if config.greater_is_better else "<"
+    beyond = f" by more than the promotion margin {_fmt(margin)}" if margin else ""
     parity = tags.get(TAG_PARITY)
 
     base_metric = config.baseline_metric
@@ -696,7 +715,7 @@ def promote(
     elif beats_baseline is False:
         reason = (
             f"{base_metric} {_fmt(base_own)} does not beat {_fmt(base_value)} of its baseline "
-            f"({baseline})"
+            f"({baseline}){beyond}"
         )
     elif champion is None:
         promoted, reason = True, f"first {alias} ({metric} {_fmt(value)})"
@@ -709,12 +728,12 @@ def promote(
         )
     elif better(value, champ_value):
         promoted, reason = True, (
-            f"{metric} {_fmt(value)} {word} {_fmt(champ_value)} of {alias} version {champion.version}"
+            f"{metric} {_fmt(value)} {word} {_fmt(champ_value)} of {alias} version {champion.version}{beyond}"
         )
     else:
         reason = (
             f"{metric} {_fmt(value)} does not beat {_fmt(champ_value)} of {alias} version "
-            f"{champion.version}"
+            f"{champion.version}{beyond}"
         )
     if promoted and beats_baseline:
         reason += f"; {base_metric} {_fmt(base_own)} {word} {_fmt(base_value)} of its baseline ({baseline})"
@@ -735,6 +754,7 @@ def promote(
         beats_baseline=beats_baseline,
     )
     client.set_model_version_tag(name, version, f"holdout.{metric}", _fmt(value))
+    client.set_model_version_tag(name, version, TAG_MARGIN, _fmt(margin))
     if baseline:
         client.set_model_version_tag(name, version, f"{BASELINE_PREFIX}{base_metric}", _fmt(base_value))
     if promoted and decision.champion_before != version:

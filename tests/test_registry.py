@@ -8,6 +8,8 @@ fails half-way through a promotion leaves the old champion serving.
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlflow
 import pytest
 import torch
@@ -295,3 +297,26 @@ def test_a_registry_failure_after_moving_the_alias_moves_it_back(server, good_ex
     assert client.get_model_version_by_alias(cfg.registered_model, "champion").version == champion
     tags = client.get_model_version(cfg.registered_model, better).tags
     assert "promotion" not in tags and "promotion_reason" not in tags
+
+
+def test_a_difference_within_the_promotion_margin_promotes_nothing(server, good_export):
+    """With ``promotion_margin`` a version must beat its baseline and the champion by more than
+    the margin: a valid MSE 0.0005 below the baseline's, or a test MSE 0.0005 below the
+    champion's, is noise; 0.002 is not. The margin is in the version's tags."""
+    cfg = dataclasses.replace(_config("margin"), promotion_margin=0.001)
+    client = MlflowClient(server.uri, server.uri)
+    _, noise = _candidate(server, cfg, good_export, test_mse=0.80, valid_mse=0.8795, alone_valid_mse=0.88)
+    decision = promote(cfg, noise, client)
+    assert not decision.promoted and decision.beats_baseline is False
+    tags = client.get_model_version(cfg.registered_model, noise).tags
+    assert tags["promotion_reason"].endswith("of its baseline (mlp_s trained alone) by more than the promotion margin 0.001")
+    assert tags["promotion_margin"] == "0.001"
+    _, first = _candidate(server, cfg, good_export, test_mse=0.80, valid_mse=0.878, alone_valid_mse=0.88)
+    assert promote(cfg, first, client).promoted
+    _, close = _candidate(server, cfg, good_export, test_mse=0.7995, valid_mse=0.86, alone_valid_mse=0.88)
+    decision = promote(cfg, close, client)
+    assert not decision.promoted and decision.champion == first
+    _, clear = _candidate(server, cfg, good_export, test_mse=0.798, valid_mse=0.86, alone_valid_mse=0.88)
+    assert promote(cfg, clear, client).promoted
+    with pytest.raises(ValueError, match="promotion_margin must be a finite number >= 0"):
+        TrackingConfig(promotion_margin=-0.1)

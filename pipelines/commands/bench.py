@@ -21,7 +21,8 @@ DEFAULT_OUT = "runs/bench_paper"
 
 
 def cmd_bench_paper(args: argparse.Namespace) -> int:
-    from pipelines.bench_paper import mlflow_logger, paper_plan, run_bench, stop_on_sigterm, write_report
+    from pipelines.bench_paper import mlflow_logger, paper_plan, run_bench, write_report
+    from pipelines.stopping import stop_on_sigterm
     from pipelines.config import load_config
 
     config = load_config(args.config, args.overrides)
@@ -65,7 +66,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_bench_vision(args: argparse.Namespace) -> int:
-    from pipelines.bench_paper import stop_on_sigterm
+    from pipelines.stopping import stop_on_sigterm
     from pipelines.bench_vision import run_vision_bench, write_vision_report
     from pipelines.vision_config import load_vision_config
 

@@ -68,6 +68,7 @@ def print_summary(result: JobResult) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.jobs import run_job
+    from pipelines.stopping import stop_on_sigterm
 
     cfg = load_config(args.config_file, args.overrides)
     if args.source:
@@ -75,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.run_folder and not args.resume:
         raise ValueError("--run names a run folder to continue: use it with --resume")
     resume = (args.run_folder or True) if args.resume else False
+    stop_on_sigterm()  # a killed job's MLflow runs end KILLED, its checkpoints kept for --resume
     result = run_job(cfg, tracking_uri=args.tracking_uri, resume=resume, output_dir=args.output)
     print_summary(result)
     return 0
