@@ -131,13 +131,16 @@ def run(args) -> None:
                 job = spec if args.weights == "equal" else f"{spec}@{args.weights}"  # ld@valid
                 job = job if not args.teachers else f"{job}[{','.join(teachers)}]"
                 job = job if args.holdout is None else f"{job}+holdout{args.holdout:g}"
+                job = job if args.oof is None else f"{job}+oof{args.oof}"
                 if (split, seed, job) in done:
                     continue
                 reuse = ["teachers={}"] if args.teachers else []  # the job's sections of teachers left out go
-                if args.holdout is None:
-                    reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
-                else:  # teachers fitted without the held-out rows, in the method's own job
+                if args.holdout is not None:  # teachers fitted without the held-out rows, in the method's own job
                     reuse += ["distill.importance_fit=holdout", f"distill.holdout_share={args.holdout}"]
+                elif args.oof is not None:  # each teacher fitted once per fold, in the method's own job
+                    reuse += ["distill.importance_fit=oof", f"distill.oof_folds={args.oof}"]
+                else:
+                    reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
                 other = load_config("default", base + reuse + [f"distill.method={method}", "student_alone=false",
                                                                f"distill.committee_weights={args.weights}",
                                                                f"distill.teachers=[{','.join(teachers)}]",
@@ -155,10 +158,11 @@ def run(args) -> None:
                     rows[-1]["committee_weights"] = result.distill.committee_weights
                 if args.teachers:
                     rows[-1]["role"] = f"{rows[-1]['role']} [{'+'.join(teachers)}]"
-                if args.holdout is not None:
-                    rows[-1]["role"] = f"{rows[-1]['role']} holdout {args.holdout:g}"
+                if args.holdout is not None or args.oof is not None:
+                    fit = f"holdout {args.holdout:g}" if args.holdout is not None else f"oof x{args.oof}"
+                    rows[-1]["role"] = f"{rows[-1]['role']} {fit}"
                     rows[-1]["teacher_rows"] = {r["model"]: r["test_mse"] for r in result.rows
-                                                if r["role"] == "teacher"}  # fmt: skip
+                                                if r["role"].startswith("teacher")}  # fmt: skip
                 importance = {k: v for k, v in result.distill.history[-1].items() if k.startswith("importance_")}
                 if importance:
                     rows[-1]["importance_last_epoch"] = importance
@@ -238,6 +242,9 @@ def main() -> None:
                         help="the other methods fit DiverseDistill's module on a held-out SHARE of the "
                              "training rows (distill.importance_fit: holdout): each job fits its own "
                              "teachers on the rest instead of reusing the first job's")
+    parser.add_argument("--oof", type=int, metavar="K",
+                        help="the other methods' teachers cross-fitted in K folds (distill.importance_fit: "
+                             "oof): each job fits K models of each teacher instead of reusing the first job's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", default="docs/results/committee.jsonl")
     parser.add_argument("--weights", choices=["equal", "valid"], default="equal",
@@ -247,6 +254,8 @@ def main() -> None:
     parser.add_argument("--report", help="print the markdown tables of this JSONL and exit")
     parser.add_argument("--peers", default="docs/results/peers.jsonl")
     args = parser.parse_args()
+    if args.holdout is not None and args.oof is not None:
+        parser.error("--holdout and --oof are two ways to fit the teachers: pick one")
     if args.report:
         print(report(Path(args.report), Path(args.peers)))
         return

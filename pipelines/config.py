@@ -187,11 +187,26 @@ def _check_label_metrics(cfg: JobConfig) -> None:
 
 
 def _check_holdout(cfg: JobConfig) -> None:
-    """``distill.importance_fit: holdout`` cuts rows out of the training split: a stream has no
-    split to cut (its rows are hashed into splits as they are read)."""
-    if cfg.distill.importance_fit == "holdout" and cfg.data.stream:
-        raise ConfigError("distill.importance_fit: holdout holds rows out of the training split, and "
+    """``distill.importance_fit: holdout`` and ``oof`` cut rows out of the training split, which a
+    stream does not hold (its rows are hashed into splits as they are read); ``oof`` fits each
+    teacher once per fold, so neither a reused checkpoint nor a logged score can be one."""
+    fit = cfg.distill.importance_fit
+    if fit == "train":
+        return
+    if cfg.data.stream:
+        raise ConfigError(f"distill.importance_fit: {fit} holds rows out of the training split, and "
                           "data.stream reads no split into memory; use importance_fit: train")  # fmt: skip
+    if fit != "oof":
+        return
+    for name, source in cfg.teachers.items():
+        if source.checkpoint:
+            raise ConfigError(f"teachers.{name}.checkpoint: distill.importance_fit: oof fits {name} once per "
+                              f"fold ({cfg.distill.oof_folds}) in the job; a single checkpoint cannot be "
+                              "cross-fitted (drop it, or use importance_fit: train)")  # fmt: skip
+    for i, name in enumerate(cfg.distill.teachers):
+        if name in logged_members(cfg):
+            raise ConfigError(f"distill.teachers[{i}]: {name!r} is a logged score, which cannot be refitted "
+                              "per fold for distill.importance_fit: oof")  # fmt: skip
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

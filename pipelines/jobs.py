@@ -42,7 +42,8 @@ from features.sources import embedded_ml100k_folder
 from pipelines.config import JobConfig, logged_members
 from pipelines.schema import to_dict
 from recdistill.baselines import reference_metrics
-from recdistill.distill.holdout import holdout_rows
+from recdistill.distill.crossfit import CrossFitted
+from recdistill.distill.holdout import fold_rows, holdout_rows
 from recdistill.distill.trainer import DistillResult, distill
 from recdistill.export import ExportReport, ParityRows, export_torchscript
 from recdistill.models import build_model, count_parameters
@@ -425,6 +426,9 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
         if name in logged:
             ctx.committee.append((name, stage_logged_member(ctx, name, logged[name])))
             continue
+        if cfg.distill.importance_fit == "oof":
+            ctx.committee.append((name, stage_cross_fitted(ctx, name)))
+            continue
         source = cfg.teachers.get(name)
         folder = ctx.out / f"teacher_{name}"
         ckpt = source.checkpoint if source and source.checkpoint else None
@@ -451,6 +455,43 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
         ctx.add_row(name, "teacher", test, count_parameters(teacher))
         ctx.committee.append((name, teacher))
     return ctx.committee
+
+
+def stage_cross_fitted(ctx: JobContext, name: str) -> CrossFitted:
+    """``distill.importance_fit: oof``: teacher ``name`` fitted ``oof_folds`` times, each
+    without one fold of the training rows (its own nested run and ``teacher_<name>/fold<j>``
+    folder, resumed or reused under ``--resume`` as any teacher), joined into one
+    :class:`~recdistill.distill.crossfit.CrossFitted` teacher evaluated as a whole."""
+    dc, train = ctx.config.distill, ctx.prepared.data.splits["train"]
+    folds = fold_rows(train, dc.oof_folds, dc.holdout_seed)
+    ctx.say(f"  {name}: cross-fitted, {dc.oof_folds} fits of {len(train) - len(folds[0]):,} rows each")
+    models = []
+    for j, held in enumerate(folds):
+        marker = {"oof": {"folds": dc.oof_folds, "fold": j, "seed": dc.holdout_seed}}
+        stage = f"teacher_{name}/fold{j}"
+        data = copy.copy(ctx.prepared.data)
+        data.splits = {**data.splits, "train": train[~torch.isin(train, held)]}
+        with ctx.model_run(f"{name} fold {j + 1}/{dc.oof_folds}", "teacher fold", f"{stage}") as run:
+            finished = _finished_without_resume_point(ctx, ctx.out / stage)
+            if finished is not None and read_checkpoint(finished)["extra"].get("oof") == marker["oof"]:
+                model = load_checkpoint(finished, ctx.prepared)
+                ctx.say(f"  {name} fold {j + 1}: reused {finished}")
+            else:
+                model, result = train_model(ctx, name, ctx.config.teacher_train(name), stage, run,
+                                            dataclasses.replace(ctx.prepared, data=data), marker)  # fmt: skip
+                log_final(run, result.test, result.valid[ctx.headline.key], result.best_epoch, ctx.headline.key)
+        ctx.run.log_file(ctx.out / stage / BEST, f"teachers/{name}/fold{j}")
+        models.append(model)
+    teacher = CrossFitted(models, folds)
+    with ctx.model_run(name, "teacher", f"teacher_{name}") as run:
+        valid, test = _evaluate(ctx, teacher, "valid"), _evaluate(ctx, teacher, "test")
+        run.set_tags({"cross_fitted": dc.oof_folds})
+        log_final(run, test, valid[ctx.headline.key], metric=ctx.headline.key)
+    h = ctx.headline
+    ctx.say(f"  {name}: cross-fitted, valid {h.label} {valid[h.key]:.4f}, test {h.label} {test[h.key]:.4f} "
+            "(each row by a fold model that did not train on it)")  # fmt: skip
+    ctx.add_row(name, f"teacher (cross-fitted x{dc.oof_folds})", test, count_parameters(models[0]))
+    return teacher
 
 
 def stage_logged_member(ctx: JobContext, name: str, column: str) -> nn.Module:

@@ -1,9 +1,11 @@
-"""``distill.importance_fit: holdout`` (issue 19): DiverseDistill's module fitted on training
-rows the teachers never trained on.
+"""``distill.importance_fit: holdout`` and ``oof`` (issue 19): the distillation fitted on
+training rows the teachers never trained on.
 
-The cut itself, the config's refusals, the trainer's routing (the module's terms come from
-held-out rows only, the student's from its own batch), and the job's teachers (trained without
-the held-out rows, their checkpoints marked, an unmarked one refused) on real ML-100K.
+Holdout: the cut itself, the config's refusals, the trainer's routing (the module's terms come
+from held-out rows only, the student's from its own batch), and the job's teachers (trained
+without the held-out rows, their checkpoints marked, an unmarked one refused). Cross-fitting:
+the folds, the cross-fitted teacher's routing (each row by the fold model that never saw it),
+and the job's fold fits. On real ML-100K.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from features.batches import RatingsData
 from pipelines.config import ConfigError, TeacherSource, load_config
 from pipelines.jobs import JobContext, NullRun, stage_teachers, teacher_data
 from recdistill.distill import DistillConfig
-from recdistill.distill.holdout import holdout_rows
+from recdistill.distill.crossfit import CrossFitted
+from recdistill.distill.holdout import fold_rows, holdout_rows
 from recdistill.distill.methods import build_method
 from recdistill.distill.trainer import with_holdout
 from recdistill.models import build_model
@@ -41,7 +44,8 @@ def test_the_cut_is_disjoint_covers_the_split_and_is_seeded():
 
 @pytest.mark.parametrize("bad, says", [
     ({"method": "ld", "importance_fit": "holdout"}, "method 'ld' fits no module"),
-    ({"method": "diverse_distill", "importance_fit": "oof"}, "importance_fit must be one of train, holdout"),
+    ({"method": "diverse_distill", "importance_fit": "kfold"}, "importance_fit must be one of train, holdout, oof"),
+    ({"method": "ld", "importance_fit": "oof", "oof_folds": 1}, "oof_folds must be an int >= 2"),
     ({"method": "diverse_distill", "importance_fit": "holdout", "holdout_share": 0.7}, r"holdout_share must be in \(0, 0.5\]"),
 ])  # fmt: skip
 def test_impossible_holdout_settings_are_refused_naming_the_field(bad, says):
@@ -132,3 +136,91 @@ def test_a_reused_teacher_that_saw_the_held_out_rows_is_refused(prepared, tmp_pa
     ctx = JobContext(config=cfg, out=tmp_path / "run", run=NullRun(), prepared=prepared, say=lambda line: None)
     with pytest.raises(ValueError, match=r"trained on every training row.*drop teachers.mlp_l.checkpoint"):
         stage_teachers(ctx)
+
+
+# ---------------------------------------------------------------- cross-fitting (oof)
+
+
+def test_folds_are_disjoint_cover_the_split_near_equally_and_are_seeded():
+    train = torch.arange(1003) * 2
+    folds = fold_rows(train, 5, seed=3)
+    assert sorted(len(f) for f in folds) == [200, 200, 201, 201, 201]
+    assert sorted(torch.cat(folds).tolist()) == train.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(folds, fold_rows(train, 5, seed=3)))
+    assert not torch.equal(folds[0], fold_rows(train, 5, seed=4)[0])
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        fold_rows(train, 1, seed=0)
+
+
+def fold_models(prepared, count):
+    models = []
+    for j in range(count):
+        torch.manual_seed(j)
+        models.append(build_model("mlp_s", prepared, SMALL).eval())
+    return models
+
+
+def test_each_row_is_answered_by_the_fold_model_that_never_saw_it(prepared):
+    train = prepared.data.splits["train"]
+    folds = fold_rows(train, 3, seed=0)
+    models = fold_models(prepared, 3)
+    teacher = CrossFitted(models, folds)
+    rows = torch.cat([folds[0][:5], folds[2][:5], folds[1][:5], prepared.data.splits["test"][:6]])
+    batch = prepared.data.batch(rows)
+    expected = torch.cat([models[0](prepared.data.batch(folds[0][:5])), models[2](prepared.data.batch(folds[2][:5])),
+                          models[1](prepared.data.batch(folds[1][:5]))]
+                         + [models[int(r) % 3](prepared.data.batch(r.view(1))) for r in rows[15:]])  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(teacher(batch), expected, atol=1e-6)
+        staged = teacher.head(teacher.middle(teacher.early(batch), batch))  # the stages route alike
+        assert torch.allclose(staged, expected, atol=1e-6)
+        with pytest.raises(ValueError, match="it routed 21 rows, z has 4"):
+            teacher.head(torch.zeros(4, teacher.hidden_dim))
+    other = build_model("mlp_s", prepared, {**SMALL, "hidden": [16, 4]})
+    with pytest.raises(ValueError, match=r"\(early_dim, hidden_dim\) differ"):
+        CrossFitted([models[0], other], folds[:2])
+
+
+def test_distill_refuses_a_plain_teacher_for_oof_and_runs_diverse_distill_on_cross_fitted_ones(prepared):
+    from recdistill.distill.trainer import distill
+
+    folds = fold_rows(prepared.data.splits["train"], 2, seed=0)
+    config = DistillConfig(teachers=["t"], method="diverse_distill", variant="tied", importance_fit="oof")
+    budget = TrainConfig(epochs=1, max_steps_per_epoch=2, progress=False)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="teacher 't' is not cross-fitted"):
+        distill(build_model("mlp_s", prepared, SMALL), [("t", fold_models(prepared, 1)[0])], prepared, config, budget)
+    result = distill(build_model("mlp_s", prepared, SMALL), [("t", CrossFitted(fold_models(prepared, 2), folds))],
+                     prepared, config, budget)  # fmt: skip
+    assert torch.isfinite(torch.tensor(result.valid["mse"]))
+
+
+def test_the_jobs_fold_teachers_each_skip_their_own_fold(prepared, tmp_path, monkeypatch):
+    cfg = quick_holdout(("distill.importance_fit=oof", "distill.oof_folds=2"))
+    ctx = JobContext(config=cfg, out=tmp_path, run=NullRun(), prepared=prepared, say=lambda line: None)
+    trained: dict[int, list[torch.Tensor]] = {}
+    original = RatingsData.batch
+
+    def recording(self, rows, train=False):
+        if train:  # the training loop's batches, one data view per fold
+            trained.setdefault(id(self), []).append(rows)
+        return original(self, rows, train)
+
+    monkeypatch.setattr(RatingsData, "batch", recording)
+    [(name, teacher)] = stage_teachers(ctx)
+    folds = fold_rows(prepared.data.splits["train"], 2, seed=0)
+    assert isinstance(teacher, CrossFitted) and name == "mlp_l" and len(trained) == 2
+    skipped = []
+    for rows in trained.values():
+        seen = set(torch.cat(rows).tolist())
+        skipped += [j for j, fold in enumerate(folds) if not seen & set(fold.tolist())]
+    assert sorted(skipped) == [0, 1]  # each fit skipped exactly one fold, a different one
+    for j in range(2):
+        marker = read_checkpoint(Path(tmp_path) / "teacher_mlp_l" / f"fold{j}" / "best.pt")["extra"]["oof"]
+        assert marker == {"folds": 2, "fold": j, "seed": 0}
+    assert ctx.rows[0]["role"] == "teacher (cross-fitted x2)"
+
+
+def test_oof_refuses_a_reused_teacher_checkpoint_at_config_load():
+    with pytest.raises(ConfigError, match="teachers.mlp_l.checkpoint: distill.importance_fit: oof fits mlp_l once per fold"):
+        quick_holdout(("distill.importance_fit=oof", "teachers.mlp_l.checkpoint=somewhere.pt"))

@@ -20,7 +20,7 @@ VARIANTS = ("paper", "tied")
 ANSWER_TARGETS = ("label", "teacher", "mix")
 IMPORTANCE_FORMS = ("sigmoid", "softmax")
 PREDICTION_TARGETS = ("mean", "importance")
-IMPORTANCE_FITS = ("train", "holdout")
+IMPORTANCE_FITS = ("train", "holdout", "oof")
 
 #: What each DiverseDistill ``variant`` sets the fields left at ``None`` to (issue 19).
 #: ``paper`` is the method as published (and as this library ran it before the variants);
@@ -213,15 +213,22 @@ class DistillConfig:
             by the task's loss on the validation split, where no teacher trained:
             :mod:`recdistill.distill.weights`), or one non-negative weight per teacher
             (normalized to sum to 1).
-        importance_fit: (methods with a fitted module: DiverseDistill) which rows fit the module
-            (questions, answers, importance): ``"train"`` (the paper: every training row, where
-            the teachers memorized the labels, so the module learns to trust the teacher that
-            memorized most) or ``"holdout"`` (a ``holdout_share`` slice of the training split
-            the teachers never trained on: the job fits its teachers on the rest, and each step
-            fits the module on a batch of held-out rows while the student trains on every
-            training row as before). Costs a teacher pass per held-out batch, one per step.
+        importance_fit: which rows the distillation fits to teachers that never saw them:
+            ``"train"`` (the paper: every training row, where the teachers memorized the labels,
+            so DiverseDistill's module learns to trust the teacher that memorized most);
+            ``"holdout"`` (methods with a fitted module: DiverseDistill; a ``holdout_share``
+            slice of the training split the teachers never trained on: the job fits its teachers
+            on the rest, and each step fits the module on a batch of held-out rows while the
+            student trains on every training row as before; a teacher pass per held-out batch);
+            or ``"oof"`` (any method: cross-fitting; the job fits ``oof_folds`` models of each
+            teacher, each without one fold of the training rows, and every row is answered by a
+            model that did not train on it, :class:`recdistill.distill.crossfit.CrossFitted`:
+            ``oof_folds`` teacher fits, no more teacher passes). A caller of
+            :func:`recdistill.distill.trainer.distill` passes cross-fitted teachers itself.
         holdout_share: the held-out slice's share of the training rows, in (0, 0.5].
-        holdout_seed: the seed of the held-out slice (:func:`recdistill.distill.holdout.holdout_rows`).
+        holdout_seed: the seed of the held-out slice or of the folds
+            (:func:`recdistill.distill.holdout.holdout_rows`, :func:`~recdistill.distill.holdout.fold_rows`).
+        oof_folds: with ``importance_fit: oof``, the number of folds (and fits of each teacher), >= 2.
         gating: importance gating.
         transfer: a transfer set of unrated pairs labelled by the committee.
     """
@@ -254,9 +261,10 @@ class DistillConfig:
     aekd_cap: float = 0.6
     cache_teacher_outputs: bool = True
     committee_weights: str | list[float] = "equal"
-    importance_fit: Literal["train", "holdout"] = "train"
+    importance_fit: Literal["train", "holdout", "oof"] = "train"
     holdout_share: float = 0.1
     holdout_seed: int = 0
+    oof_folds: int = 5
     gating: GatingConfig = field(default_factory=GatingConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
@@ -289,6 +297,8 @@ class DistillConfig:
                              "does); leave importance_fit at 'train'")  # fmt: skip
         if not 0.0 < self.holdout_share <= 0.5:
             raise ValueError(f"holdout_share must be in (0, 0.5], got {self.holdout_share}")
+        if not (isinstance(self.oof_folds, int) and self.oof_folds >= 2):
+            raise ValueError(f"oof_folds must be an int >= 2, got {self.oof_folds!r}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(
                 f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}"

@@ -25,3 +25,20 @@ def holdout_rows(train: torch.Tensor, share: float, seed: int) -> tuple[torch.Te
     held = torch.zeros(len(train), dtype=torch.bool)
     held[order[:count]] = True
     return train[~held], train[held]
+
+
+def fold_rows(train: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
+    """``folds`` disjoint parts of the training rows ``train`` that cover them, cut by a seeded
+    permutation into near-equal sizes, each in its original order (``importance_fit: oof``: the
+    teacher of fold ``j`` trains on every part but the ``j``-th).
+
+    Raises:
+        ValueError: fewer than 2 folds, or more folds than rows.
+    """
+    if not 2 <= folds <= len(train):
+        raise ValueError(f"oof_folds {folds}: cross-fitting needs at least 2 folds and at most one per "
+                         f"training row ({len(train):,})")  # fmt: skip
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    fold = torch.empty(len(train), dtype=torch.int64)
+    fold[order] = torch.arange(len(train)) % folds
+    return [train[fold == j] for j in range(folds)]

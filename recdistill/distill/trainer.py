@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from recdistill.distill.config import DistillConfig, TransferConfig
+from recdistill.distill.crossfit import CrossFitted
 from recdistill.distill.holdout import holdout_rows
 from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
@@ -251,7 +252,13 @@ def distill(
     Raises:
         TrainingError: a loss entry or the validation MSE is NaN or infinite; the message names
             it, the epoch and step, and where the last good checkpoint is.
+        ValueError: ``importance_fit: oof`` with a teacher that is not cross-fitted.
     """
+    if config.importance_fit == "oof":
+        plain = [name for name, teacher in committee if not isinstance(teacher, CrossFitted)]
+        if plain:
+            raise ValueError(f"distill.importance_fit: oof: teacher {plain[0]!r} is not cross-fitted; pass "
+                             "CrossFitted(fold models, fold_rows(...)) (the job fits them)")  # fmt: skip
     train = train or TrainConfig()
     data = getattr(prepared, "data", prepared)
     if callable(getattr(data, "sample", None)):  # a stream: its first training rows
