@@ -221,9 +221,9 @@ class DistillConfig:
             on the rest, and each step fits the module on a batch of held-out rows while the
             student trains on every training row as before; a teacher pass per held-out batch);
             or ``"oof"`` (any method: cross-fitting; the job fits ``oof_folds`` models of each
-            teacher, each without one fold of the training rows, and every row is answered by a
-            model that did not train on it, :class:`recdistill.distill.crossfit.CrossFitted`:
-            ``oof_folds`` teacher fits, no more teacher passes). A caller of
+            teacher, each without one fold of the training rows; a training row is answered by
+            the model that did not train on it, any other row's prediction is the mean of all,
+            :class:`recdistill.distill.crossfit.CrossFitted`: ``oof_folds`` teacher fits). A caller of
             :func:`recdistill.distill.trainer.distill` passes cross-fitted teachers itself.
         holdout_share: the held-out slice's share of the training rows, in (0, 0.5].
         holdout_seed: the seed of the held-out slice or of the folds

@@ -5,13 +5,15 @@ On a training row the teacher's early stage, middle stage, head and prediction a
 the model fitted without that row's fold, so everything a distillation method fits to its
 outputs there (DiverseDistill's questions, answers and importance; LD's target) is out of
 sample (Dao et al., ICLR 2021: cross-fitting). A row outside the training split (valid, test,
-a transfer pair) is answered by the model ``row % K``: no model saw it either. It costs K
-teacher fits and no more teacher passes than one teacher.
+a transfer pair), which no fold model saw, is predicted by the mean of the K models (a bagged
+ensemble: the target LD reads there, and the teacher's reported metric) and goes through the
+stages of model ``row % K`` (a hidden state has no mean across models). It costs K teacher fits;
+a training row costs one teacher pass, another row K for its prediction.
 
 Example::
 
     teacher = CrossFitted([model_0, model_1, model_2], folds)  # folds: fold_rows(train, 3, seed)
-    teacher(batch)  # [B]: each row by the model that did not train on it
+    teacher(batch)  # [B]: a training row by the model that did not train on it, others by the mean
 """
 
 from __future__ import annotations
@@ -65,9 +67,8 @@ class CrossFitted(StagedModule):
         if rows is None:
             raise ValueError("a cross-fitted teacher routes rows by their ids: the batch has no rows")
         rows = rows.to(self.fold_of.device)
-        inside = rows < len(self.fold_of)
-        fold = torch.where(inside, self.fold_of[rows.clamp(max=len(self.fold_of) - 1)], -1)
-        return torch.where(fold >= 0, fold, rows % len(self.models))
+        fold = self.fold_of[rows.clamp(max=len(self.fold_of) - 1)]
+        return torch.where(self.trained_on(batch), fold, rows % len(self.models))
 
     def _each(self, route: torch.Tensor, run) -> torch.Tensor:
         """``run(j, positions)`` for each fold with rows in ``route``, scattered back to ``[B, ...]``."""
@@ -102,7 +103,23 @@ class CrossFitted(StagedModule):
         return self._each(route, lambda j, p: self.models[j].head(z[p.to(z.device)]))
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return self._each(self.route(batch), lambda j, p: self.models[j](slice_batch(batch, p)))
+        """``[B]`` (or ``[B, C]``): a training row by the model that never saw it, any other row
+        by the mean of all K models."""
+        route = self.route(batch)
+        training = self.trained_on(batch)
+        prediction = self._each(torch.where(training, route, -1), lambda j, p: (
+            self.models[j](slice_batch(batch, p)) if j >= 0 else self._mean(slice_batch(batch, p))))  # fmt: skip
+        self._route = route
+        return prediction
+
+    def _mean(self, batch: Any) -> torch.Tensor:
+        return torch.stack([model(batch) for model in self.models]).mean(0)
+
+    def trained_on(self, batch: Any) -> torch.Tensor:
+        """``[B]`` bool: the row is a training row (of one fold)."""
+        rows = batch.rows.to(self.fold_of.device)
+        inside = rows < len(self.fold_of)
+        return inside & (self.fold_of[rows.clamp(max=len(self.fold_of) - 1)] >= 0)
 
     def freeze(self) -> "CrossFitted":
         """Each fold model frozen as it freezes itself (a language teacher caches its context)."""
