@@ -67,7 +67,7 @@ from recdistill.training import (
     train_supervised,
 )
 from recdistill.training.checkpoints import BEST, RESUME
-from recdistill.training.tasks import task_of
+from recdistill.training.tasks import click_calibration, task_of
 
 log = logging.getLogger("recdistill.jobs")
 
@@ -87,7 +87,8 @@ class Headline:
 #: Per task (``recdistill.training.tasks``): ratings by MSE, clicks by log loss (with AUC).
 HEADLINES = {
     "regression": Headline("mse", "MSE", METRIC_KEYS),
-    "binary": Headline("log_loss", "log loss", ("log_loss", "auc", "accuracy")),
+    # Accuracy says nothing at a 5% click rate; normalized entropy and calibration do.
+    "binary": Headline("log_loss", "log loss", ("log_loss", "normalized_entropy", "auc", "calibration")),
 }
 
 
@@ -305,7 +306,8 @@ def click_rate_metrics(data: Any, split: str = "test") -> dict[str, float]:
     clicks = data.labels[data.splits[split]].double()
     log_loss = -(clicks * math.log(rate) + (1 - clicks) * math.log(1 - rate)).mean().item()
     accuracy = (clicks == float(rate > 0.5)).double().mean().item()
-    return {"log_loss": log_loss, "auc": 0.5, "accuracy": accuracy}
+    return {"log_loss": log_loss, "auc": 0.5, "accuracy": accuracy,
+            **click_calibration(log_loss, rate, clicks.mean().item())}  # fmt: skip
 
 
 def holdout_key(cfg: JobConfig) -> str:
@@ -591,11 +593,12 @@ def stage_distill(ctx: JobContext) -> DistillResult:
 
 def gap_closed(rows: list[dict[str, Any]], metric: str = "mse") -> float | None:
     """(alone - distilled) / (alone - best teacher) of the test ``metric`` (MSE, or log loss:
-    lower is better); DESIGN.md section 3."""
+    lower is better); DESIGN.md section 3. None when no teacher beats the student alone: there
+    is no gap to close (a ratio over a negative gap reads as -815%)."""
     alone = [r[f"test_{metric}"] for r in rows if r["role"] == "student alone"]
     teachers = [r[f"test_{metric}"] for r in rows if r["role"].startswith("teacher")]
     distilled = [r[f"test_{metric}"] for r in rows if r["role"].startswith("distilled")]
-    if not (alone and teachers and distilled) or alone[0] == min(teachers):
+    if not (alone and teachers and distilled) or alone[0] <= min(teachers):
         return None
     return (alone[0] - distilled[-1]) / (alone[0] - min(teachers))
 

@@ -102,6 +102,15 @@ def test_positive_rate_is_the_share_of_clicks_and_mean_prediction_the_mean_click
     assert metrics["mean_prediction"] == pytest.approx(torch.sigmoid(torch.tensor(LOGITS)).mean().item())
 
 
+def test_normalized_entropy_is_the_log_loss_over_the_click_rates_entropy_and_calibration_a_ratio():
+    metrics = scored(LOGITS, LABELS)
+    entropy = -(3 / 7 * math.log(3 / 7) + 4 / 7 * math.log(4 / 7))
+    assert metrics["normalized_entropy"] == pytest.approx(metrics["log_loss"] / entropy)
+    assert metrics["calibration"] == pytest.approx(metrics["mean_prediction"] / (3 / 7))
+    constant = scored([math.log(3 / 4)] * 7, LABELS)  # logit of the observed click rate 3/7
+    assert constant["normalized_entropy"] == pytest.approx(1.0) and constant["calibration"] == pytest.approx(1.0)
+
+
 def test_accuracy_is_reported_per_class_as_for_any_classification():
     metrics = scored(LOGITS, LABELS)  # predicted click where l > 0: rows 1, 2, 3, 6
     assert metrics["accuracy_click"] == pytest.approx(2 / 3)

@@ -99,7 +99,8 @@ def test_the_click_log_reads_as_a_binary_task_with_its_spec(clicks):
 
 def test_a_click_model_trains_with_auc_and_log_loss_reported(trained):
     _, result = trained
-    assert {"auc", "log_loss", "accuracy"} <= set(result.test)
+    assert {"auc", "log_loss", "normalized_entropy", "calibration"} <= set(result.test)
+    assert result.test["normalized_entropy"] < 1.0  # better than the constant click rate
     assert result.test["auc"] > 0.65  # the planted signal is learned
     assert math.isfinite(result.test["log_loss"]) and result.test["log_loss"] < math.log(2)
     assert "valid_auc" in result.history[-1]
@@ -216,3 +217,14 @@ def test_history_features_on_a_click_log_train_a_dlrm_that_exports(paths, tmp_pa
     assert 0.5 < result.test["auc"] <= 1 and math.isfinite(result.test["log_loss"])
     report = export_torchscript(model, prepared.vocabs, tmp_path / "s.pt", ParityRows.sample(prepared, 256))
     assert report.max_abs_diff < 1e-5
+
+
+def test_gap_closed_is_left_out_when_no_teacher_beats_the_student_alone():
+    from pipelines.jobs import gap_closed
+
+    def rows(alone, teacher, distilled):
+        return [{"role": "teacher", "test_log_loss": teacher}, {"role": "student alone", "test_log_loss": alone},
+                {"role": "distilled (ld)", "test_log_loss": distilled}]  # fmt: skip
+
+    assert gap_closed(rows(0.2380, 0.2370, 0.2375), "log_loss") == pytest.approx(0.5)
+    assert gap_closed(rows(0.2378, 0.2383, 0.2379), "log_loss") is None  # the teacher is worse: no gap

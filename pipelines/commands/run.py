@@ -12,7 +12,8 @@ if TYPE_CHECKING:  # the job imports torch and MLflow: only when it runs
     from pipelines.jobs import JobResult
 
 SUMMARY_COLUMNS = ("model", "role", "test_mse", "test_rmse", "test_mae", "test_log_loss",
-                   "test_auc", "test_accuracy", "params", "teacher_passes_saved", "gap_closed")  # fmt: skip
+                   "test_normalized_entropy", "test_auc", "test_calibration", "params",
+                   "teacher_passes_saved", "gap_closed")  # fmt: skip
 
 
 def _champion_file(result: JobResult) -> str:

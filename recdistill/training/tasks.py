@@ -157,8 +157,11 @@ class BinaryTask(ClassificationTask):
                  **_: Any) -> dict[str, float]:  # fmt: skip
         """What :meth:`ClassificationTask.evaluate` gives, plus ``auc`` (ROC AUC of the click
         probability ``softmax(logits)[:, 1]``), ``log_loss`` (the mean cross-entropy, equal to
-        ``loss``), ``positive_rate`` (share of clicks) and ``mean_prediction`` (mean click
-        probability; against ``positive_rate`` it shows calibration at a glance).
+        ``loss``), ``positive_rate`` (share of clicks), ``mean_prediction`` (mean click
+        probability), ``calibration`` (``mean_prediction / positive_rate``: 1 when the model
+        predicts as many clicks as there were) and ``normalized_entropy`` (the log loss over the
+        entropy of the observed click rate, He et al., ADKDD 2014: 1 is the constant click
+        rate's, lower is better; unlike accuracy it means something at a 5% click rate).
 
         ``auc`` is NaN when the split holds only one class (no pair to rank). Under a process
         group each rank scores its slice and the click probabilities and labels of all ranks
@@ -179,7 +182,17 @@ class BinaryTask(ClassificationTask):
         metrics["log_loss"] = metrics["loss"]
         metrics["positive_rate"] = clicked.double().mean().item()
         metrics["mean_prediction"] = probability.double().mean().item()
+        metrics.update(click_calibration(metrics["log_loss"], metrics["mean_prediction"], metrics["positive_rate"]))
         return metrics
+
+
+def click_calibration(log_loss: float, mean_prediction: float, positive_rate: float) -> dict[str, float]:
+    """``normalized_entropy`` (``log_loss`` over the entropy of the observed click rate
+    ``positive_rate``; NaN where every row has one label) and ``calibration``
+    (``mean_prediction / positive_rate``) of a click model's scores on one split."""
+    rate = positive_rate
+    entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else math.nan
+    return {"normalized_entropy": log_loss / entropy, "calibration": mean_prediction / rate if rate > 0 else math.nan}
 
 
 @torch.no_grad()  # on a generator, torch disables gradients around each step only
