@@ -348,21 +348,24 @@ class Prepared:
         spec = self.vocabs.spec
         label = spec.label.column
         if ratings is None:  # streamed: what is known without reading every row
+            rows = "ratings" if spec.label.kind == "rating" else "impressions"
             return {"source": self.config.interactions, "dataset": self.movielens.name,
-                    "ratings": len(self.data), "streamed": True,
+                    rows: len(self.data), "streamed": True,
                     "users": None if self.movielens.users is None else self.movielens.users.height,
                     "items": None if self.movielens.items is None else self.movielens.items.height,
                     "chunks": len(self.data.chunks), "split": self.config.split,
                     "split_sizes": {name: len(self.data.splits[name]) for name in SPLITS},
                     "vocab_sizes": self.vocabs.sizes}  # fmt: skip
+        # Named for the label: a click log has impressions, not ratings.
+        rows, who = ("ratings", "rated") if spec.label.kind == "rating" else ("impressions", "seen")
         return {
             "source": self.config.interactions or self.config.source,
             "dataset": self.movielens.name,
-            "ratings": ratings.height,
+            rows: ratings.height,
             "users": None if self.movielens.users is None else self.movielens.users.height,
             "items": None if self.movielens.items is None else self.movielens.items.height,
-            "rated_users": ratings[spec.user_key].n_unique() if spec.user_key in ratings.columns else None,
-            "rated_items": ratings[spec.item_key].n_unique() if spec.item_key in ratings.columns else None,
+            f"{who}_users": ratings[spec.user_key].n_unique() if spec.user_key in ratings.columns else None,
+            f"{who}_items": ratings[spec.item_key].n_unique() if spec.item_key in ratings.columns else None,
             f"{spec.label.kind}_mean": round(float(ratings[label].cast(pl.Float64).mean()), 4),
             "split": self.config.split,
             "split_sizes": {name: len(self.data.splits[name]) for name in SPLITS},

@@ -263,8 +263,9 @@ def stage_prepare(ctx: JobContext) -> Prepared:
     ctx.run.log_file(vocab_path)
     summary = ctx.prepared.summary()
     sizes = summary["split_sizes"]
+    rows = "ratings" if "ratings" in summary else "impressions"
     ctx.say(
-        f"  {summary['dataset']}: {summary['ratings']:,} ratings, {summary['users'] or 0:,} users, "
+        f"  {summary['dataset']}: {summary[rows]:,} {rows}, {summary['users'] or 0:,} users, "
         f"{summary['items'] or 0:,} items; {ctx.config.data.split} split {sizes['train']:,} / "
         f"{sizes['valid']:,} / {sizes['test']:,} ({time.perf_counter() - start:.1f} s)"
     )
@@ -311,10 +312,11 @@ def click_rate_metrics(data: Any, split: str = "test") -> dict[str, float]:
 
 
 def holdout_key(cfg: JobConfig) -> str:
-    """What makes two test MSEs comparable: the data source and the exact split."""
+    """What makes two test metrics comparable: the data (the team's own interactions by path,
+    else the named source) and the exact split."""
     d = cfg.data
     fractions = "/".join(f"{f:g}" for f in d.split_fractions)
-    return f"{d.source}|{d.split}|{fractions}|seed={d.seed}|dedupe={d.dedupe_titles}"
+    return f"{d.interactions or d.source}|{d.split}|{fractions}|seed={d.seed}|dedupe={d.dedupe_titles}"
 
 
 def _fetch_checkpoint(uri: str) -> Path:

@@ -95,6 +95,9 @@ def test_the_click_log_reads_as_a_binary_task_with_its_spec(clicks):
                                    "category": 8, "price": 6, "tags": 6}  # fmt: skip
     assert "rare" not in clicks.vocabs["category"].values  # below min_count: unknown
     assert set(data.entity_ids("item_id").tolist()) <= set(range(1, 513))  # hashed, never 0
+    summary = clicks.summary()  # a click log has impressions, not ratings
+    assert summary["impressions"] == CLICKS and "ratings" not in summary and "rated_users" not in summary
+    assert summary["seen_users"] <= USERS and summary["click_mean"] < 0.5
 
 
 def test_a_click_model_trains_with_auc_and_log_loss_reported(trained):
@@ -194,6 +197,9 @@ def test_the_committee_job_runs_on_a_click_log(paths, tmp_path):
         assert 0.6 < row["test_auc"] <= 1.0 and row["test_log_loss"] < reference["test_log_loss"]
     assert result.headline.key == "log_loss" and "valid log loss" in result.distillation_verdict
     assert result.export.passed and result.version == "1"
+    from pipelines.jobs import holdout_key
+
+    assert holdout_key(cfg).startswith(f"{cfg.data.interactions}|")  # the team's own log, not "embedded"
     served = torch.jit.load(str(result.export.path))
     p = served(*ParityRows.sample(prepare(cfg.data), 8, "test").inputs.args)
     assert bool(((p > 0) & (p < 1)).all())
