@@ -16,8 +16,9 @@ ML-100K is verbalized without a Python loop.
 from __future__ import annotations
 
 import string
+import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import polars as pl
 
@@ -72,6 +73,28 @@ def _parse(template: str, part: str, fields: Sequence[str] | None = None) -> lis
     return parsed
 
 
+def check_prompt_columns(template: str, part: str, spec: Any, columns: Sequence[str]) -> None:
+    """Refuse a template that names the label column (the language teacher would read the
+    answer), and warn on one naming a column no feature of the spec uses: text the embedding
+    models do not read is fine (a user's stated interests) unless it is an answer key (a
+    logged outcome, a click rate) that serving will not have.
+
+    Raises:
+        ValueError: the template names ``spec.label.column``.
+    """
+    key = f"data.{part}_template"
+    fields = [field for _, field in _parse(template, part, columns) if field is not None]
+    if spec.label.column in fields:
+        raise ValueError(f"{key}: {{{spec.label.column}}} is the label column (data.label) and cannot be in "
+                         "a prompt: the language teacher would read the answer")  # fmt: skip
+    used = {feature.column for feature in spec.features} | {spec.user_key, spec.item_key}
+    unused = sorted(set(fields) - used)
+    if unused:
+        warnings.warn(f"{key} names {', '.join(unused)}, which no feature of the spec reads: fine for "
+                      "text only the language teacher reads, wrong for an answer key (an outcome or "
+                      "rate logged after the fact) that serving will not have", stacklevel=2)  # fmt: skip
+
+
 def check_templates(user_template: str, item_template: str) -> None:
     """Raise ``ValueError`` naming the key when either part's template is not valid."""
     _parse(user_template, "user")
@@ -118,6 +141,10 @@ def verbalize(joined: pl.DataFrame, config: DataConfig | None = None) -> pl.Seri
     your own tables, ``data.interactions``, any of its columns may be named)."""
     config = config or DataConfig()
     schema = dict(joined.schema) if config.interactions is not None else None
+    if schema is not None:
+        spec = config.spec_for("ml-100k")  # the own tables' spec (the name is MovieLens' default)
+        check_prompt_columns(config.user_template, "user", spec, list(schema))
+        check_prompt_columns(config.item_template, "item", spec, list(schema))
     return joined.select(prompt_expr(config, schema)).to_series()
 
 
@@ -151,17 +178,24 @@ def field_spans(frame: pl.DataFrame, template: str, part: str, field: str,
 
 
 def entity_prompts(frame: pl.DataFrame, config: DataConfig, part: str,
-                   id_field: str | None = None) -> EntityPrompts:  # fmt: skip
+                   id_field: str | None = None, spec: Any = None) -> EntityPrompts:  # fmt: skip
     """The ``part`` ("user" or "item") text of every row of an entity frame in vocabulary order.
 
     ``frame`` comes from :func:`features.batches.entity_frame` (row ``i`` is vocabulary index
     ``i``; row 0 the unknown entity). The template may name any of its columns.
 
+    With the data's feature ``spec`` (a team's own tables), a template naming the label column
+    is refused and one naming a column no feature reads is warned about
+    (:func:`check_prompt_columns`).
+
     Raises:
-        ValueError: the template names a column the table lacks (named, with the columns).
+        ValueError: the template names a column the table lacks (named, with the columns), or
+            the label column.
     """
     template = config.user_template if part == "user" else config.item_template
     schema = dict(frame.schema)
+    if spec is not None and config.interactions is not None:
+        check_prompt_columns(template, part, spec, list(schema))
     sep = config.genre_separator
     texts = frame.select(part_expr(template, part, sep, schema=schema)).to_series().to_list()
     id_field = id_field or ("user_id" if part == "user" else "item_id")

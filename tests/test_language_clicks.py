@@ -145,3 +145,15 @@ def test_a_job_config_takes_minilm_as_a_click_teacher_and_refuses_t5(folder):
     assert parse_config(raw).distill.teachers == ["minilm"]
     with pytest.raises(ConfigError, match=r"distill.teachers\[1\]: model 't5' predicts rating labels"):
         parse_config({**raw, "distill": {"method": "ld", "teachers": ["minilm", "t5"]}})
+
+
+def test_a_template_naming_the_label_is_refused_and_one_naming_an_unread_column_warned_about(clicks):
+    spec = clicks.vocabs.spec
+    frame = entity_frame(clicks, "item")
+    assert "headline" not in {feature.column for feature in spec.features}
+    with pytest.warns(UserWarning, match=r"data.item_template names headline, which no feature of the spec reads"):
+        entity_prompts(frame, clicks.config, "item", spec.item_key, spec)
+    labelled = frame.with_columns(pl.lit(1).alias(spec.label.column))  # an ads table with the label in it
+    with pytest.raises(ValueError, match=rf"data.item_template: \{{{spec.label.column}\}} is the label column"):
+        entity_prompts(labelled, DataConfig(**{**clicks.config.__dict__, "item_template": f"Ad {{{spec.label.column}}}"}),
+                       "item", spec.item_key, spec)  # fmt: skip

@@ -284,7 +284,7 @@ def prompt_parts(
         for part, (prefix, suffix) in zip(("user", "item"), (user_affixes, item_affixes)):
             spec = prepared.vocabs.spec
             key_column = spec.user_key if part == "user" else spec.item_key
-            prompts = entity_prompts(entity_frame(prepared, part), config, part, key_column)
+            prompts = entity_prompts(entity_frame(prepared, part), config, part, key_column, spec)
             tables.append(EntityTokens.from_texts(prompts.texts, tokenizer, max_length, prefix, suffix,
                                                   prompts.id_spans))  # fmt: skip
         memo[key] = PromptParts(tables[0], tables[1], tokenizer.get_vocab_size())
