@@ -414,7 +414,12 @@ def prepare(config: DataConfig | None = None, vocabs: FeatureVocabs | None = Non
     check_columns(spec, {name: t.schema for name, t in tables.items() if t is not None})
     if vocabs is None:
         vocabs = FeatureVocabs.build(spec, ml.ratings, ml.users, ml.items)
-    data = RatingsData.from_frames(ml, vocabs, config)
+    try:
+        data = RatingsData.from_frames(ml, vocabs, config)
+    except DataError as err:  # a bad value: say which file it came from
+        if config.interactions is None:
+            raise
+        raise DataError(f"data.interactions ({config.interactions}): {err}") from err
     vocabs.histories = data.histories()  # frozen with the vocabularies: the served module's
     return Prepared(config, ml, vocabs, data)
 

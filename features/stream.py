@@ -203,7 +203,10 @@ class StreamingRatings:
             frame = frame.join(self.users, on=spec.user_key, how="left", maintain_order="left")
         if self.items is not None:
             frame = frame.join(self.items, on=spec.item_key, how="left", maintain_order="left")
-        data = RatingsData.encode(frame, self.vocabs)
+        try:
+            data = RatingsData.encode(frame, self.vocabs)
+        except DataError as err:  # a bad value: say which shard it came from
+            raise DataError(f"{chunk.file}: {err}") from err
         data.rows = torch.from_numpy(rows.astype(np.int64))
         return frame, data
 

@@ -153,6 +153,22 @@ def test_a_missing_column_fails_before_any_data_is_read(paths):
         prepare(click_config(paths, missing))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_click_label_that_is_not_0_or_1_names_its_file_column_and_value(paths, tmp_path, stream):
+    from features.sources import DataError
+
+    log = pl.read_parquet(paths["interactions"]).with_columns(
+        pl.when(pl.int_range(pl.len()) == 7).then(2).otherwise(pl.col("clicked")).alias("clicked"))
+    log.write_parquet(tmp_path / "bad.parquet")
+    config = click_config({**paths, "interactions": str(tmp_path / "bad.parquet")})
+    with pytest.raises(DataError, match=r"bad\.parquet.*label column 'clicked': a click label must be 0 or 1; "
+                                        r"1 rows are not \(first: 2\)"):  # fmt: skip
+        if stream:
+            prepare(DataConfig(**{**config.__dict__, "stream": True})).data.sample("train", 8)
+        else:
+            prepare(config)
+
+
 def test_own_tables_need_a_spec():
     with pytest.raises(ValueError, match="data.features: your own tables"):
         DataConfig(interactions="log.parquet")
