@@ -364,10 +364,16 @@ def teacher_data(ctx: JobContext) -> Prepared:
     marker = holdout_marker(ctx)
     if marker is None:
         return ctx.prepared
-    data = copy.copy(ctx.prepared.data)
-    rest, _ = holdout_rows(data.splits["train"], marker["share"], marker["seed"])
-    data.splits = {**data.splits, "train": rest}
-    return dataclasses.replace(ctx.prepared, data=data)
+    _, held = holdout_rows(ctx.prepared.data.splits["train"], marker["share"], marker["seed"])
+    return without_training_rows(ctx.prepared, held)
+
+
+def without_training_rows(prepared: Prepared, held: torch.Tensor) -> Prepared:
+    """A shallow view of ``prepared`` whose training split lacks the rows ``held``."""
+    data = copy.copy(prepared.data)
+    train = data.splits["train"]
+    data.splits = {**data.splits, "train": train[~torch.isin(train, held)]}
+    return dataclasses.replace(prepared, data=data)
 
 
 def check_reused_teacher(ctx: JobContext, name: str, path: Path) -> None:
@@ -473,8 +479,6 @@ def stage_cross_fitted(ctx: JobContext, name: str) -> CrossFitted:
     for j, held in enumerate(folds):
         marker = {"oof": {"folds": dc.oof_folds, "fold": j, "seed": dc.holdout_seed}}
         stage = f"teacher_{name}/fold{j}"
-        data = copy.copy(ctx.prepared.data)
-        data.splits = {**data.splits, "train": train[~torch.isin(train, held)]}
         with ctx.model_run(f"{name} fold {j + 1}/{dc.oof_folds}", "teacher fold", f"{stage}") as run:
             finished = _finished_without_resume_point(ctx, ctx.out / stage)
             if finished is not None and read_checkpoint(finished)["extra"].get("oof") == marker["oof"]:
@@ -482,7 +486,7 @@ def stage_cross_fitted(ctx: JobContext, name: str) -> CrossFitted:
                 ctx.say(f"  {name} fold {j + 1}: reused {finished}")
             else:
                 model, result = train_model(ctx, name, ctx.config.teacher_train(name), stage, run,
-                                            dataclasses.replace(ctx.prepared, data=data), marker)  # fmt: skip
+                                            without_training_rows(ctx.prepared, held), marker)  # fmt: skip
                 log_final(run, result.test, result.valid[ctx.headline.key], result.best_epoch, ctx.headline.key)
         ctx.run.log_file(ctx.out / stage / BEST, f"teachers/{name}/fold{j}")
         models.append(model)

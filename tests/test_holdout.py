@@ -201,10 +201,13 @@ def test_the_jobs_fold_teachers_each_skip_their_own_fold(prepared, tmp_path, mon
     cfg = quick_holdout(("distill.importance_fit=oof", "distill.oof_folds=2"))
     ctx = JobContext(config=cfg, out=tmp_path, run=NullRun(), prepared=prepared, say=lambda line: None)
     trained: dict[int, list[torch.Tensor]] = {}
+    views = []  # held, so that no view's id is reused by the next one
     original = RatingsData.batch
 
     def recording(self, rows, train=False):
         if train:  # the training loop's batches, one data view per fold
+            if id(self) not in trained:
+                views.append(self)
             trained.setdefault(id(self), []).append(rows)
         return original(self, rows, train)
 
