@@ -203,8 +203,9 @@ def _check_holdout(cfg: JobConfig) -> None:
             raise ConfigError(f"teachers.{name}.checkpoint: distill.importance_fit: oof fits {name} once per "
                               f"fold ({cfg.distill.oof_folds}) in the job; a single checkpoint cannot be "
                               "cross-fitted (drop it, or use importance_fit: train)")  # fmt: skip
+    logged = logged_members(cfg)
     for i, name in enumerate(cfg.distill.teachers):
-        if name in logged_members(cfg):
+        if name in logged:
             raise ConfigError(f"distill.teachers[{i}]: {name!r} is a logged score, which cannot be refitted "
                               "per fold for distill.importance_fit: oof")  # fmt: skip
 

@@ -376,16 +376,16 @@ def without_training_rows(prepared: Prepared, held: torch.Tensor) -> Prepared:
     return dataclasses.replace(prepared, data=data)
 
 
-def check_reused_teacher(ctx: JobContext, name: str, path: Path) -> None:
+def check_reused_teacher(ctx: JobContext, name: str, path: Path, extra: dict[str, Any]) -> None:
     """A reused teacher checkpoint must have trained on the rows this job's teachers train on:
     under ``importance_fit: holdout`` one fitted on the whole training split has memorized the
-    held-out rows the distillation module is fitted on.
+    held-out rows the distillation module is fitted on. ``extra``: the checkpoint's ``extra``.
 
     Raises:
         ValueError: the checkpoint's held-out slice (or its absence) differs from the job's.
     """
     want = holdout_marker(ctx)
-    have = read_checkpoint(path)["extra"].get("holdout")
+    have = extra.get("holdout")
     if want is not None and have != want:
         trained = f"held out {have}" if have else "trained on every training row"
         raise ValueError(
@@ -448,9 +448,10 @@ def stage_teachers(ctx: JobContext) -> list[tuple[str, nn.Module]]:
         with ctx.model_run(name, "teacher", f"teacher_{name}") as run:
             if ckpt is not None:
                 path = _fetch_checkpoint(ckpt)
-                check_reused_teacher(ctx, name, path)
+                extra = read_checkpoint(path)["extra"]
+                check_reused_teacher(ctx, name, path, extra)
                 teacher = load_checkpoint(path, ctx.prepared)
-                test = read_checkpoint(path)["extra"].get("test") or _evaluate(ctx, teacher, "test")
+                test = extra.get("test") or _evaluate(ctx, teacher, "test")
                 run.set_tags({"reused": ckpt})
                 log_final(run, test, None)
                 h = ctx.headline

@@ -16,9 +16,9 @@ Promotion (:func:`promote`): a registered version gets the champion alias only i
 TorchScript export passed the parity check, it beats the baseline its own run recorded (the
 student trained alone, on a validation metric; :meth:`TrackedRun.log_baseline`) AND it beats the
 current champion on the same holdout metric (each by more than ``promotion_margin``, 0 by
-default: strictly; lower is better unless ``greater_is_better``). Otherwise the champion stays where it was and the version is tagged with
-why it lost. Moving the alias is all or nothing: if any write of a promotion fails, the alias
-goes back to the old champion, which keeps serving.
+default: strictly; lower is better unless ``greater_is_better``). Otherwise the champion stays
+where it was and the version is tagged with why it lost. Moving the alias is all or nothing: if
+any write of a promotion fails, the alias goes back to the old champion, which keeps serving.
 
 A tracking server that does not answer is found before a job starts (:func:`connect` probes it
 with a short timeout) and named in one :class:`TrackingUnavailable` error, rather than by

@@ -61,14 +61,20 @@ class CrossFitted(StagedModule):
         self.register_buffer("fold_of", fold_of, persistent=False)
         self._route: torch.Tensor | None = None  # [B] fold of each row of the latest early/middle
 
-    def route(self, batch: Any) -> torch.Tensor:
-        """``[B]`` the fold model answering each row of ``batch``."""
+    def _folds(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B] fold of each training row, -1 elsewhere; [B] the fold model whose stages
+        answer each row)``: its own fold's for a training row, ``row % K`` for any other."""
         rows = getattr(batch, "rows", None)
         if rows is None:
             raise ValueError("a cross-fitted teacher routes rows by their ids: the batch has no rows")
         rows = rows.to(self.fold_of.device)
-        fold = self.fold_of[rows.clamp(max=len(self.fold_of) - 1)]
-        return torch.where(self.trained_on(batch), fold, rows % len(self.models))
+        inside = rows < len(self.fold_of)
+        fold = torch.where(inside, self.fold_of[rows.clamp(max=len(self.fold_of) - 1)], -1)
+        return fold, torch.where(fold >= 0, fold, rows % len(self.models))
+
+    def route(self, batch: Any) -> torch.Tensor:
+        """``[B]`` the fold model answering each row of ``batch`` through the stages."""
+        return self._folds(batch)[1]
 
     def _each(self, route: torch.Tensor, run) -> torch.Tensor:
         """``run(j, positions)`` for each fold with rows in ``route``, scattered back to ``[B, ...]``."""
@@ -105,21 +111,14 @@ class CrossFitted(StagedModule):
     def forward(self, batch: Any) -> torch.Tensor:
         """``[B]`` (or ``[B, C]``): a training row by the model that never saw it, any other row
         by the mean of all K models."""
-        route = self.route(batch)
-        training = self.trained_on(batch)
-        prediction = self._each(torch.where(training, route, -1), lambda j, p: (
+        fold, route = self._folds(batch)
+        prediction = self._each(fold, lambda j, p: (
             self.models[j](slice_batch(batch, p)) if j >= 0 else self._mean(slice_batch(batch, p))))  # fmt: skip
-        self._route = route
+        self._route = route  # what head() applies after a forward
         return prediction
 
     def _mean(self, batch: Any) -> torch.Tensor:
         return torch.stack([model(batch) for model in self.models]).mean(0)
-
-    def trained_on(self, batch: Any) -> torch.Tensor:
-        """``[B]`` bool: the row is a training row (of one fold)."""
-        rows = batch.rows.to(self.fold_of.device)
-        inside = rows < len(self.fold_of)
-        return inside & (self.fold_of[rows.clamp(max=len(self.fold_of) - 1)] >= 0)
 
     def freeze(self) -> "CrossFitted":
         """Each fold model frozen as it freezes itself (a language teacher caches its context)."""
