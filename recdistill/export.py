@@ -73,6 +73,9 @@ from recdistill.training.evaluation import label_range
 #: features also have ``lengths``).
 INPUT_DICTS = ("numbers", "strings", "lengths")
 
+#: ``export.format``: the TorchScript file, or it and the AOTInductor package.
+EXPORT_FORMATS = ("torchscript", "both")
+
 
 @dataclass
 class ExportConfig:
@@ -85,6 +88,10 @@ class ExportConfig:
         parity_split: the split the parity rows are drawn from.
         freeze: ``torch.jit.freeze`` the scripted module (constants folded; see
             docs/results/serving.md for what it changes in latency).
+        format: ``torchscript`` (the file alone), or ``both``: also a ``torch.export`` /
+            AOTInductor package of the numeric path, ``<file stem>.pt2`` with
+            ``<file stem>.vocabs.json`` beside it (:mod:`recdistill.export_pt2`), checked on
+            the same parity rows and logged with the registered version's run.
     """
 
     file_name: str = "student.pt"
@@ -92,8 +99,12 @@ class ExportConfig:
     parity_rows: int = 2048
     parity_split: str = "test"
     freeze: bool = True
+    format: str = "torchscript"
 
     def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r} "
+                             "(pt2 alone is not offered: the registry serves the TorchScript file)")
         if not self.file_name or "/" in self.file_name:
             raise ValueError(f"file_name must be a plain file name, got {self.file_name!r}")
         if not self.tolerance > 0:
