@@ -11,7 +11,13 @@ Variants, all on the same rows of the embedded ML-100K, in one process:
   by default);
 - ``script_ofi``: the same after ``torch.jit.optimize_for_inference``;
 - ``script_score``: the scripted module's ``score`` on pre-encoded indices (the like-for-like
-  counterpart of ``eager_kjt``).
+  counterpart of ``eager_kjt``);
+- ``script_py_encode``: the frozen file's ``score``, raw values encoded in Python by the same
+  ``FeatureEncoder`` run eagerly (dictionary lookups and ``searchsorted`` outside the
+  TorchScript interpreter);
+- ``pt2_raw``: the AOTInductor package on raw values (``recdistill.export_pt2.Pt2Student``:
+  the eager encoder, then the compiled program), what a Python caller of the pt2 artifact pays;
+- ``pt2_score``: the package on pre-encoded indices (padded as ``Pt2Student`` pads).
 
 Variants are timed in interleaved rounds so that a load change on a shared machine hits all of
 them alike; the load average is recorded with the figures. Each call is timed twice: wall clock
@@ -22,6 +28,7 @@ waiting for a core on a busy machine is not counted).
 Usage::
 
     .venv/bin/python benchmarks/bench_serving.py --threads 1 --iters 2000 --out docs/results/serving.json
+    .venv/bin/python benchmarks/bench_serving.py --model dlrm_s --features ml100k_history  # the default job's student
 """
 
 from __future__ import annotations
@@ -37,8 +44,11 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.batches import RatingsData, prepare
+import tempfile
+
+from features.batches import DataConfig, RatingsData, prepare
 from recdistill.export import ParityRows, ServingStudent
+from recdistill.export_pt2 import Pt2Student, compile_pt2, pad_rows
 from recdistill.models import build_model
 
 
@@ -63,14 +73,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="distinct request batches cycled through")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--model", default="mlp_s", help="the student (untrained: latency only)")
+    parser.add_argument("--features", default="ml100k", help="the feature spec")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    prepared = prepare()
-    student = build_model("mlp_s", prepared).eval()
+    prepared = prepare(DataConfig(features=args.features))
+    student = build_model(args.model, prepared).eval()
     joined = prepared.movielens.joined()
     served = ServingStudent.from_student(student, prepared.vocabs)
+    encoder = served.encoder  # run eagerly by the Python-encoded variants
+    with torch.no_grad():
+        example = encoder(*ParityRows.sample(prepared, 64).inputs.args)
+    package_file = Path(tempfile.mkdtemp()) / "student.pt2"
+    pt2 = Pt2Student(torch._inductor.aoti_load_package(str(compile_pt2(served, example, package_file))),
+                     prepared.vocabs)  # fmt: skip
     scripted = torch.jit.script(served)
     frozen = torch.jit.freeze(torch.jit.script(served), preserved_attrs=["score"])
     ofi = torch.jit.optimize_for_inference(torch.jit.script(served), other_methods=["score"])
@@ -83,7 +101,7 @@ def main() -> None:
             rows = ParityRows.sample(prepared, batch_size, split="test", seed=r)
             raw = joined[rows.batch.rows.tolist()]
             enc = scripted.encoder(*rows.inputs.args)
-            requests.append((rows, raw, enc))
+            requests.append((rows, raw, enc, pad_rows(*enc)))
         variants = {
             "eager_kjt": lambda q: student(q[0].batch),
             "eager_encode": lambda q: student.head(student.middle(student.sparse_arch(encode_eager(prepared, q[1])))),
@@ -91,11 +109,16 @@ def main() -> None:
             "script_frozen": lambda q: frozen(*q[0].inputs.args),
             "script_ofi": lambda q: ofi(*q[0].inputs.args),
             "script_score": lambda q: scripted.score(*q[2]),
+            "script_py_encode": lambda q: frozen.score(*encoder(*q[0].inputs.args)),
+            "pt2_raw": lambda q: pt2(*q[0].inputs.args),
+            "pt2_score": lambda q: pt2.package(*q[3]),
         }
+        if prepared.vocabs.histories:  # RatingsData.encode has no bags for rows outside training
+            del variants["eager_encode"]
         with torch.no_grad():
             reference = student(requests[0][0].batch)
             for name, fn in variants.items():  # same numbers from every variant
-                got = fn(requests[0])
+                got = fn(requests[0])[:batch_size]
                 assert torch.allclose(got, reference, atol=1e-5), name
                 for q in requests[:20]:  # warm-up (TorchScript profiles its first calls)
                     fn(q)
@@ -114,6 +137,8 @@ def main() -> None:
 
     report = {
         "threads": args.threads,
+        "model": args.model,
+        "features": args.features,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
