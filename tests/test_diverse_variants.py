@@ -35,10 +35,21 @@ def test_tied_variant_sets_only_the_fields_left_unset():
     assert (given.answer_target, given.prediction_weight) == ("mix", 0.0)
 
 
+def test_stacked_variant_is_tied_with_the_importance_fitted_to_the_teachers_predictions():
+    stacked, tied = DistillConfig(variant="stacked"), DistillConfig(variant="tied")
+    assert (stacked.importance_signal, tied.importance_signal, DistillConfig().importance_signal) == (
+        "predictions", "answers", "answers")  # fmt: skip
+    same = ("answer_target", "zero_init_questions", "residual_questions", "importance_form", "prediction_target",
+            "prediction_weight")  # fmt: skip
+    assert all(getattr(stacked, name) == getattr(tied, name) for name in same)
+
+
 @pytest.mark.parametrize("bad, says", [
     ({"zero_init_questions": True, "residual_questions": False}, "zero_init_questions needs residual_questions"),
     ({"variant": "tied", "importance_floor": 0.5}, "importance_floor 0.5 leaves nothing to learn for 2 teachers"),
-    ({"variant": "best"}, "variant must be one of paper, tied"),
+    ({"variant": "best"}, "variant must be one of paper, tied, stacked"),
+    ({"importance_signal": "labels"}, "importance_signal must be one of answers, predictions"),
+    ({"oof_target": "bagged"}, "oof_target must be one of out_of_fold, in_fold"),
     ({"answer_label_share": 1.5}, "answer_label_share must be in [0, 1]"),
 ])  # fmt: skip
 def test_impossible_variant_settings_are_refused_naming_the_field(bad, says):
@@ -121,6 +132,21 @@ def test_prediction_term_targets_the_importance_weighted_committee():
                                                  prediction_target="mean"))  # fmt: skip
     _, plain = mean.forward_train(batch)
     assert not torch.allclose(plain["loss_kd_prediction"], losses["loss_kd_prediction"])
+
+
+def test_stacked_importance_is_fitted_to_the_weighted_committee_prediction_and_trains_the_importance_alone():
+    method = method_for(committee(), DistillConfig(teachers=["a", "b"], variant="stacked"))
+    batch = make_batch(64)
+    _, losses = method.forward_train(batch)
+    s = method.importance(batch)
+    predictions = torch.stack([teacher(batch) for _, teacher in method.committee], dim=1).detach()
+    expected = F.mse_loss((s * predictions).sum(1), batch.labels)  # softmax scores sum to 1
+    assert torch.allclose(losses["loss_reg_importance"], expected, atol=1e-6)
+    importance = {"module.question.importance_projection.weight", "module.question.teacher_embeddings"}
+    method.zero_grad()
+    losses["loss_reg_importance"].backward()
+    moved = {name for name, p in method.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved == importance
 
 
 def test_importance_of_each_teacher_is_logged_every_epoch_without_a_gradient(prepared):

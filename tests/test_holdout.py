@@ -183,6 +183,57 @@ def test_a_training_row_is_answered_by_the_fold_model_that_never_saw_it_and_othe
         CrossFitted([models[0], other], folds[:2])
 
 
+def test_an_in_fold_prediction_is_the_mean_of_the_fold_models_that_trained_on_the_row(prepared):
+    train = prepared.data.splits["train"]
+    folds = fold_rows(train, 3, seed=0)
+    models = fold_models(prepared, 3)
+    teacher = CrossFitted(models, folds)
+    rows = torch.cat([folds[1][:4], prepared.data.splits["valid"][:3]])
+    with torch.no_grad():
+        in_fold = teacher.prediction(prepared.data.batch(rows), "in_fold")
+        trained = prepared.data.batch(rows[:4])  # fold 1's rows: models 0 and 2 trained on them
+        valid = prepared.data.batch(rows[4:])
+        assert torch.allclose(in_fold[:4], (models[0](trained) + models[2](trained)) / 2, atol=1e-6)
+        assert torch.allclose(in_fold[4:], torch.stack([m(valid) for m in models]).mean(0), atol=1e-6)
+        assert torch.equal(teacher.prediction(prepared.data.batch(rows)), teacher(prepared.data.batch(rows)))
+    with pytest.raises(ValueError, match="'out_of_fold' or 'in_fold'"):
+        teacher.prediction(prepared.data.batch(rows), "bagged")
+
+
+@pytest.mark.parametrize("target", ["out_of_fold", "in_fold"])
+def test_ld_from_cross_fitted_teachers_targets_the_configured_prediction_and_the_mean_off_the_training_rows(
+        prepared, target):  # fmt: skip
+    folds = fold_rows(prepared.data.splits["train"], 3, seed=0)
+    teacher = CrossFitted(fold_models(prepared, 3), folds)
+    config = DistillConfig(teachers=["t"], method="ld", importance_fit="oof", oof_target=target)
+    method = build_method("ld", build_model("mlp_s", prepared, SMALL), [("t", teacher)], config)
+    rows = torch.cat([folds[2][:5], prepared.data.splits["test"][:5]])  # a test row stands for a transfer pair
+    batch = prepared.data.batch(rows)
+    with torch.no_grad():
+        expected = teacher.prediction(batch, target)
+        assert torch.allclose(method.teacher_prediction(batch), expected, atol=1e-6)
+        assert torch.allclose(method.teacher_prediction(batch), expected, atol=1e-6)  # from the row cache
+        assert torch.allclose(expected[5:], torch.stack([m(prepared.data.batch(rows[5:])) for m in teacher.models]).mean(0),
+                              atol=1e-6)  # fmt: skip
+
+
+def test_diverse_distill_fits_its_importance_out_of_fold_and_distils_the_in_fold_target(prepared):
+    folds = fold_rows(prepared.data.splits["train"], 3, seed=0)
+    teacher = CrossFitted(fold_models(prepared, 3), folds)
+    config = DistillConfig(teachers=["t"], variant="stacked", importance_fit="oof", oof_target="in_fold",
+                           prediction_weight=2.0)  # fmt: skip
+    torch.manual_seed(0)
+    method = build_method("diverse_distill", build_model("mlp_s", prepared, SMALL), [("t", teacher)], config).train()
+    batch = prepared.data.batch(torch.cat([folds[0][:6], folds[1][:6]]))
+    prediction, losses = method.forward_train(batch)
+    with torch.no_grad():
+        out_of_fold, in_fold = teacher(batch), teacher.prediction(batch, "in_fold")
+    assert not torch.allclose(out_of_fold, in_fold)
+    # one teacher: its importance is 1, so the stacking term is its out-of-fold loss on the rows
+    assert torch.allclose(losses["loss_reg_importance"], (out_of_fold - batch.labels).pow(2).mean(), atol=1e-5)
+    assert torch.allclose(losses["loss_kd_prediction"], 2.0 * (prediction - in_fold).pow(2).mean(), atol=1e-5)
+
+
 def test_distill_refuses_a_plain_teacher_for_oof_and_runs_diverse_distill_on_cross_fitted_ones(prepared):
     from recdistill.distill.trainer import distill
 

@@ -16,21 +16,30 @@ DIVERGENCES = ("l2", "kl")
 DIVERGENCE_REDUCTIONS = ("sum", "mean")
 QUESTION_FORMS = ("bilinear", "simple")
 ANSWER_ACTIVATIONS = ("auto", "relu", "none")
-VARIANTS = ("paper", "tied")
+VARIANTS = ("paper", "tied", "stacked")
 ANSWER_TARGETS = ("label", "teacher", "mix")
 IMPORTANCE_FORMS = ("sigmoid", "softmax")
 PREDICTION_TARGETS = ("mean", "importance")
 IMPORTANCE_FITS = ("train", "holdout", "oof")
+IMPORTANCE_SIGNALS = ("answers", "predictions")
+OOF_TARGETS = ("out_of_fold", "in_fold")
 
 #: What each DiverseDistill ``variant`` sets the fields left at ``None`` to (issue 19).
 #: ``paper`` is the method as published (and as this library ran it before the variants);
 #: ``tied`` ties the module to what the teachers predict instead of the training labels the
-#: teachers memorized.
+#: teachers memorized. ``stacked`` is ``tied`` with the importance fitted as a per-row stacking
+#: of the teachers' own predictions (``importance_signal: predictions``): meant for teachers that
+#: are honest on the rows the module fits (``importance_fit: oof`` or ``holdout``).
 VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
     "paper": {"answer_target": "label", "zero_init_questions": False, "residual_questions": False,
-              "importance_form": "sigmoid", "prediction_weight": 0.0, "prediction_target": "mean"},
+              "importance_form": "sigmoid", "prediction_weight": 0.0, "prediction_target": "mean",
+              "importance_signal": "answers"},
     "tied": {"answer_target": "teacher", "zero_init_questions": True, "residual_questions": True,
-             "importance_form": "softmax", "prediction_weight": "kd_weight", "prediction_target": "importance"},
+             "importance_form": "softmax", "prediction_weight": "kd_weight", "prediction_target": "importance",
+             "importance_signal": "answers"},
+    "stacked": {"answer_target": "teacher", "zero_init_questions": True, "residual_questions": True,
+                "importance_form": "softmax", "prediction_weight": "kd_weight", "prediction_target": "importance",
+                "importance_signal": "predictions"},
 }  # fmt: skip
 
 
@@ -138,7 +147,7 @@ class DistillConfig:
         question_form: ``"bilinear"`` (ours: ``u_k = E_k @ reshape(h W_q, [d_e, d_q])``, ``d_q``
             wide) or ``"simple"`` (``u_k = (h W_q) * E_k`` with ``W_q`` [d_s, d_e], so ``u_k`` is
             ``d_e`` wide and ``d_q`` is not used).
-        variant: (DiverseDistill) ``"paper"`` or ``"tied"``: what the fields below that are
+        variant: (DiverseDistill) ``"paper"``, ``"tied"`` or ``"stacked"``: what the fields below that are
             left unset (``None``) default to (:data:`VARIANT_DEFAULTS`). ``paper``: answers
             regularized to the labels, random questions replacing the teacher's own early
             output, sigmoid importance, no prediction-level term. ``tied``: answers regularized
@@ -146,7 +155,9 @@ class DistillConfig:
             asked at step 0 says what it says unasked), importance normalized across teachers
             with a floor, and the student's prediction matched to the importance-weighted
             committee prediction (``prediction_weight`` = ``kd_weight``, the weight LD gives the
-            same kind of target). A field given explicitly wins.
+            same kind of target). ``stacked``: ``tied`` with the importance fitted to the
+            teachers' own predictions (``importance_signal: predictions``), for honest teachers
+            (``importance_fit: oof`` or ``holdout``). A field given explicitly wins.
         answer_target: (DiverseDistill) what ``head_s(a_k)`` is regularized to: ``"label"``
             (the paper: the row's label), ``"teacher"`` (teacher k's own unquestioned
             prediction of the row, so an answer carries what the teacher knows, including where
@@ -171,11 +182,20 @@ class DistillConfig:
             (the plain mean of the asked teachers' predictions) or ``"importance"`` (their
             importance-weighted mean, the weights normalized over the asked teachers and not
             trained by this term).
-        importance_regularizer: (ours) the third term of the task regularizer,
-            ``task(head_s(sum_k s~_k a_k), y)``, which is what trains the importance scores.
-            It trains their ratios only (``s~`` is normalized): with a single teacher
-            ``s~ = 1``, so the importance of a lone teacher moves only through the teacher
-            embedding it shares with the questions, and gating it is not a learned choice.
+        importance_regularizer: (ours) the third term of the task regularizer, which is what
+            trains the importance scores (its form is ``importance_signal``). It trains their
+            ratios only (``s~`` is normalized): with a single teacher ``s~ = 1``, so the
+            importance of a lone teacher moves only through the teacher embedding it shares
+            with the questions, and gating it is not a learned choice.
+        importance_signal: (DiverseDistill) what that term fits the importance to:
+            ``"answers"`` (the paper's ``task(head_s(sum_k s~_k a_k), y)``: the answers mixed
+            and read by the student's head, an indirect signal of which teacher to trust) or
+            ``"predictions"`` (``task(sum_k s~_k p_k, y)`` with ``p_k`` teacher k's own
+            prediction of the row: a per-row stacking of the committee, which weighs a teacher
+            up where its prediction is closer to the label). On rows a teacher trained on,
+            ``p_k`` is memorized and the teacher that memorized most wins; with
+            ``importance_fit: oof`` it is the out-of-fold prediction, with ``holdout`` a
+            held-out row's.
         prediction_weight: (ours) ``mu``, the weight of a prediction-level term beside the
             answers in DiverseDistill's student loss: the student's prediction matches the mean
             of the asked teachers' own predictions (LD's target) on the rows they were asked
@@ -225,6 +245,13 @@ class DistillConfig:
             the model that did not train on it, any other row's prediction is the mean of all,
             :class:`recdistill.distill.crossfit.CrossFitted`: ``oof_folds`` teacher fits). A caller of
             :func:`recdistill.distill.trainer.distill` passes cross-fitted teachers itself.
+        oof_target: with cross-fitted teachers (``importance_fit: oof``), the prediction a
+            student is distilled to on a training row (LD's target, DiverseDistill's
+            prediction-level term): ``"out_of_fold"`` (the fold model that never saw the row,
+            what the module is fitted to) or ``"in_fold"`` (the mean of the ``oof_folds - 1``
+            models that trained on it: what a teacher fitted on every row would say). Other rows
+            take the mean of all fold models either way. DiverseDistill's answers and
+            importance always read the out-of-fold model.
         holdout_share: the held-out slice's share of the training rows, in (0, 0.5].
         holdout_seed: the seed of the held-out slice or of the folds
             (:func:`recdistill.distill.holdout.holdout_rows`, :func:`~recdistill.distill.holdout.fold_rows`).
@@ -250,6 +277,7 @@ class DistillConfig:
     importance_floor: float = 0.05
     prediction_target: Literal["mean", "importance"] | None = None
     importance_regularizer: bool = True
+    importance_signal: Literal["answers", "predictions"] | None = None
     prediction_weight: float | None = None
     d_e: int = 8
     d_q: int = 32
@@ -265,6 +293,7 @@ class DistillConfig:
     holdout_share: float = 0.1
     holdout_seed: int = 0
     oof_folds: int = 5
+    oof_target: Literal["out_of_fold", "in_fold"] = "out_of_fold"
     gating: GatingConfig = field(default_factory=GatingConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
@@ -326,7 +355,8 @@ class DistillConfig:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(self, value) if value == "kd_weight" else value)
         for name, allowed in (("answer_target", ANSWER_TARGETS), ("importance_form", IMPORTANCE_FORMS),
-                              ("prediction_target", PREDICTION_TARGETS)):  # fmt: skip
+                              ("prediction_target", PREDICTION_TARGETS),
+                              ("importance_signal", IMPORTANCE_SIGNALS), ("oof_target", OOF_TARGETS)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.zero_init_questions and not self.residual_questions:

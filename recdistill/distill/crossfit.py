@@ -117,8 +117,26 @@ class CrossFitted(StagedModule):
         self._route = route  # what head() applies after a forward
         return prediction
 
-    def _mean(self, batch: Any) -> torch.Tensor:
-        return torch.stack([model(batch) for model in self.models]).mean(0)
+    def _mean(self, batch: Any, leave_out: int | None = None) -> torch.Tensor:
+        return torch.stack([model(batch) for j, model in enumerate(self.models) if j != leave_out]).mean(0)
+
+    def prediction(self, batch: Any, which: str = "out_of_fold") -> torch.Tensor:
+        """``[B]`` (or ``[B, C]``) the prediction a student is distilled to
+        (``distill.oof_target``): ``"out_of_fold"`` is :meth:`forward`; ``"in_fold"`` answers a
+        training row by the mean of the K - 1 models that trained on it (what a teacher fitted
+        on every row would say of it) and any other row, as :meth:`forward`, by the mean of all.
+
+        Raises:
+            ValueError: ``which`` is neither.
+        """
+        if which == "out_of_fold":
+            return self(batch)
+        if which != "in_fold":
+            raise ValueError(f"which must be 'out_of_fold' or 'in_fold', got {which!r}")
+        fold, route = self._folds(batch)
+        prediction = self._each(fold, lambda j, p: self._mean(slice_batch(batch, p), leave_out=j if j >= 0 else None))
+        self._route = route
+        return prediction
 
     def freeze(self) -> "CrossFitted":
         """Each fold model frozen as it freezes itself (a language teacher caches its context)."""

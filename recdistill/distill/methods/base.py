@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from recdistill.distill.config import DistillConfig
+from recdistill.distill.crossfit import CrossFitted
 from recdistill.distill.gating import TeacherPasses, slice_batch
 from recdistill.distill.module import check_committee, check_model
 
@@ -214,6 +215,8 @@ class DistillMethod(nn.Module):
         With ``distill.cache_teacher_outputs`` (the default) a row's output is computed the
         first time the row is seen and looked up after (:class:`RowCache`); a batch without
         ``rows``, or one whose ``deterministic`` is False (augmented images), is always computed.
+        A cross-fitted teacher's prediction is the one ``distill.oof_target`` names
+        (:meth:`CrossFitted.prediction`); its hidden state is its routed fold model's.
         """
         name, teacher = self._committee[k]
         size = _batch_size(batch)
@@ -221,13 +224,17 @@ class DistillMethod(nn.Module):
 
         def compute(sub: Any) -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                context = teacher.with_context(sub) if callable(
-                    getattr(teacher, "with_context", None)
-                ) else sub
-                hidden = teacher.middle(teacher.early(context), context)
-                out = {"prediction": teacher.head(hidden)}
-                if self.teacher_hidden:
-                    out["hidden"] = hidden
+                out = {}
+                if self.teacher_hidden or not isinstance(teacher, CrossFitted):
+                    context = teacher.with_context(sub) if callable(
+                        getattr(teacher, "with_context", None)
+                    ) else sub
+                    hidden = teacher.middle(teacher.early(context), context)
+                    out["prediction"] = teacher.head(hidden)
+                    if self.teacher_hidden:
+                        out["hidden"] = hidden
+                if isinstance(teacher, CrossFitted):  # a mean of fold models has no stages
+                    out["prediction"] = teacher.prediction(sub, self.config.oof_target)
                 return out
 
         rows = getattr(batch, "rows", None)

@@ -19,6 +19,10 @@ instead of to the training labels they memorized: ``task(head_s(a_k), y)`` becom
 to the teacher's own early output (its first reply is its unasked one), the importance is a
 softmax over teachers with a floor (``importance_form``), and the prediction-level term
 targets ``sum_k sg(s~_k) teacher_k(batch)`` (``prediction_target``). Each is its own field.
+``variant: stacked`` is ``tied`` with the importance fitted as a per-row stacking of the
+teachers' own predictions, ``task(sum_k s~_k sg(teacher_k(batch)), y)`` (``importance_signal:
+predictions``), which is honest where the teachers did not train on the row: a cross-fitted
+teacher (``importance_fit: oof``) answers a training row by its fold model that never saw it.
 
 L trains the student only, R the module only (``backward(inputs=...)``); teachers are frozen.
 With gating, teacher k runs only on the rows it is asked about (``s_k > tau``, plus the
@@ -40,7 +44,8 @@ from recdistill.distill.losses import (
     divergence, normalized_importance, soft_target, soft_target_loss, task_loss,
 )  # fmt: skip
 from recdistill.distill.methods import register_method
-from recdistill.distill.methods.base import DistillMethod
+from recdistill.distill.crossfit import CrossFitted
+from recdistill.distill.methods.base import DistillMethod, RowCache
 from recdistill.distill.module import DistillationModule, answer_activation
 
 
@@ -80,6 +85,7 @@ class DiverseDistill(DistillMethod):
             answer_activation(config, student),
         )
         self.gate = ImportanceGate(config.gating)
+        self._own_caches = [RowCache() for _ in self.committee]
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         return list(self.module.parameters())
@@ -118,9 +124,12 @@ class DiverseDistill(DistillMethod):
 
         kd = z.new_zeros(())
         weighted = self.config.prediction_target == "importance"
+        needs_own = (self.config.prediction_weight > 0 or self.config.answer_target != "label"
+                     or self.config.importance_signal == "predictions")  # fmt: skip
         reg_teacher = z.new_zeros(())
         reg_answer = z.new_zeros(())
         answers = []  # K x [B, d_z], zero on rows a teacher was not asked about
+        owns = []  # K x [B] (or [B, C]) each teacher's own prediction, zero on rows it was not asked about
         predicted = z.new_zeros(size)  # sum of the asked teachers' own predictions per row
         asked_count = z.new_zeros(size)
         for k, (name, teacher) in enumerate(self.committee):
@@ -128,16 +137,17 @@ class DiverseDistill(DistillMethod):
             self.passes.add(name, done=rows.numel(), full=size)
             if rows.numel() == 0:
                 answers.append(z.new_zeros(size, z.shape[1]))
+                owns.append(None)
                 continue
             everyone = rows.numel() == size
             sub = batch if everyone else slice_batch(batch, rows)
             reply = self.ask(k, questions[k] if everyone else questions[k][rows], sub)  # [b, m_k]
             answer = self.module.answer(k, reply)  # [b, d_z]
             sub_labels = labels if everyone else labels[rows]
-            own_prediction = None
-            if self.config.prediction_weight > 0 or self.config.answer_target != "label":
-                with torch.no_grad():  # the teacher's own rating of the row, as LD uses it
-                    own_prediction = teacher(sub)
+            own_prediction = target = None
+            if needs_own:  # the teacher's own rating of the row, as LD uses it
+                own_prediction, target = self.own_predictions(k, sub)
+            owns.append(own_prediction if everyone or own_prediction is None else _scatter(own_prediction, rows, size))
             reg_teacher = reg_teacher + task_loss(teacher.head(reply), sub_labels)
             reg_answer = reg_answer + self._answer_term(self.student.head(answer), sub_labels, own_prediction)
             gap = divergence(
@@ -151,7 +161,7 @@ class DiverseDistill(DistillMethod):
             answers.append(answer if everyone else _scatter(answer, rows, size))
             if self.config.prediction_weight > 0:
                 share = importance[rows, k].detach().to(predicted.dtype) if weighted else None
-                own = own_prediction.reshape(-1).to(predicted.dtype)
+                own = target.reshape(-1).to(predicted.dtype)
                 predicted.index_add_(0, rows, own if share is None else share * own)
                 asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype) if share is None else share)
 
@@ -167,9 +177,14 @@ class DiverseDistill(DistillMethod):
             gap = (prediction[answered] - target).pow(2).sum() / size if answered.any() else kd * 0
             losses["loss_kd_prediction"] = self.config.prediction_weight * gap
         if self.config.importance_regularizer:
-            losses["loss_reg_importance"] = self._importance_term(
-                importance, asked, torch.stack(answers, dim=1), labels
-            )
+            if self.config.importance_signal == "answers":
+                stack = torch.stack(answers, dim=1)  # [B, K, d_z]
+            else:
+                template = next(own for own in owns if own is not None) if any(o is not None for o in owns) else None
+                stack = None if template is None else torch.stack(
+                    [template.new_zeros(template.shape) if own is None else own for own in owns], dim=1)  # [B, K(, C)]
+            losses["loss_reg_importance"] = (kd * 0 if stack is None else
+                                             self._importance_term(importance, asked, stack, labels))  # fmt: skip
         for k, name in enumerate(self.teacher_names):  # logged per epoch; no gradient, no loss
             losses[f"importance_{name}"] = importance[:, k].detach().mean()
         if self.training:
@@ -189,19 +204,49 @@ class DiverseDistill(DistillMethod):
         share = self.config.answer_label_share
         return share * task_loss(predicted, labels) + (1.0 - share) * to_teacher
 
-    def _importance_term(self, importance, asked, answers, labels) -> torch.Tensor:
-        """``task(head_s(sum_k s~_k a_k), y)`` over the rows at least one teacher answered.
+    def own_predictions(self, k: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(own [b], target [b])``, without gradients: teacher ``k``'s unquestioned
+        prediction of each row (out of fold for a cross-fitted teacher: what its answers and
+        the importance are fitted to), and the prediction the student's prediction-level term
+        targets (``distill.oof_target`` for a cross-fitted teacher; else the same).
 
-        ``answers`` is ``[B, K, d_z]``; ``s~`` is normalized over the teachers asked per row.
+        A frozen teacher says the same of a row every epoch, so with
+        ``distill.cache_teacher_outputs`` both are kept per row after its first pass.
+        """
+        _, teacher = self.committee[k]
+
+        def compute(sub: Any) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                own = teacher(sub)
+                target = teacher.prediction(sub, self.config.oof_target) if isinstance(teacher, CrossFitted) else own
+                return {"own": own, "target": target}
+
+        rows = getattr(batch, "rows", None)
+        if not self.config.cache_teacher_outputs or rows is None or not getattr(batch, "deterministic", True):
+            out = compute(batch)
+        else:
+            device = batch.labels.device
+            out = self._own_caches[k].get(rows, lambda missing: compute(slice_batch(batch, missing.to(device))))
+            out = {key: value.to(device) for key, value in out.items()}
+        return out["own"], out["target"]
+
+    def _importance_term(self, importance, asked, stack, labels) -> torch.Tensor:
+        """The importance's fit over the rows at least one teacher answered, by
+        ``importance_signal``: ``task(head_s(sum_k s~_k a_k), y)`` with ``stack`` the answers
+        ``[B, K, d_z]``, or ``task(sum_k s~_k p_k, y)`` with ``stack`` the teachers' own
+        predictions ``[B, K]``; ``s~`` is normalized over the teachers asked per row.
         """
         rows = asked.any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
-            return answers.new_zeros(())
+            return stack.new_zeros(())
         weights = normalized_importance(importance[rows], asked[rows])  # [b, K]
-        mixed = (weights.unsqueeze(-1) * answers[rows]).sum(dim=1)  # [b, d_z]
+        weights = weights.view(weights.shape + (1,) * (stack.dim() - 2)).to(stack.dtype)
+        mixed = (weights * stack[rows]).sum(dim=1)  # [b, d_z] answers, or [b] (or [b, C]) predictions
+        if self.config.importance_signal == "predictions":  # a per-row stacking of the committee
+            return task_loss(mixed, labels[rows])
         return task_loss(self.student.head(mixed), labels[rows])
 
 
-def _scatter(answer: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
-    """``[b, d]`` answers of the rows ``rows`` placed in a zero ``[size, d]`` tensor."""
-    return answer.new_zeros(size, answer.shape[1]).index_copy(0, rows, answer)
+def _scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    """``[b, ...]`` values of the rows ``rows`` placed in a zero ``[size, ...]`` tensor."""
+    return values.new_zeros((size,) + tuple(values.shape[1:])).index_copy(0, rows, values)
