@@ -50,6 +50,7 @@ def test_stacked_variant_is_tied_with_the_importance_fitted_to_the_teachers_pred
     ({"variant": "best"}, "variant must be one of paper, tied, stacked"),
     ({"importance_signal": "labels"}, "importance_signal must be one of answers, predictions"),
     ({"oof_target": "bagged"}, "oof_target must be one of out_of_fold, in_fold"),
+    ({"hidden_space": "unit"}, "hidden_space must be one of raw, normalized"),
     ({"answer_label_share": 1.5}, "answer_label_share must be in [0, 1]"),
 ])  # fmt: skip
 def test_impossible_variant_settings_are_refused_naming_the_field(bad, says):
@@ -147,6 +148,25 @@ def test_stacked_importance_is_fitted_to_the_weighted_committee_prediction_and_t
     losses["loss_reg_importance"].backward()
     moved = {name for name, p in method.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert moved == importance
+
+
+def test_normalized_hidden_space_compares_z_and_each_answer_after_a_plain_layer_norm():
+    def kd(space):
+        method = method_for(committee(), DistillConfig(teachers=["a", "b"], kd_weight=3.0, hidden_space=space))
+        batch = make_batch(64)
+        _, losses = method.forward_train(batch)
+        h = method.student.early(batch)
+        z = method.student.middle(h)
+        questions, s = method.module.question(h)
+        norm = (lambda x: F.layer_norm(x, x.shape[-1:])) if space == "normalized" else (lambda x: x)
+        expected = sum((s[:, k] * (norm(z) - norm(method.module.answer(k, method.ask(k, q, batch)))).pow(2).sum(1)).mean()
+                       for k, q in enumerate(questions))  # fmt: skip
+        return losses["loss_kd"], 3.0 * expected
+
+    for space in ("raw", "normalized"):
+        got, expected = kd(space)
+        assert torch.allclose(got, expected, atol=1e-5), space
+    assert not torch.allclose(kd("raw")[0], kd("normalized")[0])
 
 
 def test_importance_of_each_teacher_is_logged_every_epoch_without_a_gradient(prepared):

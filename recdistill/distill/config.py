@@ -23,6 +23,7 @@ PREDICTION_TARGETS = ("mean", "importance")
 IMPORTANCE_FITS = ("train", "holdout", "oof")
 IMPORTANCE_SIGNALS = ("answers", "predictions")
 OOF_TARGETS = ("out_of_fold", "in_fold")
+HIDDEN_SPACES = ("raw", "normalized")
 
 #: What each DiverseDistill ``variant`` sets the fields left at ``None`` to (issue 19).
 #: ``paper`` is the method as published (and as this library ran it before the variants);
@@ -147,6 +148,11 @@ class DistillConfig:
         question_form: ``"bilinear"`` (ours: ``u_k = E_k @ reshape(h W_q, [d_e, d_q])``, ``d_q``
             wide) or ``"simple"`` (``u_k = (h W_q) * E_k`` with ``W_q`` [d_s, d_e], so ``u_k`` is
             ``d_e`` wide and ``d_q`` is not used).
+        hidden_space: (DiverseDistill) where ``D`` compares the student's ``z`` with each
+            answer: ``"raw"`` (as they are) or ``"normalized"`` (both through a LayerNorm
+            without learned scale or shift, so ``D`` compares the shape of two vectors, not
+            their scales: a ViT student's ``z`` leaves a final LayerNorm with its own learned
+            scale while an answer is unconstrained).
         variant: (DiverseDistill) ``"paper"``, ``"tied"`` or ``"stacked"``: what the fields below that are
             left unset (``None``) default to (:data:`VARIANT_DEFAULTS`). ``paper``: answers
             regularized to the labels, random questions replacing the teacher's own early
@@ -268,6 +274,7 @@ class DistillConfig:
     divergence_reduction: Literal["sum", "mean"] = "sum"
     answer_activation: Literal["auto", "relu", "none"] = "none"
     question_form: Literal["bilinear", "simple"] = "bilinear"
+    hidden_space: Literal["raw", "normalized"] = "raw"
     variant: Literal["paper", "tied"] = "paper"
     answer_target: Literal["label", "teacher", "mix"] | None = None
     answer_label_share: float = 0.5
@@ -356,7 +363,8 @@ class DistillConfig:
                 setattr(self, name, getattr(self, value) if value == "kd_weight" else value)
         for name, allowed in (("answer_target", ANSWER_TARGETS), ("importance_form", IMPORTANCE_FORMS),
                               ("prediction_target", PREDICTION_TARGETS),
-                              ("importance_signal", IMPORTANCE_SIGNALS), ("oof_target", OOF_TARGETS)):  # fmt: skip
+                              ("importance_signal", IMPORTANCE_SIGNALS), ("oof_target", OOF_TARGETS),
+                              ("hidden_space", HIDDEN_SPACES)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.zero_init_questions and not self.residual_questions:

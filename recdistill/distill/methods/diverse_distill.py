@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recdistill.distill.gating import ImportanceGate, slice_batch
@@ -151,8 +152,7 @@ class DiverseDistill(DistillMethod):
             reg_teacher = reg_teacher + task_loss(teacher.head(reply), sub_labels)
             reg_answer = reg_answer + self._answer_term(self.student.head(answer), sub_labels, own_prediction)
             gap = divergence(
-                z if everyone else z[rows],
-                answer.detach(),
+                *self._in_hidden_space(z if everyone else z[rows], answer.detach()),
                 self.config.divergence,
                 self.config.kl_temperature,
                 self.config.divergence_reduction,
@@ -190,6 +190,12 @@ class DiverseDistill(DistillMethod):
         if self.training:
             self.step += 1
         return prediction, losses
+
+    def _in_hidden_space(self, z: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, answer)`` ``[b, d_z]`` each, as ``D`` compares them (``distill.hidden_space``)."""
+        if self.config.hidden_space == "raw":
+            return z, answer
+        return F.layer_norm(z, z.shape[-1:]), F.layer_norm(answer, answer.shape[-1:])
 
     def _answer_term(self, predicted, labels, teacher_prediction) -> torch.Tensor:
         """What ``head_s(a_k)`` (``predicted``) is regularized to, by ``answer_target``: the
