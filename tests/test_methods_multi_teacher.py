@@ -380,3 +380,20 @@ def test_min_norm_weights_lie_on_the_capped_simplex_and_reach_the_minimum():
             allowed = grid[grid.max(dim=1).values <= cap]
             best = (allowed @ gradients).pow(2).sum(dim=1).min()
             assert (w @ gradients).pow(2).sum() <= best + 1e-6
+
+
+@pytest.mark.parametrize("variant", ["tied", "stacked"])
+def test_diverse_distill_variants_match_the_weighted_committees_softened_logits(variant):
+    config = DistillConfig(method="diverse_distill", teachers=["c0", "c1"], variant=variant, kl_temperature=2.0,
+                           prediction_weight=3.0)  # fmt: skip
+    teachers = classifiers(2)
+    method = build_method("diverse_distill", TinyMLP(8, CLASSES), teachers, config).train()
+    batch = class_batch(64)
+    prediction, losses = method.forward_train(batch)
+    assert prediction.shape == (64, CLASSES) and torch.isfinite(losses["loss_reg_importance"])
+    s = method.importance(batch)  # [B, 2], softmax scores summing to 1
+    with torch.no_grad():
+        mixed = sum(s[:, k : k + 1] * teacher(batch) for k, (_, teacher) in enumerate(teachers))  # [B, C]
+    expected = 3.0 * 4.0 * F.kl_div(F.log_softmax(prediction / 2.0, -1), F.softmax(mixed / 2.0, -1),
+                                    reduction="batchmean")  # fmt: skip
+    assert torch.allclose(losses["loss_kd_prediction"], expected, atol=1e-5)

@@ -131,7 +131,7 @@ class DiverseDistill(DistillMethod):
         reg_answer = z.new_zeros(())
         answers = []  # K x [B, d_z], zero on rows a teacher was not asked about
         owns = []  # K x [B] (or [B, C]) each teacher's own prediction, zero on rows it was not asked about
-        predicted = z.new_zeros(size)  # sum of the asked teachers' own predictions per row
+        predicted = prediction.detach().new_zeros(prediction.shape)  # [B] (or [B, C]) sum of the asked teachers' own predictions
         asked_count = z.new_zeros(size)
         for k, (name, teacher) in enumerate(self.committee):
             rows = asked[:, k].nonzero().squeeze(1)  # [b]
@@ -161,8 +161,9 @@ class DiverseDistill(DistillMethod):
             answers.append(answer if everyone else _scatter(answer, rows, size))
             if self.config.prediction_weight > 0:
                 share = importance[rows, k].detach().to(predicted.dtype) if weighted else None
-                own = target.reshape(-1).to(predicted.dtype)
-                predicted.index_add_(0, rows, own if share is None else share * own)
+                own = target.reshape(predicted[rows].shape).to(predicted.dtype)  # [b] (or [b, C] logits)
+                by_row = None if share is None else share.view((-1,) + (1,) * (own.dim() - 1))
+                predicted.index_add_(0, rows, own if share is None else by_row * own)
                 asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype) if share is None else share)
 
         losses = {
@@ -173,8 +174,15 @@ class DiverseDistill(DistillMethod):
         }
         if self.config.prediction_weight > 0:
             answered = asked_count > 0
-            target = predicted[answered] / asked_count[answered]  # mean over the asked teachers
-            gap = (prediction[answered] - target).pow(2).sum() / size if answered.any() else kd * 0
+            count = asked_count[answered].view((-1,) + (1,) * (predicted.dim() - 1))
+            target = predicted[answered] / count  # mean over the asked teachers
+            if not answered.any():
+                gap = kd * 0
+            elif target.dim() == 1:
+                gap = (prediction[answered] - target).pow(2).sum() / size
+            else:  # logits: the committee's softened distribution, as LD matches it
+                t = self.config.kl_temperature
+                gap = soft_target_loss(prediction[answered], soft_target(target, t), t) * answered.sum() / size
             losses["loss_kd_prediction"] = self.config.prediction_weight * gap
         if self.config.importance_regularizer:
             if self.config.importance_signal == "answers":
