@@ -140,6 +140,8 @@ def run(args) -> None:
                 elif args.oof is not None:  # each teacher fitted once per fold, in the method's own job
                     reuse += ["distill.importance_fit=oof", f"distill.oof_folds={args.oof}"]
                 else:
+                    if not Path(folder).is_dir():  # runs/ is not kept: refit the first job's teachers
+                        folder = rebuild(cfg, out, split, seed, runs, args.quiet)
                     reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
                 other = load_config("default", base + reuse + [f"distill.method={method}", "student_alone=false",
                                                                f"distill.committee_weights={args.weights}",
@@ -168,6 +170,22 @@ def run(args) -> None:
                     rows[-1]["importance_last_epoch"] = importance
                 rows[-1]["teacher_passes"] = result.distill.teacher_passes.get("all")
                 write(out, split, seed, job, rows, str(result.output_dir))
+
+
+def rebuild(cfg, out: Path, split: str, seed: int, runs: Path, quiet: bool) -> str:
+    """Refit the first job of ``(split, seed)`` whose folder is gone (``runs/`` lives outside
+    git), so the other methods reuse its teachers; the recorded line is kept, and each refitted
+    teacher's test MSE is compared with it (the same seeds give the same teachers)."""
+    recorded = {r["model"]: r["test_mse"] for line in map(json.loads, out.read_text().splitlines())
+                if (line["split"], line["seed"], line["job"]) == (split, seed, cfg.distill.method)
+                for r in line["rows"] if r["role"].startswith("teacher")}  # fmt: skip
+    result = run_job(cfg, output_dir=runs / f"{split}-{seed}", say=Timer(quiet))
+    for row in result.rows:
+        if row["model"] in recorded:
+            drift = row["test_mse"] - recorded[row["model"]]
+            print(f"refit {split} seed {seed} {row['model']}: test MSE {row['test_mse']:.6f}, "
+                  f"recorded {recorded[row['model']]:.6f} ({drift:+.2e})", flush=True)
+    return str(result.output_dir)
 
 
 def latest_folder(out: Path, split: str, seed: int, job: str) -> str:
@@ -251,6 +269,8 @@ def main() -> None:
                         help="the other methods' committee weights (the job itself takes its config's)")
     parser.add_argument("--runs", default="runs/bench_committee", help="where the jobs' folders go")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 on a busy machine: two spinning threads per job collapse)")
     parser.add_argument("--report", help="print the markdown tables of this JSONL and exit")
     parser.add_argument("--peers", default="docs/results/peers.jsonl")
     args = parser.parse_args()
@@ -259,7 +279,7 @@ def main() -> None:
     if args.report:
         print(report(Path(args.report), Path(args.peers)))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     run(args)
 
 
