@@ -35,14 +35,31 @@ from typing import Any, Callable
 
 from pipelines.bench_paper import METHOD_OPTIONS, _mean_std, _write_json, read_cells, stop_pool
 from pipelines.vision_config import VisionJobConfig
+from recdistill.distill.config import VARIANT_DEFAULTS
 
 METHODS = ("ld", "fd", "diverse_distill")
-METHOD_NAMES = {"ld": "LD", "fd": "FD", "diverse_distill": "DiverseDistill"}
-VISION_OPTIONS: dict[str, dict[str, Any]] = {m: METHOD_OPTIONS[m] for m in METHODS}
+#: DiverseDistill rows beside the job's own (gated, ``variant: paper``), from the committee only
+#: (issue 19): the same method ungated, like LD and FD, and ``variant: tied`` ungated with ``z``
+#: and the answers compared after a plain LayerNorm (``hidden_space: normalized``; a ViT's ``z``
+#: leaves a LayerNorm with its own scale). ``METHOD:VARIANT`` names a row; the method is the
+#: part before the colon.
+COMMITTEE_VARIANTS: dict[str, dict[str, Any]] = {
+    "diverse_distill:ungated": {"gating": {"enabled": False}},
+    "diverse_distill:tied": {"variant": "tied", **{name: None for name in VARIANT_DEFAULTS["tied"]},
+                             "hidden_space": "normalized", "gating": {"enabled": False}},
+}  # fmt: skip
+METHOD_NAMES = {"ld": "LD", "fd": "FD", "diverse_distill": "DiverseDistill (gated, paper)",
+                "diverse_distill:ungated": "DiverseDistill ungated (paper)",
+                "diverse_distill:tied": "DiverseDistill tied, normalized, ungated"}  # fmt: skip
+VISION_OPTIONS: dict[str, dict[str, Any]] = {
+    **{m: METHOD_OPTIONS[m] for m in METHODS},
+    **{m: {**METHOD_OPTIONS["diverse_distill"], **extra} for m, extra in COMMITTEE_VARIANTS.items()},
+}
 #: Weights tried on the first seed, the best on valid kept (the recommendation bench's 30 for
 #: DiverseDistill pulled a ViT's 48-wide [CLS] state so hard that it stopped at 73% accuracy;
 #: 0.01 was added once 0.1, the smallest of the first grid, came out best on valid).
-GRIDS: dict[str, list[float]] = {"fd": [0.1, 1.0, 10.0], "diverse_distill": [0.01, 0.1, 1.0, 10.0]}
+GRIDS: dict[str, list[float]] = {"fd": [0.1, 1.0, 10.0], "diverse_distill": [0.01, 0.1, 1.0, 10.0],
+                                 **{m: [0.01, 0.1, 1.0, 10.0] for m in COMMITTEE_VARIANTS}}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,7 +90,8 @@ def plan_rows(cfg: VisionJobConfig) -> list[tuple[str | None, tuple[str, ...]]]:
     teacher and from the committee."""
     teachers = list(cfg.distill.teachers)
     groups = [(t,) for t in teachers] + ([tuple(teachers)] if len(teachers) > 1 else [])
-    return [(None, ())] + [(m, g) for g in groups for m in METHODS]
+    rows = [(None, ())] + [(m, g) for g in groups for m in METHODS]
+    return rows + ([(m, tuple(teachers)) for m in COMMITTEE_VARIANTS] if len(teachers) > 1 else [])
 
 
 def plan_cells(cfg: VisionJobConfig, seeds: list[int], done: dict[str, dict] | None = None) -> list[VisionCell]:
@@ -174,7 +192,7 @@ def run_cell(cell: VisionCell) -> dict[str, Any]:
     if cell.method is None:
         result = train_supervised(student, data, train)
     else:
-        config = dataclasses.replace(cfg.distill, method=cell.method, teachers=list(cell.teachers),
+        config = dataclasses.replace(cfg.distill, method=cell.method.partition(":")[0], teachers=list(cell.teachers),
                                      **cell.options())  # fmt: skip
         record["options"] = cell.options()
         record["grid"] = cell.kd_weight is not None

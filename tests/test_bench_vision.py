@@ -1,0 +1,36 @@
+"""The vision bench's plan (issue 19): DiverseDistill's committee rows gated and ungated, and
+``variant: tied`` compared in a normalized space, each a row of its own beside LD and FD."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipelines.bench_vision import VisionCell, plan_cells, plan_rows
+from pipelines.vision_config import load_vision_config
+
+
+def cell_config(cfg, cell):
+    return dataclasses.replace(cfg.distill, method=cell.method.partition(":")[0], teachers=list(cell.teachers),
+                               **cell.options())  # fmt: skip
+
+
+def test_the_committee_gets_gated_and_ungated_diverse_distill_rows_beside_ld_and_fd():
+    cfg = load_vision_config("vision_default")
+    committee = tuple(cfg.distill.teachers)
+    rows = [method for method, group in plan_rows(cfg) if group == committee]
+    assert rows == ["ld", "fd", "diverse_distill", "diverse_distill:ungated", "diverse_distill:tied"]
+    gated, ungated = (cell_config(cfg, VisionCell(m, committee, 0, 0.1))
+                      for m in ("diverse_distill", "diverse_distill:ungated"))  # fmt: skip
+    assert gated.gating.enabled and not ungated.gating.enabled
+    assert dataclasses.replace(gated, gating=ungated.gating) == ungated  # nothing else differs
+
+
+def test_the_tied_row_runs_the_tied_variant_ungated_in_a_normalized_space_at_each_grid_weight():
+    cfg = load_vision_config("vision_default")
+    committee = tuple(cfg.distill.teachers)
+    tied = cell_config(cfg, VisionCell("diverse_distill:tied", committee, 0, 0.1))
+    assert (tied.method, tied.variant, tied.answer_target, tied.importance_form, tied.hidden_space) == (
+        "diverse_distill", "tied", "teacher", "softmax", "normalized")  # fmt: skip
+    assert not tied.gating.enabled and tied.prediction_weight == 0.1
+    first = {c.key for c in plan_cells(cfg, [0, 1]) if c.method == "diverse_distill:tied"}
+    assert first == {f"diverse_distill:tied-vit_l+clip-w{w:g}-s0" for w in (0.01, 0.1, 1, 10)}
