@@ -180,10 +180,13 @@ def paper_plan(quick: bool = False, seeds: Iterable[int] | None = None,
     rows = [Row("alone", None, label="MLP-S alone")]
     for teacher in (LANGUAGE, "mlp_l"):
         for method in ("ld", "fd", "sckd", "diverse_distill"):
-            rows.append(Row("t3", method, (teacher,), _options(method)))
+            rows.append(Row("t3", method, (teacher,), _options(method), "paper" if method == "diverse_distill" else ""))
+        rows.append(Row("t3", "diverse_distill", (teacher,), TIED, "tied"))
     for method in ("mt", "amtml", "autoskd", "aekd", "diverse_distill"):
-        rows.append(Row("t4", method, lm_l, _options(method)))
-    rows.append(Row("t5", "diverse_distill", ("mlp_m", "mlp_l"), _options("diverse_distill")))
+        rows.append(Row("t4", method, lm_l, _options(method), "paper" if method == "diverse_distill" else ""))
+    rows.append(Row("t4", "diverse_distill", lm_l, TIED, "tied"))
+    rows.append(Row("t5", "diverse_distill", ("mlp_m", "mlp_l"), _options("diverse_distill"), "paper"))
+    rows.append(Row("t5", "diverse_distill", ("mlp_m", "mlp_l"), TIED, "tied"))
     three = (LANGUAGE, "mlp_l", "mlp_m")
     rows.append(Row("gating", "diverse_distill", three, _options("diverse_distill"), "ungated"))
     for tau in GATING_THRESHOLDS:
@@ -211,6 +214,11 @@ def paper_plan(quick: bool = False, seeds: Iterable[int] | None = None,
         )  # fmt: skip
     return BenchPlan(rows, list(seeds) if seeds is not None else [0, 1, 2], train=dict(FULL_TRAIN))
 
+
+#: DiverseDistill's ``variant: tied`` rows (issue 19) beside the paper's: the same settings, its
+#: prediction-level term at LD's weight in this bench (3), the hidden-state term at the paper
+#: rows' 30.
+TIED = _options("diverse_distill", variant="tied", prediction_weight=METHOD_OPTIONS["ld"]["kd_weight"])
 
 #: The student budget of the full run, the same for every cell: at most 12 epochs, patience 3
 #: (the job's 30 / 4 would take about 2.5 h with 2 workers on the 2-core machine, over the
@@ -736,7 +744,7 @@ def write_report(out: Path, plan: BenchPlan, command: str = "recdistill bench pa
                 f"| {teachers} | {method} | {len(r['seeds'])} | {_mean_std(r['valid'])} | "
                 f"{_mean_std(r['test'])} | {gap} | {cold_mse} | "
                 f"{'/'.join(map(str, r['best_epochs']))} | {saved} | "
-                f"{_paper_cell(row.table, row.method, row.teachers)} |"
+                f"{_paper_cell(row.table, row.method, row.teachers) if row.label != 'tied' else ''} |"
             )  # fmt: skip
         tuned = [r for r in mine if r["tuned"]]
         for r in tuned:

@@ -33,6 +33,16 @@ def test_paper_plan_has_every_table_and_method():
     assert len(by_table["gating"]) == 1 and len([r for r in plan.rows if r.table == "gating"]) == 4
     assert plan.seeds == [0, 1, 2] and paper_plan(quick=True).seeds == [0]
     assert len({row.key for row in plan.rows}) == len(plan.rows)  # every row its own cells
+
+
+def test_each_diverse_distill_row_of_the_tables_has_a_tied_twin_at_lds_prediction_weight():
+    plan = paper_plan()
+    diverse = [r for r in plan.rows if r.method == "diverse_distill" and r.table in ("t3", "t4", "t5")]
+    paper = {(r.table, r.teachers) for r in diverse if r.label == "paper"}
+    tied = {(r.table, r.teachers): dict(r.options) for r in diverse if r.label == "tied"}
+    assert len(paper) == 4 and set(tied) == paper
+    assert all(o["variant"] == "tied" and o["prediction_weight"] == 3.0 for o in tied.values())
+    assert all(dict(r.options).get("variant", "paper") == "paper" for r in diverse if r.label == "paper")
     with pytest.raises(ValueError, match="unknown table"):
         paper_plan(tables=["t9"])
 
