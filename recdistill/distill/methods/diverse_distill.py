@@ -161,9 +161,9 @@ class DiverseDistill(DistillMethod):
             answers.append(answer if everyone else _scatter(answer, rows, size))
             if self.config.prediction_weight > 0:
                 share = importance[rows, k].detach().to(predicted.dtype) if weighted else None
-                own = target.reshape(predicted[rows].shape).to(predicted.dtype)  # [b] (or [b, C] logits)
-                by_row = None if share is None else share.view((-1,) + (1,) * (own.dim() - 1))
-                predicted.index_add_(0, rows, own if share is None else by_row * own)
+                said = target.reshape(predicted[rows].shape).to(predicted.dtype)  # [b] (or [b, C] logits)
+                by_row = None if share is None else share.view((-1,) + (1,) * (said.dim() - 1))
+                predicted.index_add_(0, rows, said if share is None else by_row * said)
                 asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype) if share is None else share)
 
         losses = {
@@ -188,9 +188,7 @@ class DiverseDistill(DistillMethod):
             if self.config.importance_signal == "answers":
                 stack = torch.stack(answers, dim=1)  # [B, K, d_z]
             else:
-                template = next(own for own in owns if own is not None) if any(o is not None for o in owns) else None
-                stack = None if template is None else torch.stack(
-                    [template.new_zeros(template.shape) if own is None else own for own in owns], dim=1)  # [B, K(, C)]
+                stack = _stack_teachers(owns)  # [B, K] (or [B, K, C]); None: no teacher was asked
             losses["loss_reg_importance"] = (kd * 0 if stack is None else
                                              self._importance_term(importance, asked, stack, labels))  # fmt: skip
         for k, name in enumerate(self.teacher_names):  # logged per epoch; no gradient, no loss
@@ -259,6 +257,16 @@ class DiverseDistill(DistillMethod):
         if self.config.importance_signal == "predictions":  # a per-row stacking of the committee
             return task_loss(mixed, labels[rows])
         return task_loss(self.student.head(mixed), labels[rows])
+
+
+def _stack_teachers(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """K tensors ``[B, ...]`` (None: a teacher asked about no row) as ``[B, K, ...]``, zeros for
+    None; None when every part is."""
+    shape = next((part.shape for part in parts if part is not None), None)
+    if shape is None:
+        return None
+    template = next(part for part in parts if part is not None)
+    return torch.stack([template.new_zeros(shape) if part is None else part for part in parts], dim=1)
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
