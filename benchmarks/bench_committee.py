@@ -132,6 +132,7 @@ def run(args) -> None:
                 job = job if not args.teachers else f"{job}[{','.join(teachers)}]"
                 job = job if args.holdout is None else f"{job}+holdout{args.holdout:g}"
                 job = job if args.oof is None else f"{job}+oof{args.oof}"
+                job = job if args.tag is None else f"{job}+{args.tag}"
                 if (split, seed, job) in done:
                     continue
                 reuse = ["teachers={}"] if args.teachers else []  # the job's sections of teachers left out go
@@ -148,7 +149,9 @@ def run(args) -> None:
                                                                f"distill.teachers=[{','.join(teachers)}]",
                                                                *([f"distill.variant={variant}"] if variant else [])])  # fmt: skip
                 timer = Timer(args.quiet)
-                result = run_job(other, output_dir=runs / f"{split}-{seed}-{job}", say=timer)
+                job_root = runs / f"{split}-{seed}-{job}"
+                planted = plant_folds(out, split, seed, args.oof, teachers, job_root / other.name) if args.oof else None
+                result = run_job(other, output_dir=job_root, say=timer, resume=planted or False)
                 rows = [dict(r) for r in result.rows if r["role"].startswith("distilled")]
                 rows[-1]["valid_mse"] = result.distill.valid["mse"]
                 rows[-1]["fit_seconds"] = round(sum(h.get("seconds", 0) for h in result.distill.history), 1)
@@ -160,6 +163,9 @@ def run(args) -> None:
                     rows[-1]["committee_weights"] = result.distill.committee_weights
                 if args.teachers:
                     rows[-1]["role"] = f"{rows[-1]['role']} [{'+'.join(teachers)}]"
+                if args.tag:
+                    rows[-1]["role"] = f"{rows[-1]['role']} +{args.tag}"
+                    rows[-1]["overrides"] = args.overrides
                 if args.holdout is not None or args.oof is not None:
                     fit = f"holdout {args.holdout:g}" if args.holdout is not None else f"oof x{args.oof}"
                     rows[-1]["role"] = f"{rows[-1]['role']} {fit}"
@@ -186,6 +192,27 @@ def rebuild(cfg, out: Path, split: str, seed: int, runs: Path, quiet: bool) -> s
             print(f"refit {split} seed {seed} {row['model']}: test MSE {row['test_mse']:.6f}, "
                   f"recorded {recorded[row['model']]:.6f} ({drift:+.2e})", flush=True)
     return str(result.output_dir)
+
+
+def plant_folds(out: Path, split: str, seed: int, folds: int, teachers: list[str], root: Path) -> str | None:
+    """A new run folder under ``root`` holding the fold models an earlier ``--oof`` job of
+    ``(split, seed)`` fitted (the same folds, seeds and data: the job checks each fold's marker),
+    so the job reuses them under ``--resume`` instead of fitting ``folds`` models of each teacher
+    again; its name, or None when no earlier job left them."""
+    for line in map(json.loads, out.read_text().splitlines()) if out.is_file() else []:
+        source = Path(line["folder"])
+        if ((line["split"], line["seed"]) != (split, seed) or f"+oof{folds}" not in line["job"]
+                or not all((source / f"teacher_{n}" / f"fold{j}" / "best.pt").is_file()
+                           for n in teachers for j in range(folds))):  # fmt: skip
+            continue
+        folder = root / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        for n in teachers:
+            for j in range(folds):
+                (folder / f"teacher_{n}" / f"fold{j}").mkdir(parents=True, exist_ok=True)
+                os.link(source / f"teacher_{n}" / f"fold{j}" / "best.pt", folder / f"teacher_{n}" / f"fold{j}" / "best.pt")
+        print(f"{split} seed {seed}: the fold models of {source} reused", flush=True)
+        return folder.name
+    return None
 
 
 def latest_folder(out: Path, split: str, seed: int, job: str) -> str:
@@ -264,6 +291,7 @@ def main() -> None:
                         help="the other methods' teachers cross-fitted in K folds (distill.importance_fit: "
                              "oof): each job fits K models of each teacher instead of reusing the first job's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--tag", help="a name for the --set overrides, appended to the job's name")
     parser.add_argument("--out", default="docs/results/committee.jsonl")
     parser.add_argument("--weights", choices=["equal", "valid"], default="equal",
                         help="the other methods' committee weights (the job itself takes its config's)")
