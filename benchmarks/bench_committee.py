@@ -185,6 +185,9 @@ def rebuild(cfg, out: Path, split: str, seed: int, runs: Path, quiet: bool) -> s
     recorded = {r["model"]: r["test_mse"] for line in map(json.loads, out.read_text().splitlines())
                 if (line["split"], line["seed"], line["job"]) == (split, seed, cfg.distill.method)
                 for r in line["rows"] if r["role"].startswith("teacher")}  # fmt: skip
+    for earlier in sorted((runs / f"{split}-{seed}" / cfg.name).glob("2*"), reverse=True):  # refitted before
+        if all((earlier / f"teacher_{n}" / "best.pt").is_file() for n in cfg.distill.teachers):
+            return str(earlier)
     result = run_job(cfg, output_dir=runs / f"{split}-{seed}", say=Timer(quiet))
     for row in result.rows:
         if row["model"] in recorded:
