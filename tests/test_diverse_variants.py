@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from recdistill.distill import DistillConfig
+from recdistill.distill.config import VARIANTS
 from recdistill.distill.module import QuestionAugmenter
 from tests.test_method_fixes import ContextTeacher, make_batch, method_for
 
@@ -33,6 +34,16 @@ def test_tied_variant_sets_only_the_fields_left_unset():
     assert DistillConfig(variant="tied", kd_weight=7.0).prediction_weight == 7.0  # LD's weight on its target
     given = DistillConfig(variant="tied", answer_target="mix", prediction_weight=0.0)
     assert (given.answer_target, given.prediction_weight) == ("mix", 0.0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_and_its_fields_load_from_a_job_config(variant):
+    from pipelines.config import load_config
+
+    cfg = load_config("quick", [f"distill.variant={variant}", "distill.importance_signal=predictions",
+                                "distill.oof_target=in_fold", "distill.hidden_space=normalized"])  # fmt: skip
+    assert (cfg.distill.variant, cfg.distill.importance_signal, cfg.distill.hidden_space) == (
+        variant, "predictions", "normalized")  # fmt: skip
 
 
 def test_stacked_variant_is_tied_with_the_importance_fitted_to_the_teachers_predictions():

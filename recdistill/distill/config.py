@@ -275,7 +275,7 @@ class DistillConfig:
     answer_activation: Literal["auto", "relu", "none"] = "none"
     question_form: Literal["bilinear", "simple"] = "bilinear"
     hidden_space: Literal["raw", "normalized"] = "raw"
-    variant: Literal["paper", "tied"] = "paper"
+    variant: Literal["paper", "tied", "stacked"] = "paper"
     answer_target: Literal["label", "teacher", "mix"] | None = None
     answer_label_share: float = 0.5
     zero_init_questions: bool | None = None
