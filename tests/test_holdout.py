@@ -232,6 +232,10 @@ def test_diverse_distill_fits_its_importance_out_of_fold_and_distils_the_in_fold
     # one teacher: its importance is 1, so the stacking term is its out-of-fold loss on the rows
     assert torch.allclose(losses["loss_reg_importance"], (out_of_fold - batch.labels).pow(2).mean(), atol=1e-5)
     assert torch.allclose(losses["loss_kd_prediction"], 2.0 * (prediction - in_fold).pow(2).mean(), atol=1e-5)
+    # half of the next batch's rows are cached: the teacher's own predictions of the other half
+    # must not reroute the fold models its question's reply is read by
+    _, again = method.forward_train(prepared.data.batch(torch.cat([folds[0][:6], folds[2][:6]])))
+    assert torch.isfinite(again["loss_reg_teacher"])
 
 
 def test_distill_refuses_a_plain_teacher_for_oof_and_runs_diverse_distill_on_cross_fitted_ones(prepared):

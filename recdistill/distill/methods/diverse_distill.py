@@ -142,12 +142,12 @@ class DiverseDistill(DistillMethod):
                 continue
             everyone = rows.numel() == size
             sub = batch if everyone else slice_batch(batch, rows)
+            own_prediction = target = None
+            if needs_own:  # the teacher's own rating of the row, as LD uses it (before the question:
+                own_prediction, target = self.own_predictions(k, sub)  # a staged call routes what head reads)
             reply = self.ask(k, questions[k] if everyone else questions[k][rows], sub)  # [b, m_k]
             answer = self.module.answer(k, reply)  # [b, d_z]
             sub_labels = labels if everyone else labels[rows]
-            own_prediction = target = None
-            if needs_own:  # the teacher's own rating of the row, as LD uses it
-                own_prediction, target = self.own_predictions(k, sub)
             owns.append(own_prediction if everyone or own_prediction is None else _scatter(own_prediction, rows, size))
             reg_teacher = reg_teacher + task_loss(teacher.head(reply), sub_labels)
             reg_answer = reg_answer + self._answer_term(self.student.head(answer), sub_labels, own_prediction)
