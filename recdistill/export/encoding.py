@@ -14,7 +14,7 @@ TorchScript file carries, one block per input feature::
     -inf\t1                               # bucket: lowest value it takes, index
     feature gender strings string 3 1 0 0 0 4
     M\t2                                  # keys: each value as trained, and as normalized
-    feature genres strings multi 0 1 0 0 0 38
+    feature genres strings multi 0 1 0 0 0 36
 
 The header of a block: name, input dictionary, rule (``integer``: exact integer keys;
 ``bounds``: the bucket of the largest lower bound at or below the value; ``floor``: the value

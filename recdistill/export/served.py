@@ -179,7 +179,8 @@ class SparseTables:
             self.multi_order,
         )
 
-    def parameters(self) -> int:
+    def numel(self) -> int:
+        """How many numbers the tables hold."""
         return sum(t.numel() for t in self.single + self.bags) + sum(r.numel() for r, _ in self.histories)
 
 
@@ -317,7 +318,7 @@ class ServingStudent(nn.Module):
         linear = first_linear(tower)
         folded = tables.times(linear.weight) if linear is not None else None
         if fold is None:
-            fold = folded is not None and folded.parameters() <= tables.parameters()
+            fold = folded is not None and folded.numel() <= tables.numel()
         if fold and linear is None:
             raise ValueError(f"cannot fold: {type(student).__name__}'s tower does not start with a Linear")
         if fold:
