@@ -47,9 +47,10 @@ from recdistill.export.torchscript import export_torchscript, load_served_studen
 __all__ = [
     "EXPORT_FORMATS", "INPUT_DICTS", "BucketEncoder", "ExportConfig", "ExportParityError",
     "ExportReport", "FeatureEncoder", "FoldedSparseArch", "HistoryRows", "IntegerEncoder",
-    "MergedTable", "MultiHotEncoder", "ParityRows", "Pt2Student", "ServingInputs", "ServingSparseArch",
-    "ServingStudent", "SparseTables", "StringEncoder", "TableEncoder", "char_prefix",
-    "compile_pt2", "eager_scores", "encoding_path", "export_pt2", "export_torchscript", "feature_encoder", "feature_lists", "fold_case", "input_dict",
+    "MergedTable", "MultiHotEncoder", "ParityRows", "Pt2Student", "ServingInputs",
+    "ServingSparseArch", "ServingStudent", "SparseTables", "StringEncoder", "TableEncoder",
+    "char_prefix", "compile_pt2", "eager_scores", "encoding_path", "export_pt2",
+    "export_torchscript", "feature_encoder", "feature_lists", "fold_case", "input_dict",
     "load_served_student", "script_student", "serving_inputs", "strip_space",
     "training_rating_range", "write_encoding",
 ]  # fmt: skip
