@@ -630,17 +630,17 @@ def stage_export_pt2(ctx: JobContext, student: nn.Module, rows: ParityRows, repo
     """The AOTInductor package beside the TorchScript file, checked on the same rows and logged
     with the run; a package that fails its parity check fails the TorchScript report too, so
     the version is not promoted."""
-    from recdistill.export_pt2 import export_pt2, vocabs_path
+    from recdistill.export import encoding_path, export_pt2
 
     exp = ctx.config.export
     path = ctx.out / (Path(exp.file_name).stem + ".pt2")
     pt2 = export_pt2(student, ctx.prepared.vocabs, path, rows, exp.tolerance, raise_on_mismatch=False)
     verdict = "passed" if pt2.passed else "FAILED"
-    ctx.say(f"  {path}: {pt2.size_bytes / 2**20:.1f} MiB with its vocabularies, compiled in "
+    ctx.say(f"  {path}: {pt2.size_bytes / 2**20:.1f} MiB with its encoding table, compiled in "
             f"{pt2.seconds:.0f} s, parity {verdict} (max |diff| {pt2.max_abs_diff:.2g})")  # fmt: skip
     report.passed = report.passed and pt2.passed
     ctx.run.log_file(path, "export")
-    ctx.run.log_file(vocabs_path(path), "export")
+    ctx.run.log_file(encoding_path(path), "export")
     diff = pt2.max_abs_diff if math.isfinite(pt2.max_abs_diff) else 1e30
     ctx.run.log_metrics({"export.pt2_max_abs_diff": diff})
     ctx.run.set_tags({"export.pt2_parity": str(pt2.passed).lower()})

@@ -20,8 +20,10 @@ from recdistill.export import (
     ExportConfig,
     ExportParityError,
     FeatureEncoder,
+    FoldedSparseArch,
     ParityRows,
     ServingInputs,
+    ServingStudent,
     export_torchscript,
     serving_inputs,
     training_rating_range,
@@ -88,6 +90,21 @@ def test_export_matches_eager_student_on_real_rows(exported):
     assert report.passed and report.rows_checked == 512
     assert report.max_abs_diff <= 1e-5
     assert path.is_file() and report.size_bytes == path.stat().st_size
+
+
+def test_mlp_s_is_served_with_its_first_layer_folded_into_the_tables(student, prepared):
+    """The tower's first Linear times each table: the served sparse part gives that layer's
+    output (a sum of lookups, no [B, 1376] x [1376, 128] matmul), from tables smaller than the
+    640-wide id tables they replace, and the same ratings as the unfolded module."""
+    folded = ServingStudent.from_student(student, prepared.vocabs, (1.0, 5.0))
+    plain = ServingStudent.from_student(student, prepared.vocabs, (1.0, 5.0), fold=False)
+    assert isinstance(folded.sparse_arch, FoldedSparseArch) and folded.sparse_arch.out_dim == 128
+    size = lambda m: sum(b.numel() for b in m.sparse_arch.buffers()) + sum(p.numel() for p in m.sparse_arch.parameters())
+    assert size(folded) < size(plain) / 4
+    rows = ParityRows.sample(prepared, 1024, "valid")
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*rows.inputs.args), plain(*rows.inputs.args), rtol=0, atol=1e-5)
+        torch.testing.assert_close(folded(*rows.inputs.args), _eager(student, rows), rtol=0, atol=1e-5)
 
 
 def test_encoder_derives_the_same_indices_as_the_feature_layer(prepared):

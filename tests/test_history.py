@@ -15,7 +15,7 @@ from features.config import DataConfig
 from features.history import HistoryBags, pooling_scale
 from features.spec import SPECS_DIR, SpecError, spec_from_dict
 from features.vocab import FeatureVocabs
-from recdistill.export import ParityRows, export_torchscript
+from recdistill.export import ParityRows, ServingStudent, export_torchscript
 from recdistill.models import build_model
 
 
@@ -129,6 +129,26 @@ def test_a_streamed_log_refuses_history_features_on_load():
                 {"name": "seen", "table": "interactions", "column": "i", "kind": "history", "key": "user_id"}]
     with pytest.raises(ValueError, match=r"data\.features\[1\]: history 'seen' .* streamed log"):
         DataConfig(interactions="/tmp/log.parquet", stream=True, features=features)
+
+
+def test_a_served_history_is_one_pooled_row_per_entity(history):
+    """Frozen tables make a row's pooled history a function of its key entity alone: the served
+    module holds one [E, D] row per user (per item), equal to what the eager student pools for
+    any row of that entity, and a batch looks up one row instead of summing its bag."""
+    torch.manual_seed(0)
+    student = build_model("dlrm_s", history).eval()
+    served = ServingStudent.from_student(student, history.vocabs)
+    rows = history.data.splits["test"][:64]
+    batch = history.data.batch(rows)
+    with torch.no_grad():
+        h = student.early(batch)  # [B, F*D]
+    names = list(history.vocabs.sizes)
+    for name, frozen in zip(["user_items", "item_users"], served.sparse_arch.histories):
+        key = history.vocabs.spec[name].key
+        assert frozen.rows.shape == (history.vocabs.sizes[key], 64)
+        users = history.data.single[rows, history.vocabs.spec.single_names.index(key)]
+        slot = names.index(name)
+        torch.testing.assert_close(frozen.rows[users], h[:, slot * 64 : (slot + 1) * 64], rtol=0, atol=1e-6)
 
 
 def test_the_served_module_freezes_the_bags_and_matches_the_eager_student(tmp_path):

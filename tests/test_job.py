@@ -275,19 +275,19 @@ def test_the_registered_student_has_a_signature_a_real_example_and_a_description
 
 
 def test_export_format_both_ships_a_pt2_package_checked_and_logged_with_the_version(first_run, server, tmp_path):
-    from recdistill.export_pt2 import Pt2Student
+    from recdistill.export import Pt2Student
 
     cfg = _reusing_teachers(first_run, "student-pt2")
     cfg.train = dataclasses.replace(cfg.train, epochs=1, max_steps_per_epoch=2)
     cfg.export = dataclasses.replace(cfg.export, format="both")
     result = run_job(cfg, tracking_uri=server.uri, output_dir=tmp_path, say=lambda line: None)
     folder = result.output_dir
-    assert (folder / "student.pt2").is_file() and (folder / "student.vocabs.json").is_file()
+    assert (folder / "student.pt2").is_file() and (folder / "student.encoding.txt").is_file()
     run = mlflow.tracking.MlflowClient(server.uri).get_run(result.run_id)
     assert run.data.tags["export.pt2_parity"] == "true"
     assert run.data.metrics["export.pt2_max_abs_diff"] <= cfg.export.tolerance
     logged = {a.path for a in mlflow.tracking.MlflowClient(server.uri).list_artifacts(result.run_id, "export")}
-    assert {"export/student.pt2", "export/student.vocabs.json", "export/student.pt"} <= logged
+    assert {"export/student.pt2", "export/student.encoding.txt", "export/student.pt"} <= logged
     rows = ParityRows.sample(first_run_prepared(), 64, "valid")
     served, scripted = Pt2Student.load(folder / "student.pt2"), torch.jit.load(str(folder / "student.pt"))
     torch.testing.assert_close(served(*rows.inputs.args), scripted(*rows.inputs.args), rtol=0, atol=1e-5)

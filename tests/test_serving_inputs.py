@@ -1,7 +1,8 @@
 """The served student never answers wrong in silence (issues 12 and 8): a feature name it does
 not take, a missing one, inputs of the wrong rank or dtype and bare strings are refused naming
 the input, string values are normalized, unknown values are counted, and the loaded file
-answers many threads as it answers one."""
+answers many threads as it answers one. The pt2 package's encoding table (its Python reader in
+front of the same numeric path, kind ``table``) behaves alike (issue 21)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from recdistill.export import (
     ParityRows,
     ServingInputs,
     ServingStudent,
+    TableEncoder,
     export_torchscript,
     serving_inputs,
+    write_encoding,
 )
 
 #: Run by a fresh python (torch alone): load the file, print the unknown counts of the inputs.
@@ -52,10 +55,27 @@ def eager(trained_student, prepared):
     return ServingStudent.from_student(trained_student, prepared.vocabs, (1.0, 5.0))
 
 
+class TableServed:
+    """The encoding table's Python reader in front of the served module's numeric path: what
+    ``Pt2Student`` runs, without compiling the package."""
+
+    def __init__(self, served: ServingStudent, path):
+        self.encoder = TableEncoder.load(write_encoding(served.encoder, path))
+        self.served = served
+
+    def __call__(self, *args) -> torch.Tensor:
+        return self.served.score(*self.encoder(*args))
+
+    def unknowns(self, *args) -> dict[str, int]:
+        return self.encoder.unknowns(*args)
+
+
 @pytest.fixture(scope="module")
 def models(served_file, eager):
-    """The eager serving module and the saved, reloaded scripted one: both must behave alike."""
-    return {"eager": eager, "scripted": torch.jit.load(str(served_file))}
+    """The eager serving module, the saved and reloaded scripted one, and the encoding table in
+    front of the eager numeric path: all must behave alike."""
+    table = TableServed(eager, served_file.with_name("student.encoding.txt"))
+    return {"eager": eager, "scripted": torch.jit.load(str(served_file)), "table": table}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +84,7 @@ def rows(prepared) -> ServingInputs:
     return serving_inputs(prepared.movielens.joined().head(3), prepared.vocabs)
 
 
-@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("kind", ["eager", "scripted", "table"])
 @pytest.mark.parametrize("where, name", TENSOR_INPUTS)
 @pytest.mark.parametrize("reshape, shown",
                          [(lambda t: t[:, None], "[3, 1]"), (lambda t: t[0], "[]")],
@@ -77,7 +97,7 @@ def test_a_tensor_input_of_the_wrong_rank_is_refused_naming_it(models, rows, kin
         models[kind](*bad.args)
 
 
-@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("kind", ["eager", "scripted", "table"])
 @pytest.mark.parametrize("where, name", ID_INPUTS)
 def test_float_ids_are_refused_not_truncated(models, rows, kind, where, name):
     """Even whole floats (196.0) are refused: 196.7 would have been served as user 196."""
@@ -86,7 +106,7 @@ def test_float_ids_are_refused_not_truncated(models, rows, kind, where, name):
         models[kind](*bad.args)
 
 
-@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("kind", ["eager", "scripted", "table"])
 def test_a_feature_name_the_model_does_not_take_is_refused_naming_it(models, rows, kind):
     bad = rows.replace("strings", "gendr", rows.strings["gender"])
     with pytest.raises(Exception, match=r"strings\['gendr'\]: not a feature this model takes in "
@@ -97,14 +117,14 @@ def test_a_feature_name_the_model_does_not_take_is_refused_naming_it(models, row
         models[kind](*misplaced.args)
 
 
-@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("kind", ["eager", "scripted", "table"])
 def test_a_missing_feature_is_refused_naming_it(models, rows, kind):
     numbers = {k: v for k, v in rows.numbers.items() if k != "release_year"}
     with pytest.raises(Exception, match=r"numbers\['release_year'\] is missing"):
         models[kind](*rows._replace(numbers=numbers).args)
 
 
-@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("kind", ["eager", "scripted", "table"])
 def test_every_integer_dtype_scores_alike(models, rows, kind):
     small = rows._replace(
         numbers={**rows.numbers, "age": rows.numbers["age"].to(torch.uint8),
@@ -144,7 +164,7 @@ def _respelled(rows: ServingInputs) -> ServingInputs:
     })  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("kind", ["eager", "scripted", "table"])
 def test_strings_match_regardless_of_case_and_surrounding_whitespace(models, rows, kind):
     model = models[kind]
     assert torch.equal(model(*_respelled(rows).args), model(*rows.args))
@@ -195,7 +215,7 @@ EXPECTED_UNKNOWNS = {"user_id": 1, "item_id": 1, "age": 1, "gender": 0, "occupat
                      "zip_prefix": 1, "release_year": 1, "genres": 1}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["eager", "scripted"])
+@pytest.mark.parametrize("kind", ["eager", "scripted", "table"])
 def test_unknowns_counts_the_values_scored_as_unknown_per_feature(models, rows, kind):
     assert rows.lengths["genres"].tolist() == [1, 4, 2]
     assert models[kind].unknowns(*_with_unknowns(rows).args) == EXPECTED_UNKNOWNS
@@ -291,7 +311,9 @@ def test_any_consistent_raw_rows_get_finite_ratings_in_range_and_counted_unknown
     assert ratings.shape == (inputs.batch_size,) and bool(torch.isfinite(ratings).all())
     assert bool(((ratings >= 1.0) & (ratings <= 5.0)).all())
     assert torch.equal(ratings, models["eager"](*inputs.args))
+    assert torch.equal(ratings, models["table"](*inputs.args))
     counts = scripted.unknowns(*inputs.args)
+    assert counts == models["table"].unknowns(*inputs.args)
     assert all(0 <= n <= max(inputs.batch_size, len(inputs.strings["genres"]))
                for n in counts.values())  # fmt: skip
 
@@ -307,5 +329,6 @@ def test_any_batch_with_inconsistent_lengths_is_a_clear_error(models, inputs, cu
         value = value + ["x"] if isinstance(value, list) else torch.tensor([1])
     else:
         value = value[1:]
-    with pytest.raises(Exception, match=r"serving input"):
-        models["scripted"](*inputs.replace(where, name, value).args)
+    for kind in ("scripted", "table"):
+        with pytest.raises(Exception, match=r"serving input"):
+            models[kind](*inputs.replace(where, name, value).args)

@@ -1,5 +1,6 @@
 """Students and teachers, each a :class:`recdistill.stages.StagedModule`, registered by name."""
 
+from recdistill.models import tables  # noqa: F401  (tells the optimizers TorchRec's tables)
 from recdistill.models import recommender  # noqa: F401  (registers mlp_s, mlp_m, mlp_l)
 from recdistill.models import dlrm  # noqa: F401  (registers dlrm_s, dlrm_m, dlrm_l)
 from recdistill.models import encoder_lm  # noqa: F401  (registers minilm)

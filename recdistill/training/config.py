@@ -69,6 +69,13 @@ class TrainConfig:
             with; at 11M table parameters sparse is 1.7x faster (docs/results/scale.md). Needs
             ``embedding_optimizer: adagrad`` (TorchRec's row-wise Adagrad takes no sparse
             gradients).
+        fused_embedding_optimizer: supervised training in one process swaps the tables for
+            TorchRec's fused ones (``FusedEmbeddingBagCollection``: FBGEMM's table-batched
+            kernels on CPU), which apply the embedding optimizer inside backward as a sharded
+            run does, instead of Adagrad stepping the tables after backward. The same updates to
+            float rounding (``tests/test_fused_tables.py``; rows/s in docs/results/scale.md).
+            Distillation ignores it (a distillation step runs several backward passes through
+            the student, and each would update the fused tables).
     """
 
     epochs: int = 20
@@ -90,6 +97,7 @@ class TrainConfig:
     slice_edges: list[int] = field(default_factory=lambda: list(DEFAULT_SLICE_EDGES))
     threads: int | None = None
     sparse_embedding_grads: bool | None = None
+    fused_embedding_optimizer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
@@ -106,6 +114,12 @@ class TrainConfig:
         if self.embedding_weight_decay and self.sparse_embedding_grads:
             raise ValueError("train.embedding_weight_decay: Adagrad takes no weight decay with "
                              "sparse gradients (train.sparse_embedding_grads: true)")  # fmt: skip
+        if self.fused_embedding_optimizer and self.sparse_embedding_grads:
+            raise ValueError("train.fused_embedding_optimizer: fused tables take no gradients; "
+                             "leave train.sparse_embedding_grads unset")  # fmt: skip
+        if self.fused_embedding_optimizer and self.swa_start_epoch is not None:
+            raise ValueError("train.fused_embedding_optimizer: weight averaging copies the model, "
+                             "which fused tables do not support; leave train.swa_start_epoch unset")  # fmt: skip
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise ValueError(
                 f"train.embedding_optimizer must be one of {', '.join(EMBEDDING_OPTIMIZERS)}, "

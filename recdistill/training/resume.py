@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from recdistill.training.checkpoints import RESUME_SHARDED, write_atomically
 from recdistill.training.config import TrainConfig
+from recdistill.training.optim import CombinedOptimizer
 from recdistill.training.ranks import _world
 
 #: Bumped when the file's layout changes; an older file is refused rather than misread.
@@ -73,36 +74,21 @@ class Position:
 
 
 def optimizer_state(optimizer: Any) -> Any:
-    """The state of ``optimizer`` (a torch optimizer, or TorchRec's keyed and combined ones).
-
-    A ``KeyedOptimizerWrapper`` is saved through the torch optimizer it wraps: TorchRec's keyed
-    ``load_state_dict`` refuses to fill state that Adam has not created yet (before its first
-    step), the plain torch one does not.
-    """
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-
+    """The state of ``optimizer`` (a torch optimizer, a :class:`~recdistill.training.optim.CombinedOptimizer`
+    of several, or a fused one's keyed state)."""
     if isinstance(optimizer, CombinedOptimizer):
         return {name: optimizer_state(part) for name, part in optimizer.optimizers}
-    if isinstance(optimizer, KeyedOptimizerWrapper):
-        return optimizer._optimizer.state_dict()
     return optimizer.state_dict()
 
 
 def load_optimizer_state(optimizer: Any, state: Any) -> None:
     """Load what :func:`optimizer_state` returned into an optimizer built the same way."""
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-
     if isinstance(optimizer, CombinedOptimizer):
         parts = dict(optimizer.optimizers)
         if set(parts) != set(state):
             raise ValueError(f"optimizer parts differ: {sorted(parts)} now, {sorted(state)} saved")
         for name, part in parts.items():
             load_optimizer_state(part, state[name])
-    elif isinstance(optimizer, KeyedOptimizerWrapper):
-        inner = optimizer._optimizer
-        inner.load_state_dict(state)
-        # torch's load_state_dict replaces the state and groups the wrapper shares with it
-        optimizer.state, optimizer.param_groups = inner.state, inner.param_groups
     else:
         optimizer.load_state_dict(state)
 

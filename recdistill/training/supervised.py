@@ -106,7 +106,8 @@ def train_supervised(
     data = getattr(prepared, "data", prepared)
     if callable(getattr(model, "fit_offline", None)):
         return _fit_offline(model, data, cfg, checkpoints, on_epoch)
-    step = TrainStep(losses=task_losses(model, task_of(data)), optimizers=[build_optimizer(model, cfg)])
+    optimizer = build_optimizer(model, cfg, fuse_tables=cfg.fused_embedding_optimizer)
+    step = TrainStep(losses=task_losses(model, task_of(data)), optimizers=[optimizer])
     torch.manual_seed(cfg.seed)  # dropout
     desc = checkpoints.model_name if checkpoints is not None else getattr(model, "model_name", "")
     return fit(model, data, cfg, step, checkpoints=checkpoints, on_epoch=on_epoch, desc=desc,
