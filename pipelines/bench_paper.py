@@ -302,8 +302,8 @@ def train_teachers(config: Any, plan: BenchPlan, out: Path, say: Callable[[str],
     import torch
 
     from recdistill.distill.methods.base import freeze
-    from recdistill.models import build_model, count_parameters
-    from recdistill.training import load_checkpoint, save_checkpoint
+    from recdistill.models import build_model, count_parameters, load_checkpoint
+    from recdistill.training import save_checkpoint
     from recdistill.training import seed_everything, train_supervised
 
     prepared = None
@@ -351,7 +351,7 @@ def _init_worker(config: Any, plan: BenchPlan, out: Path, threads: int) -> None:
     import torch
 
     from recdistill.distill.methods.base import freeze
-    from recdistill.training import load_checkpoint
+    from recdistill.models import load_checkpoint
 
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

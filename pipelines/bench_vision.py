@@ -145,8 +145,7 @@ def _init_worker(cfg: VisionJobConfig, out: Path, threads: int) -> None:
 
     from recdistill.distill.methods.base import freeze
     from vision_ext.data import load_vision_data
-
-    from pipelines.vision_job import load_vision_checkpoint
+    from vision_ext.models import load_vision_checkpoint
 
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -53,7 +53,8 @@ class VisionModelConfig:
 
 @dataclass
 class VisionJobConfig:
-    """A vision job: data -> teachers -> student alone -> distil -> export -> MLflow.
+    """A vision job: data -> teachers -> student alone -> distil -> export -> register -> promote
+    (the job engine of :mod:`pipelines.engine`, with :class:`pipelines.domains.images.ImagesDomain`).
 
     Args:
         name: the job's name (output folder and MLflow run name).
@@ -81,6 +82,16 @@ class VisionJobConfig:
         source = self.teachers.get(name, TeacherSource())
         merged = {**dataclasses.asdict(self.train), **source.train}
         return from_dict(TrainConfig, merged, f"teachers.{name}.train")
+
+    def teacher_seed(self, name: str) -> int:
+        """The seed teacher ``name``'s weights start from: ``train.seed + 100 + k`` for the k-th
+        of ``distill.teachers``, so two teachers of one spec start apart and none from the
+        student's initial weights."""
+        return self.train.seed + 100 + self.distill.teachers.index(name)
+
+    def model_config(self, name: str) -> VisionModelConfig:
+        """Model ``name``'s kind and spec."""
+        return self.models[name]
 
 
 def _check_models(cfg: VisionJobConfig) -> None:

@@ -123,13 +123,26 @@ def test_set_on_the_command_line_changes_the_job(capsys):
 
 def test_run_passes_set_to_the_job(monkeypatch):
     import pipelines.commands.run as run_command
-    import pipelines.jobs
+    import pipelines.engine
 
     jobs = []
-    monkeypatch.setattr(pipelines.jobs, "run_job", lambda cfg, **kwargs: jobs.append(cfg))
+    monkeypatch.setattr(pipelines.engine, "run_job", lambda cfg, **kwargs: jobs.append(cfg))
     monkeypatch.setattr(run_command, "print_summary", lambda result: None)
     assert main(["run", "quick", "--set", "train.epochs=2", "--set", "distill.kd_weight=10"]) == 0
     assert (jobs[0].train.epochs, jobs[0].distill.kd_weight) == (2, 10.0)
+
+
+def test_vision_run_is_the_same_job_engine_with_its_resume_options(monkeypatch):
+    import pipelines.commands.run as run_command
+    import pipelines.engine
+    from pipelines.vision_config import VisionJobConfig
+
+    calls = []
+    monkeypatch.setattr(pipelines.engine, "run_job", lambda cfg, **kw: calls.append((cfg, kw)))
+    monkeypatch.setattr(run_command, "print_summary", lambda result: None)
+    assert main(["vision", "run", "vision_quick", "--resume", "--run", "20260101-000000"]) == 0
+    (cfg, kwargs), = calls
+    assert isinstance(cfg, VisionJobConfig) and kwargs["resume"] == "20260101-000000"
 
 
 CONFIG_COMMANDS = [
@@ -163,10 +176,10 @@ def test_run_folder_without_resume_is_a_clear_error(capsys):
 def test_demo_runs_the_default_job_fresh(monkeypatch, capsys):
     """`make demo` is `recdistill demo`: the default config, a new run, no resume."""
     import pipelines.commands.run as run_command
-    import pipelines.jobs as jobs
+    import pipelines.engine as engine
 
     calls = []
-    monkeypatch.setattr(jobs, "run_job", lambda cfg, **kw: calls.append((cfg, kw)) or "result")
+    monkeypatch.setattr(engine, "run_job", lambda cfg, **kw: calls.append((cfg, kw)) or "result")
     monkeypatch.setattr(run_command, "print_summary", lambda result: None)
     assert main(["demo"]) == 0
     (cfg, kwargs), = calls

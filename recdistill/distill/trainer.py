@@ -6,7 +6,8 @@ parameters it trains. Everything else (epochs, the NaN checks of every loss entr
 validation MSE, early stopping, ``best.pt`` / ``last.pt``, logging) is
 :func:`recdistill.training.loop.fit`, the loop supervised training uses too. The student gets
 the optimizer of supervised training (:func:`recdistill.training.build_optimizer`, Adagrad
-tables + Adam), the method's own modules get Adam at ``distill.module_lr``; teachers get none.
+tables + Adam), the method's own modules a plain ``torch.optim.Adam`` at ``distill.module_lr``;
+teachers get none.
 Evaluation and checkpoints are of the student alone, as it will be served.
 
 Example::
@@ -33,14 +34,7 @@ from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
 from recdistill.distill.weights import fit_committee_weights
 from recdistill.training.ranks import _world as ranks_world
-from recdistill.training import (
-    EpochCheckpoints,
-    TrainConfig,
-    TrainStep,
-    build_optimizer,
-    fit,
-    make_optimizer,
-)
+from recdistill.training import EpochCheckpoints, TrainConfig, TrainStep, build_optimizer, fit
 
 
 @dataclass
@@ -84,11 +78,12 @@ class DistillResult:
     distiller: DistillMethod | None = field(default=None, repr=False)
 
 
-def module_optimizer(method: DistillMethod, config: DistillConfig):
-    """Adam at ``config.module_lr`` over the method's own modules, or None if it has none."""
+def module_optimizer(method: DistillMethod, config: DistillConfig) -> torch.optim.Adam | None:
+    """A plain ``torch.optim.Adam`` at ``config.module_lr`` over the method's own modules (in
+    the method's parameter order), or None if it has none."""
     ids = {id(p) for p in method.learnable_parameters()}
-    named = {name: p for name, p in method.named_parameters() if id(p) in ids}
-    return make_optimizer(named, "adam", config.module_lr) if named else None
+    params = [p for _, p in method.named_parameters() if id(p) in ids]
+    return torch.optim.Adam(params, lr=config.module_lr, weight_decay=0.0) if params else None
 
 
 def importance_scores(
@@ -215,8 +210,6 @@ def distill(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     *,
     method: str | None = None,
-    model_name: str | None = None,
-    model_config: Any = None,
     resume_from: str | Path | None = None,
 ) -> DistillResult:
     """Distil ``committee`` into ``student`` with ``method`` (default ``config.method``).
@@ -225,15 +218,18 @@ def distill(
     training does), takes a step per batch and scores the student on the validation split; the
     best epoch's student weights are restored at the end. With ``train.checkpoint_dir`` the
     student's ``best.pt`` and ``last.pt`` are written after every epoch (rebuildable with
-    :func:`recdistill.training.load_checkpoint`; ``last.pt`` also carries the method's own
+    :func:`recdistill.models.load_checkpoint`; ``last.pt`` also carries the method's own
     weights in ``extra["method_state"]``), and ``resume.pt`` every
     ``train.checkpoint_every_steps`` steps: with ``resume_from`` a killed run continues where it
     stopped, the method's module, step count, gate generator and teacher passes included.
 
     Args:
-        student: the student (stage API), trained in place.
-        committee: ``[(name, teacher)]``; each teacher is frozen (eval mode, no gradients) and
-            checked on one training batch before any step (a misfit is a ``ValueError``).
+        student: the student (stage API), trained in place; its checkpoints record the
+            ``model_name`` and ``config`` the model registry set on it.
+        committee: ``[(name, teacher)]``; each teacher is frozen by the method
+            (:func:`~recdistill.distill.methods.base.freeze`: eval mode, no gradients, its own
+            context cache switched on) and checked on one training batch before any step (a
+            misfit is a ``ValueError``).
         prepared: the data: a :class:`features.batches.Prepared` (its ``data``) or any data set
             of the protocol (``splits``, ``batch(rows)``, ``batches(...)``, ``task``; e.g.
             ``vision_ext`` images). The task decides the metrics and what early stopping watches.
@@ -242,9 +238,6 @@ def distill(
             rates, seed, ``max_steps_per_epoch``, progress bar, checkpoint directory.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch (MLflow logging).
         method: overrides ``config.method``.
-        model_name: the student's registry name, for checkpoints (default
-            ``student.model_name``).
-        model_config: the student's config, for checkpoints (default ``student.config``).
         resume_from: a ``resume.pt`` (or, under a process group, a ``resume_dcp/`` folder) of an
             interrupted run with the same arguments, to continue from (``student`` freshly
             built as for that run).
@@ -270,7 +263,7 @@ def distill(
     if config.committee_weights == "valid":
         runner.committee_weights = fit_committee_weights(runner.committee, data, "valid", train.eval_batch_size)
     checkpoints = EpochCheckpoints.for_run(
-        student, prepared, train, model_name, model_config,
+        student, prepared, train,
         extra={"method": runner.name, "distill": dataclasses.asdict(config)},
         last_extra=lambda: module_state(runner),
     )  # fmt: skip

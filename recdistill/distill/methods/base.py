@@ -128,7 +128,8 @@ class DistillMethod(nn.Module):
 
     Args:
         student: the student (stage API); trained.
-        committee: ``[(name, teacher)]``; frozen here (eval mode, no gradients).
+        committee: ``[(name, teacher)]``; frozen here (:func:`freeze`), the one place teachers
+            are frozen, before they are probed.
         config: the ``distill:`` section.
         probe_batch: a batch to check every teacher's shapes with before training.
 
@@ -174,12 +175,14 @@ class DistillMethod(nn.Module):
         probe_batch: Any = None,
     ):
         super().__init__()
+        # The one place teachers are frozen: before the probe, so no teacher runs in training mode.
+        committee = tuple((name, freeze(t) if isinstance(t, nn.Module) else t) for name, t in committee)
         check_model(student, "student", probe_batch, role="student")
         check_committee(committee, probe_batch)
         if self.needs_teacher_stages(config):
             check_stages_available(self.name, committee, config)
         self.student = student
-        self._committee = tuple((name, freeze(teacher)) for name, teacher in committee)
+        self._committee = committee
         self.config = config
         self.passes = TeacherPasses(self.teacher_names)
         self.step = 0
