@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +73,19 @@ class Position:
         self.stopped = stopped
 
 
+class _NotLoaded:
+    """Stands for a TorchRec optimizer class while TorchRec is not loaded: nothing is one."""
+
+
+def _torchrec_optimizers() -> tuple[type, type]:
+    """TorchRec's ``CombinedOptimizer`` and ``KeyedOptimizerWrapper`` when TorchRec is loaded;
+    otherwise no optimizer can be one, and this layer loads no TorchRec to find that out."""
+    keyed = sys.modules.get("torchrec.optim.keyed")
+    if keyed is None:
+        return _NotLoaded, _NotLoaded
+    return keyed.CombinedOptimizer, keyed.KeyedOptimizerWrapper
+
+
 def optimizer_state(optimizer: Any) -> Any:
     """The state of ``optimizer`` (a torch optimizer, or TorchRec's keyed and combined ones).
 
@@ -79,8 +93,7 @@ def optimizer_state(optimizer: Any) -> Any:
     ``load_state_dict`` refuses to fill state that Adam has not created yet (before its first
     step), the plain torch one does not.
     """
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-
+    CombinedOptimizer, KeyedOptimizerWrapper = _torchrec_optimizers()
     if isinstance(optimizer, CombinedOptimizer):
         return {name: optimizer_state(part) for name, part in optimizer.optimizers}
     if isinstance(optimizer, KeyedOptimizerWrapper):
@@ -90,8 +103,7 @@ def optimizer_state(optimizer: Any) -> Any:
 
 def load_optimizer_state(optimizer: Any, state: Any) -> None:
     """Load what :func:`optimizer_state` returned into an optimizer built the same way."""
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-
+    CombinedOptimizer, KeyedOptimizerWrapper = _torchrec_optimizers()
     if isinstance(optimizer, CombinedOptimizer):
         parts = dict(optimizer.optimizers)
         if set(parts) != set(state):
