@@ -179,7 +179,7 @@ def cmd_cost(args) -> None:
     student_opt, module_opt = build_optimizer(student, train), module_optimizer(method, cfg)
 
     def full_step():
-        _, losses = method.forward_train(batch)
+        _, losses = method.training_step(batch)
         student_opt.zero_grad()
         module_opt.zero_grad()
         method.backward(losses)

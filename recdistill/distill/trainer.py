@@ -1,7 +1,8 @@
 """The distillation trainer: any registered method, any committee, on the one training loop.
 
 What a distillation step does is the method's business (mdistiller's rule): the step calls
-``method.forward_train(batch)`` and ``method.backward(losses)`` routes each loss to the
+``method.training_step(batch)`` (the method's ``forward_train``, the step counted once, by the
+base method) and ``method.backward(losses)`` routes each loss to the
 parameters it trains. Everything else (epochs, the NaN checks of every loss entry and of the
 validation MSE, early stopping, ``best.pt`` / ``last.pt``, logging) is
 :func:`recdistill.training.loop.fit`, the loop supervised training uses too. The student gets
@@ -35,6 +36,7 @@ from recdistill.distill.methods.base import DistillMethod
 from recdistill.distill.weights import fit_committee_weights
 from recdistill.training.ranks import _world as ranks_world
 from recdistill.training import EpochCheckpoints, TrainConfig, TrainStep, build_optimizer, fit
+from recdistill.training.tasks import task_of
 
 
 @dataclass
@@ -162,7 +164,7 @@ def with_transfer(runner: DistillMethod, prepared: Any, config: TransferConfig, 
         rank, _ = ranks_world()
         generator = torch.Generator().manual_seed(hash((config.seed, runner.step, rank)) % 2**62)
         rows = torch.randint(config.pairs, (size,), generator=generator)
-        labelled = losses(batch)  # moves the step count: draw first
+        labelled = losses(batch)  # moves the step count: drawn before
         unlabelled = runner.forward_transfer(pairs.batch(rows).to(device_of(batch)))
         return {**labelled, **{name: config.weight * value for name, value in unlabelled.items()}}
 
@@ -259,7 +261,8 @@ def distill(
     else:
         probe = data.batch(data.splits["train"][: min(8, len(data.splits["train"]))])
     torch.manual_seed(train.seed)  # the module's init and dropout
-    runner = build_method(method or config.method, student, committee, config, probe_batch=probe)
+    runner = build_method(method or config.method, student, committee, config, probe_batch=probe,
+                          task=task_of(data))  # fmt: skip
     if config.committee_weights == "valid":
         runner.committee_weights = fit_committee_weights(runner.committee, data, "valid", train.eval_batch_size)
     checkpoints = EpochCheckpoints.for_run(
@@ -277,7 +280,7 @@ def distill(
         runner.load_resume_state(state["method"])
         passes_saved.before = state["passes_before"]
 
-    losses = lambda batch: runner.forward_train(batch)[1]  # noqa: E731  (prediction, losses)
+    losses = lambda batch: runner.training_step(batch)[1]  # noqa: E731  (prediction, losses)
     if config.importance_fit == "holdout":
         losses = with_holdout(runner, data, config, train, losses)
     if config.transfer.pairs:

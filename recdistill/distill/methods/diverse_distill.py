@@ -69,8 +69,8 @@ class DiverseDistill(DistillMethod):
     def needs_teacher_stages(cls, config) -> bool:
         return True  # each teacher's middle answers a question
 
-    def __init__(self, student, committee, config, probe_batch: Any = None):
-        super().__init__(student, committee, config, probe_batch)
+    def __init__(self, student, committee, config, probe_batch: Any = None, task: Any = None):
+        super().__init__(student, committee, config, probe_batch, task)
         self.module = DistillationModule(
             student.early_dim,
             student.hidden_dim,
@@ -138,7 +138,7 @@ class DiverseDistill(DistillMethod):
             if self.config.prediction_weight > 0 or self.config.answer_target != "label":
                 with torch.no_grad():  # the teacher's own rating of the row, as LD uses it
                     own_prediction = teacher(sub)
-            reg_teacher = reg_teacher + task_loss(teacher.head(reply), sub_labels)
+            reg_teacher = reg_teacher + task_loss(self.task, teacher.head(reply), sub_labels)
             reg_answer = reg_answer + self._answer_term(self.student.head(answer), sub_labels, own_prediction)
             gap = divergence(
                 z if everyone else z[rows],
@@ -156,7 +156,7 @@ class DiverseDistill(DistillMethod):
                 asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype) if share is None else share)
 
         losses = {
-            "loss_task": task_loss(prediction, labels),
+            "loss_task": task_loss(self.task, prediction, labels),
             "loss_kd": self.config.kd_weight * kd,
             "loss_reg_teacher": reg_teacher,
             "loss_reg_answer": reg_answer,
@@ -172,8 +172,6 @@ class DiverseDistill(DistillMethod):
             )
         for k, name in enumerate(self.teacher_names):  # logged per epoch; no gradient, no loss
             losses[f"importance_{name}"] = importance[:, k].detach().mean()
-        if self.training:
-            self.step += 1
         return prediction, losses
 
     def _answer_term(self, predicted, labels, teacher_prediction) -> torch.Tensor:
@@ -181,13 +179,14 @@ class DiverseDistill(DistillMethod):
         labels, the teacher's own prediction, or ``answer_label_share`` of the first."""
         target = self.config.answer_target
         if target == "label":
-            return task_loss(predicted, labels)
+            return task_loss(self.task, predicted, labels)
         t = self.config.kl_temperature
-        to_teacher = soft_target_loss(predicted, soft_target(teacher_prediction.to(predicted.dtype), t), t)
+        soft = soft_target(self.task, teacher_prediction.to(predicted.dtype), t)
+        to_teacher = soft_target_loss(self.task, predicted, soft, t)
         if target == "teacher":
             return to_teacher
         share = self.config.answer_label_share
-        return share * task_loss(predicted, labels) + (1.0 - share) * to_teacher
+        return share * task_loss(self.task, predicted, labels) + (1.0 - share) * to_teacher
 
     def _importance_term(self, importance, asked, answers, labels) -> torch.Tensor:
         """``task(head_s(sum_k s~_k a_k), y)`` over the rows at least one teacher answered.
@@ -199,7 +198,7 @@ class DiverseDistill(DistillMethod):
             return answers.new_zeros(())
         weights = normalized_importance(importance[rows], asked[rows])  # [b, K]
         mixed = (weights.unsqueeze(-1) * answers[rows]).sum(dim=1)  # [b, d_z]
-        return task_loss(self.student.head(mixed), labels[rows])
+        return task_loss(self.task, self.student.head(mixed), labels[rows])
 
 
 def _scatter(answer: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
