@@ -134,10 +134,10 @@ def test_a_vision_student_that_beats_its_student_alone_on_valid_accuracy_is_prom
 
 def vision_job(output: Path, *more: str) -> subprocess.Popen:
     """``recdistill vision run vision_quick`` in a process of one thread, without MLflow nor the
-    student alone, 8 steps a model, saving its state every 2 steps."""
+    student alone, from the CLIP teacher alone, 8 steps a model, saving its state every 2 steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    settings = ["tracking.enabled=false", "student_alone=false", "train.max_steps_per_epoch=8",
-                "train.checkpoint_every_steps=2"]  # fmt: skip
+    settings = ["tracking.enabled=false", "student_alone=false", "distill.teachers=[clip]",
+                "train.max_steps_per_epoch=8", "train.checkpoint_every_steps=2"]  # fmt: skip
     cmd = [sys.executable, "-m", "pipelines.cli", "vision", "run", "vision_quick", "--output", str(output),
            *(arg for setting in settings for arg in ("--set", setting)), *more]  # fmt: skip
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
