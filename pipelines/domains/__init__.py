@@ -1,10 +1,11 @@
 """What differs between a job on ratings, on clicks and on images: a small domain adapter the
 job engine (:mod:`pipelines.engine`) asks.
 
-A domain loads the data, builds a model by name and rebuilds one from its checkpoint, exports
-the student for serving, and describes the data (its summary, its reference predictors, its
-MLflow dataset inputs, what makes two holdout figures comparable). The task and its headline
-metric come from the data (:mod:`recdistill.training.tasks`), so the engine needs no more.
+A domain (:class:`~pipelines.domains.base.Domain`) loads the data, builds a model by name and
+rebuilds one from its checkpoint, exports the student for serving, and describes the data (its
+summary, its reference predictors, its MLflow dataset inputs, what makes two holdout figures
+comparable). The task and its headline metric come from the data
+(:mod:`recdistill.training.tasks`), so the engine needs no more.
 
 - :class:`~pipelines.domains.recommendation.RatingsDomain`: a rating log (MovieLens or a
   team's own interactions), its TorchRec recommenders, a TorchScript student of raw values.
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.domains.base import Domain
 
-def domain_for(cfg: Any) -> Any:
+
+def domain_for(cfg: Any) -> Domain:
     """The domain adapter of a validated job config (a ``JobConfig`` or a ``VisionJobConfig``)."""
     from pipelines.vision_config import VisionJobConfig
 

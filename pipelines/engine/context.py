@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
+from pipelines.domains.base import Domain
 from recdistill.tracking import TrackedRun
 from recdistill.training.tasks import Task, task_of
 
@@ -71,7 +72,7 @@ class JobContext:
     """
 
     config: Any
-    domain: Any
+    domain: Domain
     out: Path
     run: TrackedRun | NullRun = field(default_factory=NullRun)
     loaded: Any = None
