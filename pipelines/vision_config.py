@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.config import TeacherSource, apply_overrides, read_config_file, resolve_config_path
+from pipelines.config import TeacherSource, apply_overrides, load_config, read_config_file, resolve_config_path
 from pipelines.schema import ConfigError, from_dict
 from recdistill.distill.config import DistillConfig
 from recdistill.tracking import TrackingConfig
@@ -132,3 +132,19 @@ def load_vision_config(name_or_path: str | Path, overrides: Sequence[str] = ()) 
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     return cfg
+
+
+def is_vision_config(raw: dict[str, Any]) -> bool:
+    """Whether a loaded mapping is an image job's: its ``data:`` names an image ``dataset``."""
+    data = raw.get("data")
+    return isinstance(data, dict) and "dataset" in data
+
+
+def load_job_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Any job config, of the domain its ``data:`` section names: an image job's
+    (:func:`load_vision_config`) or a ratings or clicks job's (:func:`pipelines.config.load_config`),
+    so one command runs either through the one engine."""
+    path = resolve_config_path(name_or_path)
+    if is_vision_config(apply_overrides(read_config_file(path), overrides)):
+        return load_vision_config(path, overrides)
+    return load_config(path, overrides)

@@ -132,6 +132,18 @@ def test_run_passes_set_to_the_job(monkeypatch):
     assert (jobs[0].train.epochs, jobs[0].distill.kd_weight) == (2, 10.0)
 
 
+def test_run_takes_an_image_job_config_to_the_same_engine(monkeypatch):
+    import pipelines.commands.run as run_command
+    import pipelines.engine
+    from pipelines.vision_config import VisionJobConfig
+
+    calls = []
+    monkeypatch.setattr(pipelines.engine, "run_job", lambda cfg, **kw: calls.append(cfg))
+    monkeypatch.setattr(run_command, "print_summary", lambda result: None)
+    assert main(["run", "vision_quick", "--set", "train.epochs=2"]) == 0
+    assert isinstance(calls[0], VisionJobConfig) and calls[0].train.epochs == 2
+
+
 def test_vision_run_is_the_same_job_engine_with_its_resume_options(monkeypatch):
     import pipelines.commands.run as run_command
     import pipelines.engine

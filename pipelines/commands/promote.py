@@ -13,10 +13,10 @@ import json
 
 
 def tracking_config(args: argparse.Namespace):
-    """The ``tracking:`` section of the job config."""
-    from pipelines.config import load_config
+    """The ``tracking:`` section of the job config (a ratings, clicks or image job's)."""
+    from pipelines.vision_config import load_job_config
 
-    cfg = load_config(args.config, args.overrides).tracking
+    cfg = load_job_config(args.config, args.overrides).tracking
     if getattr(args, "model_name", None):
         cfg.registered_model = args.model_name
     return cfg

@@ -68,10 +68,12 @@ def print_summary(result: JobResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.config import load_config
+    from pipelines.vision_config import load_job_config
 
-    cfg = load_config(args.config_file, args.overrides)
+    cfg = load_job_config(args.config_file, args.overrides)  # ratings, clicks or images
     if args.source:
+        if not hasattr(cfg.data, "source"):
+            raise ValueError("--source names a MovieLens source; an image job reads data.path")
         cfg.data.source = args.source
     return run_and_summarize(cfg, args)
 
@@ -103,7 +105,7 @@ def with_job_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_commands(sub, with_config) -> None:
-    run = sub.add_parser("run", help="run a whole batch job from a YAML config")
-    run.add_argument("config_file", help="job YAML, or a shipped config name (default, quick)")
+    run = sub.add_parser("run", help="run a whole batch job from a YAML config (ratings, clicks or images)")
+    run.add_argument("config_file", help="job YAML, or a shipped config name (default, quick, vision_quick)")
     with_config(run, config_option=False)
     with_job_options(run).set_defaults(func=cmd_run)
