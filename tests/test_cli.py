@@ -197,3 +197,14 @@ def test_demo_runs_the_default_job_fresh(monkeypatch, capsys):
     (cfg, kwargs), = calls
     assert cfg.name == "default" and kwargs["resume"] is False and kwargs["output_dir"] is None
     assert "recdistill demo" in capsys.readouterr().out
+
+
+def test_a_job_config_with_a_sharding_section_is_refused_naming_the_sharded_command():
+    """A job trains in one process: the section nothing a job read is gone, and saying it
+    points at the command that shards (recdistill train --nproc N --sharding-type T)."""
+    from pipelines.config import load_config
+    from pipelines.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sharding: a job \(recdistill run\) trains every model in one "
+                                          r"process.*recdistill train --model NAME --nproc N --sharding-type"):  # fmt: skip
+        load_config("quick", ["sharding={sharding_type: row_wise}"])
