@@ -35,7 +35,8 @@ from torch import nn  # noqa: E402
 
 from pipelines.config import load_config  # noqa: E402
 from pipelines.jobs import run_job  # noqa: E402
-from recdistill.training import evaluate, load_checkpoint  # noqa: E402
+from recdistill.models import load_checkpoint  # noqa: E402
+from recdistill.training import evaluate  # noqa: E402
 
 SLICES = ("mse_item_cold", "mse_item_medium", "mse_item_warm", "mse_user_medium", "mse_user_warm")
 

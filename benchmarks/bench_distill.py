@@ -40,11 +40,10 @@ from features.batches import prepare  # noqa: E402
 from features.config import DataConfig  # noqa: E402
 from recdistill.distill import DistillConfig, build_method  # noqa: E402
 from recdistill.distill.trainer import distill, module_optimizer  # noqa: E402
-from recdistill.models import build_model  # noqa: E402
+from recdistill.models import build_model, load_checkpoint  # noqa: E402
 from recdistill.training import (  # noqa: E402
     TrainConfig,
     build_optimizer,
-    load_checkpoint,
     read_checkpoint,
     save_checkpoint,
     seed_everything,
@@ -180,7 +179,7 @@ def cmd_cost(args) -> None:
     student_opt, module_opt = build_optimizer(student, train), module_optimizer(method, cfg)
 
     def full_step():
-        _, losses = method.forward_train(batch)
+        _, losses = method.training_step(batch)
         student_opt.zero_grad()
         module_opt.zero_grad()
         method.backward(losses)

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from features.templates import check_templates
+
 #: A rating prompt is a user part followed by an item part (DESIGN.md section 2): the user part
 #: may name only user fields and the item part only item fields, so a language teacher can
 #: encode each part once per user and once per item, not once per rating.
@@ -98,8 +100,6 @@ class DataConfig:
             )
         if abs(sum(self.split_fractions) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must sum to 1, got {self.split_fractions}")
-        from features.verbalizer import check_templates  # late: the verbalizer imports this
-
         if self.interactions is None:  # own tables: checked against their columns when built
             check_templates(self.user_template, self.item_template)
         for key in ("users", "items"):

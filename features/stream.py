@@ -11,7 +11,7 @@ buffer, whatever the number of rows.
 
 Splits are assigned per row from a hash of its global row number and the split seed
 (``splitmix64``), so every reader, rank and epoch agrees on them without reading anything, and
-split sizes are known up front. (The in-memory :class:`features.batches.RatingsData` keeps its
+split sizes are known up front. (The in-memory :class:`features.encoded.RatingsData` keeps its
 seeded permutation, so the ML-100K figures do not move; the two are different random splits of
 the same kind.)
 
@@ -24,7 +24,7 @@ Example::
 
     stream = prepare(DataConfig(interactions="logs/*.parquet", ..., stream=True)).data
     for batch in stream.batches("train", 8192, shuffle=True, seed=0):
-        ...                      # a features.batches.Batch; batch.rows are global row numbers
+        ...                      # a features.encoded.Batch; batch.rows are global row numbers
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from features.batches import LABEL_TASKS, Batch, MultiHot, RatingsData
+from features.encoded import LABEL_TASKS, Batch, MultiHot, RatingsData
 from features.config import DataConfig
 from features.sources import DataError
 from features.splits import SPLITS

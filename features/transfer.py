@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from features.encoded import MultiHot, RatingsData
 from features.entities import entity_blocks
 from features.history import RowHistory
 from features.sources import DataError
@@ -40,7 +41,7 @@ def _first_rows(ids: np.ndarray, size: int) -> np.ndarray:
 
 
 def transfer_set(prepared, count: int, policy: str = "popularity", seed: int = 0):
-    """``count`` unrated (user, item) pairs as a :class:`features.batches.RatingsData` whose
+    """``count`` unrated (user, item) pairs as a :class:`features.encoded.RatingsData` whose
     labels are NaN and whose rows are numbered after the data's (``row_offset = len(data)``),
     so per-row teacher caches never mix them with rated rows.
 
@@ -55,7 +56,6 @@ def transfer_set(prepared, count: int, policy: str = "popularity", seed: int = 0
             unrated pairs exist than ``count``.
         ValueError: an unknown policy or a count below 1.
     """
-    from features.batches import MultiHot, RatingsData  # late: batches imports the feature modules
 
     if policy not in POLICIES:
         raise ValueError(f"distill.transfer.policy: unknown policy {policy!r}; expected one of "

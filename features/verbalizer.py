@@ -15,7 +15,6 @@ ML-100K is verbalized without a Python loop.
 
 from __future__ import annotations
 
-import string
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -23,13 +22,9 @@ from typing import Any, Sequence
 import polars as pl
 
 from features.config import DataConfig
+from features.templates import parse_template
 
 UNKNOWN = "unknown"
-#: Fields each part of a prompt may name (columns of the user and item tables).
-USER_FIELDS: tuple[str, ...] = ("user_id", "age", "gender", "occupation", "zip_code")
-ITEM_FIELDS: tuple[str, ...] = ("item_id", "title", "year", "genres")
-FIELDS: tuple[str, ...] = USER_FIELDS + ITEM_FIELDS
-PARTS = {"user": USER_FIELDS, "item": ITEM_FIELDS}
 
 
 def _field_expr(field: str, genre_separator: str, dtype: pl.DataType | None = None) -> pl.Expr:
@@ -47,32 +42,6 @@ def _field_expr(field: str, genre_separator: str, dtype: pl.DataType | None = No
     return pl.col(field).cast(pl.Utf8).fill_null(UNKNOWN)
 
 
-def _parse(template: str, part: str, fields: Sequence[str] | None = None) -> list[tuple[str, str | None]]:
-    """``[(literal, field or None)]`` of one part's template, every field checked against
-    ``fields`` (the columns of the part's table; MovieLens' by default)."""
-    key = f"data.{part}_template"
-    try:
-        parsed = [(literal, field) for literal, field, _spec, _conv in string.Formatter().parse(template)]
-    except ValueError as err:
-        raise ValueError(f"{key}: cannot parse {template!r}: {err}") from err
-    allowed = tuple(fields) if fields is not None else PARTS[part]
-    for _literal, field in parsed:
-        if field is None:
-            continue
-        if field == "rating":
-            raise ValueError(f"{key}: {{rating}} is the label and cannot be in a prompt")
-        if field not in allowed:
-            other = "item" if part == "user" else "user"
-            hint = (f" ({{{field}}} is an {other} field: put it in data.{other}_template)"
-                    if fields is None and field in PARTS[other] else "")  # fmt: skip
-            where = f"the {part}s table's columns" if fields is not None else f"the {part} part"
-            raise ValueError(
-                f"{key}: unknown field {{{field}}}{hint}; {where} may use "
-                f"{', '.join(allowed)}"
-            )
-    return parsed
-
-
 def check_prompt_columns(template: str, part: str, spec: Any, columns: Sequence[str]) -> None:
     """Refuse a template that names the label column (the language teacher would read the
     answer), and warn on one naming a column no feature of the spec uses: text the embedding
@@ -83,7 +52,7 @@ def check_prompt_columns(template: str, part: str, spec: Any, columns: Sequence[
         ValueError: the template names ``spec.label.column``.
     """
     key = f"data.{part}_template"
-    fields = [field for _, field in _parse(template, part, columns) if field is not None]
+    fields = [field for _, field in parse_template(template, part, columns) if field is not None]
     if spec.label.column in fields:
         raise ValueError(f"{key}: {{{spec.label.column}}} is the label column (data.label) and cannot be in "
                          "a prompt: the language teacher would read the answer")  # fmt: skip
@@ -93,12 +62,6 @@ def check_prompt_columns(template: str, part: str, spec: Any, columns: Sequence[
         warnings.warn(f"{key} names {', '.join(unused)}, which no feature of the spec reads: fine for "
                       "text only the language teacher reads, wrong for an answer key (an outcome or "
                       "rate logged after the fact) that serving will not have", stacklevel=2)  # fmt: skip
-
-
-def check_templates(user_template: str, item_template: str) -> None:
-    """Raise ``ValueError`` naming the key when either part's template is not valid."""
-    _parse(user_template, "user")
-    _parse(item_template, "item")
 
 
 def part_expr(template: str, part: str, genre_separator: str = ", ", upto: str | None = None,
@@ -115,7 +78,7 @@ def part_expr(template: str, part: str, genre_separator: str = ", ", upto: str |
             may then be named).
     """
     pieces: list[pl.Expr] = []
-    for literal, field in _parse(template, part, None if schema is None else list(schema)):
+    for literal, field in parse_template(template, part, None if schema is None else list(schema)):
         if literal:
             pieces.append(pl.lit(literal))
         if field is None:
@@ -167,7 +130,7 @@ def field_spans(frame: pl.DataFrame, template: str, part: str, field: str,
                 genre_separator: str = ", ", schema: dict[str, pl.DataType] | None = None,
                 ) -> list[tuple[int, int]] | None:  # fmt: skip
     """Character span of ``field`` in each rendered row of ``frame``, or None if not named."""
-    if field not in [f for _, f in _parse(template, part, None if schema is None else list(schema))]:
+    if field not in [f for _, f in parse_template(template, part, None if schema is None else list(schema))]:
         return None
     dtype = None if schema is None else schema[field]
     spans = frame.select(

@@ -6,9 +6,11 @@
 - the student alone;
 - LD, FD and DiverseDistill from the ViT teacher, from the CLIP teacher, and from both;
 
-at every seed, each cell one student run under the job's ``train:`` budget, its result a JSON
+at every seed, each cell one student run under the job's ``train:`` budget, by the job engine's
+own stages (a teacher is :func:`pipelines.engine.teachers.train_model`, a cell the student-alone
+or distillation stage, in ``OUT/work/KEY/`` until its record is written), its result a JSON
 file in ``OUT/cells/`` written as soon as it finishes (a killed bench resumes with the same
-command). Method settings start from the ones the recommendation bench used (``METHOD_OPTIONS``
+command, a half-trained teacher or cell from its ``resume.pt``). Method settings start from the ones the recommendation bench used (``METHOD_OPTIONS``
 of :mod:`pipelines.bench_paper`); the feature-level weights (FD, DiverseDistill), whose scale
 depends on the student's hidden state, are chosen per row from ``GRIDS`` on the first seed by
 *validation* accuracy, and that choice runs at the other seeds (the test split only reports). The report
@@ -25,6 +27,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import shutil
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -124,29 +127,36 @@ def chosen_weight(method: str, group: tuple[str, ...], seed: int, done: dict[str
     return best["options"]["kd_weight"]
 
 
+def _context(cfg: VisionJobConfig, out: Path, data: Any, say: Callable[[str], None]) -> Any:
+    """A job context of the bench's images in ``out``, without MLflow, continuing what a killed
+    bench left there."""
+    from pipelines.domains.images import ImagesDomain
+    from pipelines.engine import JobContext
+
+    return JobContext(cfg, ImagesDomain(cfg), out, loaded=data, resume=True, say=say)
+
+
 def train_teachers(cfg: VisionJobConfig, out: Path, say: Callable[[str], None] = print) -> dict[str, dict]:
-    """Train each teacher once into ``out/teachers/NAME/`` (or reuse it); their test metrics."""
-    from recdistill.training import seed_everything, train_supervised
+    """Train each teacher once into ``out/teachers/NAME/`` (the job engine's training of one
+    model, from the job's teacher seed) or reuse it; their test metrics."""
+    import json
+
+    from pipelines.engine.teachers import train_model
     from vision_ext.data import load_vision_data
-    from vision_ext.models import build_vision_model
 
     data = None
     scores = {}
-    for k, name in enumerate(cfg.distill.teachers):
-        folder = out / "teachers" / name
-        done = folder / "metrics.json"
+    for name in cfg.distill.teachers:
+        done = out / "teachers" / name / "metrics.json"
         if done.is_file():
-            import json
-
             scores[name] = json.loads(done.read_text())
             continue
         data = data or load_vision_data(cfg.data)
-        seed_everything(cfg.train.seed + 100 + k)
-        model = build_vision_model(cfg.models[name].kind, data.classes, cfg.models[name].spec)
-        train = dataclasses.replace(cfg.teacher_train(name), checkpoint_dir=str(folder), progress=False)
+        train = dataclasses.replace(cfg.teacher_train(name), progress=False)
         start = time.perf_counter()
         say(f"teacher {name}: training")
-        result = train_supervised(model, data, train)
+        ctx = _context(cfg, out / "teachers", data, lambda line: None)
+        _, result = train_model(ctx, name, train, name, ctx.run, cfg.teacher_seed(name))
         scores[name] = {"test": result.test, "valid": result.valid, "best_epoch": result.best_epoch,
                         "seconds": time.perf_counter() - start}  # fmt: skip
         _write_json(done, scores[name])
@@ -159,45 +169,43 @@ _ENV: dict[str, Any] = {}
 
 
 def _init_worker(cfg: VisionJobConfig, out: Path, threads: int) -> None:
+    """The images and the teachers (frozen by the method that takes them), once per worker."""
     import torch
 
-    from recdistill.distill.methods.base import freeze
     from vision_ext.data import load_vision_data
-
-    from pipelines.vision_job import load_vision_checkpoint
+    from vision_ext.models import load_vision_checkpoint
 
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data = load_vision_data(cfg.data)
-    teachers = {n: freeze(load_vision_checkpoint(out / "teachers" / n, data.classes))
-                for n in cfg.distill.teachers}  # fmt: skip
-    _ENV.update(cfg=cfg, data=data, teachers=teachers)
+    teachers = {n: load_vision_checkpoint(out / "teachers" / n, data.classes) for n in cfg.distill.teachers}
+    _ENV.update(cfg=cfg, data=data, teachers=teachers, out=out)
 
 
 def run_cell(cell: VisionCell) -> dict[str, Any]:
-    """Train one student for ``cell`` in this worker; its JSON record."""
-    from recdistill.distill.trainer import distill
-    from recdistill.training import seed_everything, train_supervised
-    from vision_ext.models import build_vision_model
+    """Train one student for ``cell`` in this worker, by the job's student-alone or distillation
+    stage (in ``OUT/work/KEY/``, resumed if a killed bench left it); its JSON record."""
+    from pipelines.engine.stages import stage_distill, stage_student_alone
 
     cfg, data = _ENV["cfg"], _ENV["data"]
-    train = dataclasses.replace(cfg.train, seed=cell.seed, progress=False, checkpoint_dir=None)
-    seed_everything(cell.seed)
-    spec = cfg.models[cfg.student]
-    student = build_vision_model(spec.kind, data.classes, spec.spec)
-    start = time.perf_counter()
+    train = dataclasses.replace(cfg.train, seed=cell.seed, progress=False)
+    cfg = dataclasses.replace(cfg, train=train, student_alone=True)
     record: dict[str, Any] = {"key": cell.key, "row": cell.row, "method": cell.method,
                               "teachers": list(cell.teachers), "seed": cell.seed,
                               "load": os.getloadavg()[0]}  # fmt: skip
-    if cell.method is None:
-        result = train_supervised(student, data, train)
-    else:
+    if cell.method is not None:
         config = dataclasses.replace(cfg.distill, method=cell.method.partition(":")[0], teachers=list(cell.teachers),
                                      **cell.options())  # fmt: skip
+        cfg = dataclasses.replace(cfg, distill=config)
         record["options"] = cell.options()
         record["grid"] = cell.kd_weight is not None
-        committee = [(name, _ENV["teachers"][name]) for name in cell.teachers]
-        result = distill(student, committee, data, config, train)
+    ctx = _context(cfg, _ENV["out"] / "work" / cell.key, data, lambda line: None)
+    start = time.perf_counter()
+    if cell.method is None:
+        result = stage_student_alone(ctx)
+    else:
+        ctx.committee = [(name, _ENV["teachers"][name]) for name in cell.teachers]
+        result = stage_distill(ctx)
         record["passes_saved"] = result.teacher_passes["all"]["saved"]
     record.update(test=result.test, valid=result.valid, best_epoch=result.best_epoch,
                   epochs_run=len(result.history), seconds=time.perf_counter() - start)  # fmt: skip
@@ -207,6 +215,7 @@ def run_cell(cell: VisionCell) -> dict[str, Any]:
 def _run_and_save(cell: VisionCell, out: Path) -> dict[str, Any]:
     record = run_cell(cell)
     _write_json(out / "cells" / f"{cell.key}.json", record)
+    shutil.rmtree(out / "work" / cell.key, ignore_errors=True)  # its checkpoints served their turn
     return record
 
 

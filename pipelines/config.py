@@ -23,7 +23,6 @@ from recdistill.distill.methods import METHODS, prediction_level
 from recdistill.export import ExportConfig
 import recdistill.models  # noqa: F401  (registers every model)
 from recdistill.models.registry import MODELS, model_entry
-from recdistill.sharding import ShardingConfig
 from recdistill.tracking import TrackingConfig
 from recdistill.training import TrainConfig
 
@@ -57,7 +56,10 @@ class JobConfig:
         models: per-model overrides of the registered presets (``models.mlp_l.dropout``).
         teachers: per-teacher source (checkpoint or train overrides); every name in
             ``distill.teachers`` without an entry is trained with the ``train:`` section.
-        data, train, sharding, distill, export, tracking: the sections of each layer.
+        data, train, distill, export, tracking: the sections of each layer.
+
+    A job trains in one process; ``recdistill train --nproc N`` is the sharded command (its
+    ``--sharding-type``), so a job config has no ``sharding:`` section (:data:`NO_SHARDING`).
     """
 
     name: str = "recdistill"
@@ -68,7 +70,6 @@ class JobConfig:
     teachers: dict[str, TeacherSource] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -84,6 +85,10 @@ class JobConfig:
         source = self.teachers.get(name, TeacherSource())
         merged = {**dataclasses.asdict(self.train), **source.train}
         return from_dict(TrainConfig, merged, f"teachers.{name}.train")
+
+    def teacher_seed(self, name: str) -> int:
+        """The seed teacher ``name``'s weights start from: its own ``train.seed``."""
+        return self.teacher_train(name).seed
 
 
 def logged_members(cfg: JobConfig) -> dict[str, str]:
@@ -177,12 +182,13 @@ def _check_label_metrics(cfg: JobConfig) -> None:
         return
     for key in ("holdout_metric", "baseline_metric"):
         metric = getattr(cfg.tracking, key)
-        if metric.endswith(("mse", "rmse", "mae")):
+        if metric is not None and metric.endswith(("mse", "rmse", "mae")):
             split = "test" if key == "holdout_metric" else "valid"
             raise ConfigError(
                 f"tracking.{key}: {metric!r}, but data.label is a click ({label.column!r}), which "
                 f"logs log loss, AUC and accuracy: set tracking.{key}: {split}_log_loss (lower is "
-                f"better), or {split}_auc with tracking.greater_is_better: true"
+                f"better; or leave it out: the task's log loss), or {split}_auc with "
+                "tracking.greater_is_better: true"
             )
 
 
@@ -222,9 +228,19 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path}: no such file, nor a shipped config ({names})")
 
 
+#: Why a job config has no ``sharding:`` section (it was read by nothing a job ran).
+NO_SHARDING = (
+    "sharding: a job (recdistill run) trains every model in one process; the section is gone. "
+    "Shard one model's tables over ranks with recdistill train --model NAME --nproc N "
+    "--sharding-type TYPE (docs/results/scale.md)"
+)
+
+
 def parse_config(raw: Any, where: str = "<config>") -> JobConfig:
     """Validate a loaded mapping as a :class:`JobConfig` (all checks, no work)."""
     try:
+        if isinstance(raw, dict) and "sharding" in raw:
+            raise ConfigError(NO_SHARDING)
         cfg = from_dict(JobConfig, raw)
         _check_models(cfg)
         _check_label_kinds(cfg)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.config import TeacherSource, apply_overrides, read_config_file, resolve_config_path
+from pipelines.config import TeacherSource, apply_overrides, load_config, read_config_file, resolve_config_path
 from pipelines.schema import ConfigError, from_dict
 from recdistill.distill.config import DistillConfig
 from recdistill.tracking import TrackingConfig
@@ -53,7 +53,8 @@ class VisionModelConfig:
 
 @dataclass
 class VisionJobConfig:
-    """A vision job: data -> teachers -> student alone -> distil -> export -> MLflow.
+    """A vision job: data -> teachers -> student alone -> distil -> export -> register -> promote
+    (the job engine of :mod:`pipelines.engine`, with :class:`pipelines.domains.images.ImagesDomain`).
 
     Args:
         name: the job's name (output folder and MLflow run name).
@@ -81,6 +82,16 @@ class VisionJobConfig:
         source = self.teachers.get(name, TeacherSource())
         merged = {**dataclasses.asdict(self.train), **source.train}
         return from_dict(TrainConfig, merged, f"teachers.{name}.train")
+
+    def teacher_seed(self, name: str) -> int:
+        """The seed teacher ``name``'s weights start from: ``train.seed + 100 + k`` for the k-th
+        of ``distill.teachers``, so two teachers of one spec start apart and none from the
+        student's initial weights."""
+        return self.train.seed + 100 + self.distill.teachers.index(name)
+
+    def model_config(self, name: str) -> VisionModelConfig:
+        """Model ``name``'s kind and spec."""
+        return self.models[name]
 
 
 def _check_models(cfg: VisionJobConfig) -> None:
@@ -121,3 +132,19 @@ def load_vision_config(name_or_path: str | Path, overrides: Sequence[str] = ()) 
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     return cfg
+
+
+def is_vision_config(raw: dict[str, Any]) -> bool:
+    """Whether a loaded mapping is an image job's: its ``data:`` names an image ``dataset``."""
+    data = raw.get("data")
+    return isinstance(data, dict) and "dataset" in data
+
+
+def load_job_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Any job config, of the domain its ``data:`` section names: an image job's
+    (:func:`load_vision_config`) or a ratings or clicks job's (:func:`pipelines.config.load_config`),
+    so one command runs either through the one engine."""
+    path = resolve_config_path(name_or_path)
+    if is_vision_config(apply_overrides(read_config_file(path), overrides)):
+        return load_vision_config(path, overrides)
+    return load_config(path, overrides)

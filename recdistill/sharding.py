@@ -227,7 +227,7 @@ def shard_model(
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Copy whole (unsharded) tensors into a sharded model: each rank takes its shards' slices.
 
-    Loads an ordinary checkpoint (``recdistill.training.load_checkpoint``'s ``state_dict``) or
+    Loads an ordinary checkpoint (``recdistill.models.load_checkpoint``'s ``state_dict``) or
     the unsharded model's own weights into a ``DistributedModelParallel``.
 
     Raises:

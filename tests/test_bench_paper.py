@@ -76,7 +76,8 @@ def test_bench_resumes_without_rerunning_finished_cells_and_writes_its_report(tm
     ran = []
     done = run_bench(config, plan, tmp_path, workers=1, say=lambda _: None, on_cell=ran.append)
     assert len(done) == 4 and len(ran) == 4
-    assert (tmp_path / "teachers" / "mlp_l.pt").is_file()
+    assert (tmp_path / "teachers" / "mlp_l" / "best.pt").is_file()
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # cells clean up
     ld = [r for r in done.values() if r["method"] == "ld"]
     assert all(r["passes"]["mlp_l"]["saved"] == 0.0 for r in ld)
 

@@ -123,13 +123,38 @@ def test_set_on_the_command_line_changes_the_job(capsys):
 
 def test_run_passes_set_to_the_job(monkeypatch):
     import pipelines.commands.run as run_command
-    import pipelines.jobs
+    import pipelines.engine
 
     jobs = []
-    monkeypatch.setattr(pipelines.jobs, "run_job", lambda cfg, **kwargs: jobs.append(cfg))
+    monkeypatch.setattr(pipelines.engine, "run_job", lambda cfg, **kwargs: jobs.append(cfg))
     monkeypatch.setattr(run_command, "print_summary", lambda result: None)
     assert main(["run", "quick", "--set", "train.epochs=2", "--set", "distill.kd_weight=10"]) == 0
     assert (jobs[0].train.epochs, jobs[0].distill.kd_weight) == (2, 10.0)
+
+
+def test_run_takes_an_image_job_config_to_the_same_engine(monkeypatch):
+    import pipelines.commands.run as run_command
+    import pipelines.engine
+    from pipelines.vision_config import VisionJobConfig
+
+    calls = []
+    monkeypatch.setattr(pipelines.engine, "run_job", lambda cfg, **kw: calls.append(cfg))
+    monkeypatch.setattr(run_command, "print_summary", lambda result: None)
+    assert main(["run", "vision_quick", "--set", "train.epochs=2"]) == 0
+    assert isinstance(calls[0], VisionJobConfig) and calls[0].train.epochs == 2
+
+
+def test_vision_run_is_the_same_job_engine_with_its_resume_options(monkeypatch):
+    import pipelines.commands.run as run_command
+    import pipelines.engine
+    from pipelines.vision_config import VisionJobConfig
+
+    calls = []
+    monkeypatch.setattr(pipelines.engine, "run_job", lambda cfg, **kw: calls.append((cfg, kw)))
+    monkeypatch.setattr(run_command, "print_summary", lambda result: None)
+    assert main(["vision", "run", "vision_quick", "--resume", "--run", "20260101-000000"]) == 0
+    (cfg, kwargs), = calls
+    assert isinstance(cfg, VisionJobConfig) and kwargs["resume"] == "20260101-000000"
 
 
 CONFIG_COMMANDS = [
@@ -163,12 +188,23 @@ def test_run_folder_without_resume_is_a_clear_error(capsys):
 def test_demo_runs_the_default_job_fresh(monkeypatch, capsys):
     """`make demo` is `recdistill demo`: the default config, a new run, no resume."""
     import pipelines.commands.run as run_command
-    import pipelines.jobs as jobs
+    import pipelines.engine as engine
 
     calls = []
-    monkeypatch.setattr(jobs, "run_job", lambda cfg, **kw: calls.append((cfg, kw)) or "result")
+    monkeypatch.setattr(engine, "run_job", lambda cfg, **kw: calls.append((cfg, kw)) or "result")
     monkeypatch.setattr(run_command, "print_summary", lambda result: None)
     assert main(["demo"]) == 0
     (cfg, kwargs), = calls
     assert cfg.name == "default" and kwargs["resume"] is False and kwargs["output_dir"] is None
     assert "recdistill demo" in capsys.readouterr().out
+
+
+def test_a_job_config_with_a_sharding_section_is_refused_naming_the_sharded_command():
+    """A job trains in one process: the section nothing a job read is gone, and saying it
+    points at the command that shards (recdistill train --nproc N --sharding-type T)."""
+    from pipelines.config import load_config
+    from pipelines.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sharding: a job \(recdistill run\) trains every model in one "
+                                          r"process.*recdistill train --model NAME --nproc N --sharding-type"):  # fmt: skip
+        load_config("quick", ["sharding={sharding_type: row_wise}"])

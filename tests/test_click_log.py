@@ -17,7 +17,7 @@ from features.config import DataConfig
 from features.spec import SpecError
 from recdistill.export import ParityRows, export_torchscript, serving_inputs
 from recdistill.models import build_model
-from recdistill.training import TrainConfig, train_supervised
+from recdistill.training import TrainConfig, read_checkpoint, train_supervised
 
 USERS, ITEMS, CLICKS = 300, 200, 12_000
 COUNTRIES = ["de", "fr", "jp", "us", "br"]
@@ -192,7 +192,29 @@ def test_a_click_job_with_mse_promotion_metrics_is_refused_on_load(paths, tmp_pa
 
     with pytest.raises(ConfigError, match=r"tracking.holdout_metric: 'test_mse', but data.label is a "
                                           r"click .* set tracking.holdout_metric: test_log_loss"):  # fmt: skip
-        parse_config(_click_job_raw(paths, tmp_path))
+        parse_config(_click_job_raw(paths, tmp_path, holdout_metric="test_mse"))
+
+
+def test_recdistill_distill_takes_a_click_config_and_reports_log_loss(paths, tmp_path, capsys):
+    """`recdistill train` then `recdistill distill` on a click log: the job's own stages, so the
+    task's metrics (log loss, AUC) are what it reports and checkpoints, not a rating's MSE."""
+    import yaml
+
+    from pipelines.cli import main
+
+    config = tmp_path / "clicks.yaml"
+    config.write_text(yaml.safe_dump(_click_job_raw(paths, tmp_path)))
+    budget = ["--config", str(config), "--epochs", "1", "--max-steps", "5"]
+    assert main(["train", "--model", "mlp_l", "--out", str(tmp_path / "train"), *budget]) == 0
+    teacher = tmp_path / "train" / "mlp_l" / "best.pt"
+    assert main(["distill", "--teachers", "mlp_l", "--teacher-ckpt", str(teacher), "--method", "ld",
+                 "--out", str(tmp_path / "distill"), *budget]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "mlp_l: reused" in out and "test log loss" in out
+    valid = next(line for line in out.splitlines() if line.startswith("valid  "))
+    assert "LOG_LOSS" in valid and "AUC" in valid and "MSE" not in out
+    student = read_checkpoint(tmp_path / "distill" / "student" / "best.pt")
+    assert student["model_name"] == "mlp_s" and "log_loss" in student["extra"]["valid"]
 
 
 @pytest.mark.slow
@@ -200,10 +222,9 @@ def test_the_committee_job_runs_on_a_click_log(paths, tmp_path):
     """`recdistill run` on clicks: teacher, student alone and LD ranked by log loss with AUC
     beside it, a served file of click probabilities, a version compared on log loss."""
     from pipelines.config import parse_config
-    from pipelines.jobs import run_job
+    from pipelines.engine import run_job
 
-    cfg = parse_config(_click_job_raw(paths, tmp_path, holdout_metric="test_log_loss",
-                                      baseline_metric="valid_log_loss"))  # fmt: skip
+    cfg = parse_config(_click_job_raw(paths, tmp_path))  # promotion compares the task's log loss
     result = run_job(cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     roles = [row["role"] for row in result.rows]
     assert roles == ["reference", "teacher", "student alone", "distilled (ld)"]
@@ -211,9 +232,9 @@ def test_the_committee_job_runs_on_a_click_log(paths, tmp_path):
     assert reference["model"] == "training click rate" and reference["test_auc"] == 0.5
     for row in models:  # every model ranks clicks and beats predicting the click rate
         assert 0.6 < row["test_auc"] <= 1.0 and row["test_log_loss"] < reference["test_log_loss"]
-    assert result.headline.key == "log_loss" and "valid log loss" in result.distillation_verdict
-    assert result.export.passed and result.version == "1"
-    from pipelines.jobs import holdout_key
+    assert result.task.monitor == "log_loss" and "valid log loss" in result.distillation_verdict
+    assert result.export.passed and result.version == "1" and result.decision.metric == "test_log_loss"
+    from pipelines.domains.recommendation import holdout_key
 
     assert holdout_key(cfg).startswith(f"{cfg.data.interactions}|")  # the team's own log, not "embedded"
     served = torch.jit.load(str(result.export.path))
@@ -242,11 +263,12 @@ def test_history_features_on_a_click_log_train_a_dlrm_that_exports(paths, tmp_pa
 
 
 def test_gap_closed_is_left_out_when_no_teacher_beats_the_student_alone():
-    from pipelines.jobs import gap_closed
+    from pipelines.engine import gap_closed
+    from recdistill.training.tasks import BinaryTask
 
     def rows(alone, teacher, distilled):
         return [{"role": "teacher", "test_log_loss": teacher}, {"role": "student alone", "test_log_loss": alone},
                 {"role": "distilled (ld)", "test_log_loss": distilled}]  # fmt: skip
 
-    assert gap_closed(rows(0.2380, 0.2370, 0.2375), "log_loss") == pytest.approx(0.5)
-    assert gap_closed(rows(0.2378, 0.2383, 0.2379), "log_loss") is None  # the teacher is worse: no gap
+    assert gap_closed(rows(0.2380, 0.2370, 0.2375), BinaryTask()) == pytest.approx(0.5)
+    assert gap_closed(rows(0.2378, 0.2383, 0.2379), BinaryTask()) is None  # the teacher is worse: no gap

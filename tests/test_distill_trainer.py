@@ -12,7 +12,8 @@ from recdistill.distill import DistillConfig, build_method
 from recdistill.distill.losses import divergence
 from recdistill.distill.trainer import distill
 from recdistill.models import build_model
-from recdistill.training import TrainConfig, TrainingError, evaluate, load_checkpoint, read_checkpoint
+from recdistill.models import load_checkpoint
+from recdistill.training import TrainConfig, TrainingError, evaluate, read_checkpoint
 
 SMALL_STUDENT = {"id_embedding_dim": 16, "side_embedding_dim": 4, "hidden": [32, 16]}
 SMALL_TEACHER = {"id_embedding_dim": 24, "side_embedding_dim": 8, "hidden": [64, 40]}

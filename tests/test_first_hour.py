@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.commands.run import print_summary
 from recdistill.export import ParityRows, export_torchscript
+from recdistill.training.tasks import RegressionTask
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 #: Where ``make demo`` leaves the TorchScript student: output_dir/name/latest/file_name of
@@ -32,7 +33,7 @@ def _serving_snippet() -> str:
 
 def test_the_readme_snippet_loads_the_file_make_demo_writes():
     from pipelines.config import load_config
-    from pipelines.jobs import LATEST
+    from pipelines.engine import LATEST
 
     cfg = load_config("default")  # what `make demo` runs
     assert (Path(cfg.output_dir) / cfg.name / LATEST / cfg.export.file_name).as_posix() == DEMO_FILE
@@ -63,7 +64,7 @@ def _job_result(tmp_path: Path, tracking_uri: str) -> SimpleNamespace:
         seconds=60.0, output_dir=tmp_path / "runs" / "default" / "20260101-000000",
         export=SimpleNamespace(path=tmp_path / "runs" / "default" / "20260101-000000" / "student.pt"),
         run_id="abc123", tracking_uri=tracking_uri, version="3", decision=decision,
-        champion_file=None, champion_source=None,
+        champion_file=None, champion_source=None, task=RegressionTask(),
     )  # fmt: skip
 
 
@@ -125,4 +126,4 @@ def test_the_readme_own_data_yaml_is_a_valid_job_config():
     cfg = parse_config(yaml.safe_load(own[0]), "README")
     spec = cfg.data.spec_for("own")
     assert spec.label.kind == "click" and spec["item_id"].hash_buckets == 1_000_000
-    assert cfg.data.stream and cfg.tracking.holdout_metric == "test_log_loss"
+    assert cfg.data.stream and cfg.tracking.holdout_metric is None  # promoted on the click task's log loss

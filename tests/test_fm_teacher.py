@@ -16,7 +16,8 @@ from features.spec import SPECS_DIR
 from recdistill.models import build_model, count_parameters
 from recdistill.models.fm import BayesianFMConfig
 from recdistill.stages import check_staged
-from recdistill.training import TrainConfig, load_checkpoint, train_supervised
+from recdistill.models import load_checkpoint
+from recdistill.training import TrainConfig, train_supervised
 
 SMALL = {"rank": 4, "n_iter": 20, "n_kept_samples": 10}
 
@@ -91,7 +92,7 @@ def test_a_job_with_the_fm_in_the_committee_distils_exports_and_serves(tmp_path)
     spec, a DLRM student by LD with committee weights fitted on valid and a transfer set, then
     the TorchScript export (frozen history bags) and its parity check."""
     from pipelines.config import load_config
-    from pipelines.jobs import run_job
+    from pipelines.engine import run_job
 
     cfg = load_config("default", [
         f"output_dir={tmp_path / 'runs'}", f"tracking.local_dir={tmp_path / 'mlflow'}",

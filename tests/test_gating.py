@@ -91,8 +91,8 @@ def test_every_row_is_asked_during_warmup(prepared, batch):
     method, committee = committee_method(prepared, GatingConfig(enabled=True, threshold=1.0,
                                                                 warmup_steps=1, explore=0.0))  # fmt: skip
     recorders = [RecordingMiddle(t) for _, t in committee]
-    method.forward_train(batch)  # step 0: warm-up, everyone asked
-    method.forward_train(batch)  # step 1: threshold 1.0 excludes every row
+    method.training_step(batch)  # step 0: warm-up, everyone asked
+    method.training_step(batch)  # step 1: threshold 1.0 excludes every row
     assert [r.sizes for r in recorders] == [[200], [200]]
     assert method.passes.saved() == pytest.approx(0.5)
 

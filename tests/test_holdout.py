@@ -17,7 +17,9 @@ import torch
 
 from features.batches import RatingsData
 from pipelines.config import ConfigError, TeacherSource, load_config
-from pipelines.jobs import JobContext, NullRun, stage_teachers, teacher_data
+from pipelines.domains import domain_for
+from pipelines.engine import JobContext
+from pipelines.engine.teachers import stage_teachers, teacher_data
 from recdistill.distill import DistillConfig
 from recdistill.distill.crossfit import CrossFitted
 from recdistill.distill.holdout import fold_rows, holdout_rows
@@ -111,7 +113,8 @@ def quick_holdout(extra: tuple[str, ...] = ()):
 
 
 def test_the_jobs_teachers_never_train_on_a_held_out_row(prepared, tmp_path, monkeypatch):
-    ctx = JobContext(config=quick_holdout(), out=tmp_path, run=NullRun(), prepared=prepared, say=lambda line: None)
+    config = quick_holdout()
+    ctx = JobContext(config, domain_for(config), tmp_path, loaded=prepared, say=lambda line: None)
     before = prepared.data.splits["train"].clone()
     _, held = holdout_rows(before, 0.2, 0)
     view = teacher_data(ctx)
@@ -133,7 +136,7 @@ def test_a_reused_teacher_that_saw_the_held_out_rows_is_refused(prepared, tmp_pa
     path = save_checkpoint(tmp_path / "mlp_l.pt", teacher.state_dict(), "mlp_l", teacher.config)
     cfg = quick_holdout()
     cfg.teachers = {"mlp_l": TeacherSource(checkpoint=str(path))}
-    ctx = JobContext(config=cfg, out=tmp_path / "run", run=NullRun(), prepared=prepared, say=lambda line: None)
+    ctx = JobContext(cfg, domain_for(cfg), tmp_path / "run", loaded=prepared, say=lambda line: None)
     with pytest.raises(ValueError, match=r"trained on every training row.*drop teachers.mlp_l.checkpoint"):
         stage_teachers(ctx)
 
@@ -254,7 +257,7 @@ def test_distill_refuses_a_plain_teacher_for_oof_and_runs_diverse_distill_on_cro
 
 def test_the_jobs_fold_teachers_each_skip_their_own_fold(prepared, tmp_path, monkeypatch):
     cfg = quick_holdout(("distill.importance_fit=oof", "distill.oof_folds=2"))
-    ctx = JobContext(config=cfg, out=tmp_path, run=NullRun(), prepared=prepared, say=lambda line: None)
+    ctx = JobContext(cfg, domain_for(cfg), tmp_path, loaded=prepared, say=lambda line: None)
     trained: dict[int, list[torch.Tensor]] = {}
     views = []  # held, so that no view's id is reused by the next one
     original = RatingsData.batch

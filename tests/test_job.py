@@ -21,7 +21,7 @@ import torch
 from pipelines.cli import main
 from pipelines.commands.run import print_summary
 from pipelines.config import JobConfig, TeacherSource, load_config
-from pipelines.jobs import CHAMPION_FILE, LATEST, JobResult, folder_to_resume, publish_champion, run_job
+from pipelines.engine import CHAMPION_FILE, LATEST, JobResult, folder_to_resume, publish_champion, run_job
 from recdistill.export import ParityRows, ServingInputs
 from recdistill.tracking import TAG_REASON, TrackingUnavailable, connect
 from recdistill.training import TrainingError, read_checkpoint, save_checkpoint

@@ -344,7 +344,8 @@ def test_heads_start_at_the_training_mean(prepared, minilm):
 def test_a_t5_checkpoint_stores_its_tied_embedding_once(prepared, batch, tmp_path):
     import os
 
-    from recdistill.training import load_checkpoint, portable_state_dict, save_checkpoint
+    from recdistill.models import load_checkpoint
+    from recdistill.training import portable_state_dict, save_checkpoint
 
     model = build_model("t5", prepared, SMALL_T5).eval()
     path = save_checkpoint(tmp_path / "t5.pt", portable_state_dict(model), "t5", model.config,

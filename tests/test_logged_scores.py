@@ -153,7 +153,7 @@ def test_an_impossible_committee_with_a_logged_member_is_refused_on_load(tmp_pat
 
 
 def test_the_job_evaluates_the_logged_member_and_distils_from_it(tmp_path, log_path):
-    from pipelines.jobs import run_job
+    from pipelines.engine import run_job
 
     raw = yaml.safe_load(open(_job(tmp_path, log_path)))
     raw["distill"]["teachers"] = ["prod"]

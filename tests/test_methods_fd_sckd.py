@@ -24,6 +24,7 @@ from recdistill.distill.trainer import distill, module_optimizer
 from recdistill.models import build_model
 from recdistill.stages import StagedModule
 from recdistill.training import TrainConfig, build_optimizer
+from recdistill.training.tasks import ClassificationTask
 from tests.test_distill_trainer import SMALL_TEACHER, small_student
 
 #: (registered method, sckd_form): FD, and SCKD gating each of its two terms
@@ -254,7 +255,8 @@ def test_methods_take_class_logits_with_cross_entropy_as_the_task_loss(name, for
     batch = ClassBatch(torch.randn(32, 4, generator=gen), labels, torch.arange(32))
     committee = [("a", Classifier(6, 10)), ("b", Classifier(5, 7))]
     config = DistillConfig(method=name, sckd_form=form, teachers=["a", "b"])
-    method = build_method(name, Classifier(4, 5), committee, config, probe_batch=batch).train()
+    task = ClassificationTask([str(c) for c in range(CLASSES)])
+    method = build_method(name, Classifier(4, 5), committee, config, probe_batch=batch, task=task).train()
     prediction, losses = method.forward_train(batch)
     assert prediction.shape == (32, CLASSES)
     expected = F.cross_entropy(prediction, labels)

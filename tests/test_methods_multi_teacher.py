@@ -18,7 +18,10 @@ from recdistill.distill.methods.aekd import min_norm_weights, two_teacher_weight
 from recdistill.distill.trainer import distill, module_optimizer
 from recdistill.models import build_model
 from recdistill.stages import StagedModule
+from recdistill.distill.losses import soft_target, soft_target_loss, task_loss
+from recdistill.distill.methods import METHODS as REGISTERED
 from recdistill.training import TrainConfig, TrainStep, build_optimizer
+from recdistill.training.tasks import ClassificationTask, RegressionTask
 from tests.test_distill_trainer import SMALL_TEACHER, small_student
 
 MEDIUM_TEACHER = {"id_embedding_dim": 8, "side_embedding_dim": 2, "hidden": [24]}
@@ -30,6 +33,8 @@ LOSSES = {
     "aekd": {"loss_task", "loss_kd"},
 }
 FEATURES, CLASSES = 6, 5
+#: The task of the class batches below: their methods read cross-entropy and soft targets from it.
+CLASS_TASK = ClassificationTask([f"class{c}" for c in range(CLASSES)])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -279,7 +284,7 @@ def test_each_method_returns_its_named_losses_and_lowers_its_kd_loss_on_logits(n
     student = TinyMLP(8, CLASSES)
     with torch.no_grad():  # sure of its own classes: far from every teacher, and their mixes
         student.out.weight.mul_(16.0)
-    method = build_method(name, student, classifiers(3, sharpness=3.0), config).train()
+    method = build_method(name, student, classifiers(3, sharpness=3.0), config, task=CLASS_TASK).train()
     optimizer = torch.optim.Adam(list(method.student.parameters()) + method.learnable_parameters(),
                                  lr=1e-2)  # fmt: skip
     batch, curve = class_batch(128), []
@@ -297,9 +302,9 @@ def test_mt_averages_the_teachers_probabilities_where_ld_averages_their_logits()
     teachers, temperature = classifiers(2), 2.0
     batch = class_batch(64)
     mt = build_method("mt", TinyMLP(8, CLASSES), teachers,
-                      DistillConfig(method="mt", kl_temperature=temperature)).train()  # fmt: skip
+                      DistillConfig(method="mt", kl_temperature=temperature), task=CLASS_TASK).train()  # fmt: skip
     ld = build_method("ld", mt.student, teachers,
-                      DistillConfig(method="ld", kl_temperature=temperature)).train()  # fmt: skip
+                      DistillConfig(method="ld", kl_temperature=temperature), task=CLASS_TASK).train()  # fmt: skip
     prediction, losses = mt.forward_train(batch)
     with torch.no_grad():
         logits = [teacher(batch) for _, teacher in teachers]
@@ -387,7 +392,7 @@ def test_diverse_distill_variants_match_the_weighted_committees_softened_logits(
     config = DistillConfig(method="diverse_distill", teachers=["c0", "c1"], variant=variant, kl_temperature=2.0,
                            prediction_weight=3.0)  # fmt: skip
     teachers = classifiers(2)
-    method = build_method("diverse_distill", TinyMLP(8, CLASSES), teachers, config).train()
+    method = build_method("diverse_distill", TinyMLP(8, CLASSES), teachers, config, task=CLASS_TASK).train()
     batch = class_batch(64)
     prediction, losses = method.forward_train(batch)
     assert prediction.shape == (64, CLASSES) and torch.isfinite(losses["loss_reg_importance"])
@@ -397,3 +402,33 @@ def test_diverse_distill_variants_match_the_weighted_committees_softened_logits(
     expected = 3.0 * 4.0 * F.kl_div(F.log_softmax(prediction / 2.0, -1), F.softmax(mixed / 2.0, -1),
                                     reduction="batchmean")  # fmt: skip
     assert torch.allclose(losses["loss_kd_prediction"], expected, atol=1e-5)
+
+
+def test_the_loss_follows_the_datas_task_not_the_shape_of_the_prediction():
+    """``[B, 2]`` values under a regression task are values (MSE, the teacher's own values as
+    the target); under a classification task, logits (cross-entropy, a softmax target)."""
+    prediction, other = torch.tensor([[0.2, 1.5], [2.0, -1.0]]), torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    regression, classes = RegressionTask(), ClassificationTask(["a", "b"])
+    assert torch.equal(soft_target(regression, other, 2.0), other)
+    assert torch.equal(soft_target_loss(regression, prediction, other, 2.0), F.mse_loss(prediction, other))
+    assert torch.allclose(soft_target(classes, other, 2.0), F.softmax(other / 2.0, dim=-1))
+    assert torch.equal(task_loss(classes, prediction, torch.tensor([1, 0])),
+                       F.cross_entropy(prediction, torch.tensor([1, 0])))  # fmt: skip
+    assert torch.equal(task_loss(regression, prediction, other), F.mse_loss(prediction, other))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_the_step_count_moves_once_per_training_step_in_the_base_method(name):
+    """``forward_train`` (what a method computes) reads the count; ``training_step`` (what the
+    trainer calls) moves it by one in training mode, and not at all in eval mode."""
+    config = DistillConfig(method=name)
+    method = build_method(name, TinyMLP(8, CLASSES), classifiers(2), config, task=CLASS_TASK).train()
+    batch = class_batch(16)
+    method.forward_train(batch)
+    assert method.step == 0
+    method.training_step(batch)
+    method.training_step(batch)
+    assert method.step == 2
+    method.eval().training_step(batch)
+    assert method.step == 2
+

@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from features.vocab import FeatureVocabs, Vocabulary
 from tests.mlflow_server import MlflowServer
-from recdistill.export import ParityRows, export_torchscript
-from recdistill.tracking import TrackingConfig, promote, serving_example, start_run
+from recdistill.export import ParityRows, export_torchscript, load_served_student
+from recdistill.tracking import TrackingConfig, promote, serving_example, serving_signature, start_run
 
 pytestmark = [
     pytest.mark.slow,
@@ -78,7 +78,7 @@ def _candidate(
         if alone_valid_mse is not None:
             run.log_baseline("mlp_s trained alone", {"valid_mse": alone_valid_mse, "test_mse": 0.5})
         run.set_holdout(HOLDOUT)
-        run.log_student(path, report)
+        run.log_student(path, report, load_served_student(path))
         version = run.register_student()
     return run.run_id, version
 
@@ -109,7 +109,8 @@ def test_a_version_carries_a_signature_a_real_example_and_its_description(
     with start_run(cfg, tracking_uri=server.uri) as run:
         run.log_metrics({"test_mse": 0.9})
         run.set_holdout(HOLDOUT)
-        run.log_student(good_export[0], good_export[1], rows)
+        run.log_student(good_export[0], good_export[1], load_served_student(good_export[0]),
+                        serving_signature(rows), serving_example(rows))
         version = run.register_student("mlp_s distilled from mlp_l by ld. Test MSE 0.9000.")
     client = MlflowClient(server.uri, server.uri)
     assert client.get_model_version(cfg.registered_model, version).description == (
@@ -173,7 +174,7 @@ def test_promote_command_takes_a_run_id_and_prints_the_decision(server, good_exp
     with start_run(cfg, tracking_uri=server.uri) as run:  # logged, not yet registered
         run.log_metrics({"test_mse": 0.92})
         run.set_holdout(HOLDOUT)
-        run.log_student(*good_export)
+        run.log_student(*good_export, load_served_student(good_export[0]))
     argv = ["promote", "--tracking-uri", server.uri, "--model-name", cfg.registered_model]
     assert main(argv + ["--version", first]) == 0
     assert main(argv + ["--run-id", run.run_id]) == 1
@@ -199,7 +200,7 @@ def test_promoting_from_the_command_line_copies_the_versions_file_to_its_jobs_ch
     with start_run(cfg, tracking_uri=server.uri) as run:
         run.log_metrics({"test_mse": 0.9})
         run.set_holdout(HOLDOUT)
-        run.log_student(run_folder / "student.pt", good_export[1])
+        run.log_student(run_folder / "student.pt", good_export[1], load_served_student(run_folder / "student.pt"))
     argv = ["promote", "--tracking-uri", server.uri, "--model-name", cfg.registered_model]
     assert main(argv + ["--run-id", run.run_id]) == 0
     champion = tmp_path / "quick" / "champion.pt"

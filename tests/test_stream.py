@@ -166,7 +166,7 @@ def test_the_shipped_synth_job_runs_streamed_end_to_end(folder, tmp_path):
     """`recdistill run synth` on the set written here (tiny budgets): teacher, student alone,
     LD, a TorchScript file whose parity check passed on streamed rows, a registered version."""
     from pipelines.config import load_config
-    from pipelines.jobs import run_job
+    from pipelines.engine import run_job
 
     cfg = load_config("synth", [
         f"data.interactions={folder / 'ratings'}", f"data.users={folder / 'users.parquet'}",

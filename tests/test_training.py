@@ -12,14 +12,13 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from pipelines.cli import main
 from recdistill.baselines import choose_bias_model, reference_metrics
-from recdistill.models import build_model
+from recdistill.models import build_model, load_checkpoint
 from recdistill.training import (
     TrainConfig,
     TrainingError,
     build_optimizer,
     embedding_parameters,
     evaluate,
-    load_checkpoint,
     make_optimizer,
     read_checkpoint,
     save_checkpoint,
@@ -182,7 +181,7 @@ def test_train_command_prints_sizes_and_metrics_and_saves(capsys, tmp_path):
     args = ["train", "--model", "mlp_s", "--epochs", "1", "--max-steps", "3", "--out", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "model mlp_s: 3,718,209 trainable parameters" in out  # the default spec: with the history bags
+    assert "mlp_s: 3,718,209 parameters" in out  # the default spec: with the history bags
     assert "test   MSE" in out and "RMSE" in out and "MAE" in out
     assert (tmp_path / "mlp_s" / "best.pt").is_file() and (tmp_path / "mlp_s" / "vocabs.json").is_file()
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recdistill.stages import StagedModule
+from recdistill.training.checkpoints import BEST, read_checkpoint, rebuild
 
 #: How each class name becomes a sentence for the text tower (CLIP's zero-shot prompt).
 DEFAULT_PROMPT = "a photo of a {}."
@@ -497,3 +498,23 @@ def build_vision_model(kind: str, classes: int | Sequence[str], spec: dict[str, 
         return CLIPTeacher(classes, parsed)
     return ViTClassifier(classes if isinstance(classes, int) else len(classes), parsed)
 
+
+def load_vision_checkpoint(
+    path: str | Path, classes: Sequence[str], payload: dict[str, Any] | None = None
+) -> SplitTower:
+    """A model's ``best.pt`` (or the folder holding it) written by a vision job or bench, rebuilt
+    from its own kind and spec for the data set's ``classes`` (eval mode).
+
+    Args:
+        path: the checkpoint, or its folder.
+        classes: the class names in label order.
+        payload: the checkpoint already read (``read_checkpoint``), so it is not read twice.
+
+    Raises:
+        ValueError: not a checkpoint, or weights that do not fit a model of that spec.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST
+    payload = read_checkpoint(path) if payload is None else payload
+    return rebuild(payload, path, lambda name, spec: build_vision_model(name.split(":")[0], classes, spec))

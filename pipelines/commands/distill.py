@@ -1,19 +1,22 @@
-"""``recdistill distill``: distil trained teachers into a fresh student.
+"""``recdistill distill``: distil trained teachers into a fresh student, by the job's own stages
+(prepare, the committee reused from checkpoints, distil).
 
     recdistill distill --teachers mlp_l[,t5] [--teacher-ckpt PATH ...] [--method diverse_distill]
                        [--config X] [--epochs N] [--seed S] [--max-steps N] [--out DIR]
 
 Teachers load from checkpoints written by ``recdistill train`` (default:
-``runs/train/NAME/best.pt``; ``--teacher-ckpt`` gives one path per teacher, in order). The
-``distill:`` section of the config sets the method and its options, the ``train:`` section the
-loop (the student gets the same budget as supervised training). Prints the metrics and the
-teacher passes gating saved, and writes ``OUT/student/best.pt``.
+``runs/train/NAME/best.pt``; ``--teacher-ckpt`` gives one path per teacher, in order): each is
+``teachers.<name>.checkpoint`` of the job. The ``distill:`` section of the config sets the
+method and its options, the ``train:`` section the loop (the student gets the same budget as
+supervised training), and the data's task what is reported (MSE for ratings, log loss for
+clicks). Prints the metrics and the teacher passes gating saved, and writes ``OUT/vocabs.json``
+and ``OUT/student/best.pt``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 from pathlib import Path
 
 from pipelines.commands.train import DEFAULT_OUT as TRAIN_OUT
@@ -22,33 +25,20 @@ from pipelines.schema import ConfigError
 DEFAULT_OUT = "runs/distill"
 
 
-def _sections(args: argparse.Namespace):
-    """``data:``, ``train:``, ``distill:`` with the command line applied; student name/overrides."""
-    from pipelines.config import load_config
-    from recdistill.distill.config import DistillConfig
-    from recdistill.training import TrainConfig
-
-    cfg = load_config(args.config, args.overrides)
-    data = cfg.data
-    if args.source:
-        data.source = args.source
-    train = getattr(cfg, "train", None) or TrainConfig()
-    changes = {"epochs": args.epochs, "seed": args.seed, "max_steps_per_epoch": args.max_steps}
-    train = dataclasses.replace(train, **{k: v for k, v in changes.items() if v is not None})
-    distill = getattr(cfg, "distill", None) or DistillConfig()
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command's options as ``--set`` overrides, so the job's config check sees them."""
     options = {
-        "method": args.method,
-        "kd_weight": args.kd_weight,
-        "teachers": args.teachers.split(",") if args.teachers else None,
-        "residual_questions": True if args.residual_questions else None,
+        "distill.method": args.method,
+        "distill.kd_weight": args.kd_weight,
+        "distill.teachers": args.teachers.split(",") if args.teachers else None,
+        "distill.residual_questions": True if args.residual_questions else None,
+        "distill.gating.enabled": True if args.gating_threshold is not None else None,
+        "distill.gating.threshold": args.gating_threshold,
+        "train.epochs": args.epochs,
+        "train.seed": args.seed,
+        "train.max_steps_per_epoch": args.max_steps,
     }
-    distill = dataclasses.replace(distill, **{k: v for k, v in options.items() if v is not None})
-    if args.gating_threshold is not None:
-        gating = dataclasses.replace(distill.gating, enabled=True, threshold=args.gating_threshold)
-        distill = dataclasses.replace(distill, gating=gating)
-    student = getattr(cfg, "student", "mlp_s")
-    overrides = (getattr(cfg, "models", None) or {}).get(student)
-    return data, train, distill, student, overrides
+    return [f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None]
 
 
 def _checkpoints(teachers: list[str], given: list[str] | None) -> list[Path]:
@@ -68,48 +58,36 @@ def _checkpoints(teachers: list[str], given: list[str] | None) -> list[Path]:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from features.batches import prepare
-    from recdistill.distill.trainer import distill
-    from recdistill.models import build_model, count_parameters, model_config
-    from recdistill.training import load_checkpoint, save_checkpoint, seed_everything
+    from pipelines.config import load_config
+    from pipelines.domains import domain_for
+    from pipelines.engine import JobContext
+    from pipelines.engine.stages import load_data, stage_distill
+    from pipelines.engine.teachers import stage_teachers
 
-    data_cfg, train, config, student_name, overrides = _sections(args)
-    paths = _checkpoints(config.teachers, args.teacher_ckpt)
-    prepared = prepare(data_cfg)
-    committee = []
-    for name, path in zip(config.teachers, paths):
-        teacher = load_checkpoint(path, prepared)
-        freeze = getattr(teacher, "freeze", None)  # teachers that cache their context do so
-        teacher = freeze() if callable(freeze) else teacher.eval().requires_grad_(False)
-        print(f"teacher {name}: {path} ({sum(p.numel() for p in teacher.parameters()):,} parameters)")
-        committee.append((name, teacher))
-
-    student_cfg = model_config(student_name, overrides)
-    seed_everything(train.seed)
-    student = build_model(student_name, prepared, student_cfg)
-    print(f"student {student_name}: {count_parameters(student):,} parameters; method {config.method}")
-
-    def report(epoch: int, m: dict) -> None:
-        losses = "  ".join(f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss_"))
-        print(f"epoch {epoch:>2}  {losses}  valid MSE {m['valid_mse']:.4f}"
-              f"  passes saved {m['teacher_passes_saved']:.1%}")  # fmt: skip
-
-    result = distill(student, committee, prepared, config, train, on_epoch=report)
-    fmt = lambda m: "  ".join(f"{k.upper()} {v:.4f}" for k, v in m.items())  # noqa: E731
+    # every teacher is reused from a checkpoint: the config's per-teacher training settings go
+    overrides = ["teachers={}", *args.overrides, *_overrides(args)]
+    teachers = load_config(args.config, overrides).distill.teachers
+    paths = _checkpoints(teachers, args.teacher_ckpt)
+    overrides += [f"teachers.{name}.checkpoint={json.dumps(str(path))}" for name, path in zip(teachers, paths)]
+    cfg = load_config(args.config, overrides)
+    if args.source:
+        cfg.data.source = args.source
+    out = Path(args.out or DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = JobContext(cfg, domain_for(cfg), out)
+    print("[1/3] prepare")
+    load_data(ctx)
+    print(f"[2/3] teachers: {', '.join(teachers)}")
+    stage_teachers(ctx)
+    print(f"[3/3] distill ({cfg.distill.method})")
+    result = stage_distill(ctx)
+    fmt = lambda m: "  ".join(f"{k.upper()} {v:.4f}" for k, v in m.items() if not k.startswith("n_"))  # noqa: E731
     print(f"best epoch {result.best_epoch}{' (stopped early)' if result.stopped_early else ''}")
     print(f"valid  {fmt(result.valid)}")
     print(f"test   {fmt(result.test)}")
     for name, p in result.teacher_passes.items():
         print(f"teacher passes {name}: {p['done']:,} of {p['full']:,} ({p['saved']:.1%} saved)")
-    out = Path(args.out or DEFAULT_OUT)
-    out.mkdir(parents=True, exist_ok=True)
-    prepared.vocabs.save(out / "vocabs.json")
-    path = save_checkpoint(
-        out / "student" / "best.pt", result.student, student_name, student_cfg,
-        {"test": result.test, "valid": result.valid, "vocab_sizes": prepared.vocabs.sizes,
-         "distill": dataclasses.asdict(config), "teacher_passes": result.teacher_passes},
-    )  # fmt: skip
-    print(f"checkpoint {path}")
+    print(f"checkpoint {result.checkpoint}")
     return 0
 
 

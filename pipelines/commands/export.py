@@ -9,18 +9,17 @@ from pipelines.commands.data import data_config
 
 
 def export_config(args: argparse.Namespace):
-    """The ``export:`` section of the job config (defaults when the config has none)."""
+    """The ``export:`` section of the job config."""
     from pipelines.config import load_config
-    from recdistill.export import ExportConfig
 
-    return getattr(load_config(args.config, args.overrides), "export", None) or ExportConfig()
+    return load_config(args.config, args.overrides).export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from features.batches import prepare
     from features.vocab import FeatureVocabs
     from recdistill.export import ParityRows, export_torchscript
-    from recdistill.training import load_checkpoint
+    from recdistill.models import load_checkpoint
 
     cfg = export_config(args)
     vocabs = FeatureVocabs.load(args.vocab)

@@ -13,11 +13,10 @@ import json
 
 
 def tracking_config(args: argparse.Namespace):
-    """The ``tracking:`` section of the job config (defaults when the config has none)."""
-    from pipelines.config import load_config
-    from recdistill.tracking import TrackingConfig
+    """The ``tracking:`` section of the job config (a ratings, clicks or image job's)."""
+    from pipelines.vision_config import load_job_config
 
-    cfg = getattr(load_config(args.config, args.overrides), "tracking", None) or TrackingConfig()
+    cfg = load_job_config(args.config, args.overrides).tracking
     if getattr(args, "model_name", None):
         cfg.registered_model = args.model_name
     return cfg
@@ -46,7 +45,7 @@ def publish_file_of(decision, client):
     ``champion.pt``; ``None`` when the run names no file here in a finished job's run folder."""
     from pathlib import Path
 
-    from pipelines.jobs import FINISHED, publish_champion
+    from pipelines.engine import FINISHED, publish_champion
     from recdistill.tracking import TAG_EXPORT_FILE
 
     run_id = client.get_model_version(decision.name, decision.version).run_id

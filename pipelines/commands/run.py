@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the job imports torch and MLflow: only when it runs
-    from pipelines.jobs import JobResult
+    from pipelines.engine import JobResult
 
-SUMMARY_COLUMNS = ("model", "role", "test_mse", "test_rmse", "test_mae", "test_log_loss",
-                   "test_normalized_entropy", "test_auc", "test_calibration", "params",
-                   "teacher_passes_saved", "gap_closed")  # fmt: skip
+#: Summary columns besides the task's own (``test_<column>`` of ``result.task.columns``).
+SUMMARY_AROUND = (("model", "role"), ("params", "teacher_passes_saved", "gap_closed"))
 
 
 def _champion_file(result: JobResult) -> str:
@@ -30,10 +29,12 @@ def _champion_file(result: JobResult) -> str:
 def print_summary(result: JobResult) -> None:
     """The results table and where things are; every printed command works when pasted into a
     fresh shell or Python, from any folder (absolute store path and executable)."""
-    from pipelines.jobs import LATEST
+    from pipelines.engine import LATEST
     from recdistill.tracking import markdown_table
 
-    columns = [c for c in SUMMARY_COLUMNS if any(r.get(c) is not None for r in result.rows)]
+    first, last = SUMMARY_AROUND
+    every = (*first, *(f"test_{c}" for c in result.task.columns), *last)
+    columns = [c for c in every if any(r.get(c) is not None for r in result.rows)]
     print("\n== results (test split) ==")
     print(markdown_table(result.rows, columns))
     if result.distillation_verdict is not None:
@@ -67,13 +68,21 @@ def print_summary(result: JobResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.config import load_config
-    from pipelines.jobs import run_job
+    from pipelines.vision_config import load_job_config
+
+    cfg = load_job_config(args.config_file, args.overrides)  # ratings, clicks or images
+    if args.source:
+        if not hasattr(cfg.data, "source"):
+            raise ValueError("--source names a MovieLens source; an image job reads data.path")
+        cfg.data.source = args.source
+    return run_and_summarize(cfg, args)
+
+
+def run_and_summarize(cfg, args: argparse.Namespace) -> int:
+    """Run the job of ``cfg`` (any domain) as the command line asks, and print its summary."""
+    from pipelines.engine import run_job
     from pipelines.stopping import stop_on_sigterm
 
-    cfg = load_config(args.config_file, args.overrides)
-    if args.source:
-        cfg.data.source = args.source
     if args.run_folder and not args.resume:
         raise ValueError("--run names a run folder to continue: use it with --resume")
     resume = (args.run_folder or True) if args.resume else False
@@ -83,10 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub, with_config) -> None:
-    run = sub.add_parser("run", help="run a whole batch job from a YAML config")
-    run.add_argument("config_file", help="job YAML, or a shipped config name (default, quick)")
-    with_config(run, config_option=False)
+def with_job_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a whole job (``recdistill run``, ``recdistill vision run``)."""
     run.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, else config)")
     run.add_argument("--output", help="override output_dir")
     run.add_argument("--resume", action="store_true",
@@ -94,4 +101,11 @@ def add_commands(sub, with_config) -> None:
                           "(or the one --run names), reusing every model it finished")  # fmt: skip
     run.add_argument("--run", dest="run_folder", metavar="RUN",
                      help="with --resume: the run folder to continue (runs/NAME/RUN)")  # fmt: skip
-    run.set_defaults(func=cmd_run)
+    return run
+
+
+def add_commands(sub, with_config) -> None:
+    run = sub.add_parser("run", help="run a whole batch job from a YAML config (ratings, clicks or images)")
+    run.add_argument("config_file", help="job YAML, or a shipped config name (default, quick, vision_quick)")
+    with_config(run, config_option=False)
+    with_job_options(run).set_defaults(func=cmd_run)

@@ -1,11 +1,15 @@
-"""``recdistill train``: supervised training of one registered model, in one or several processes.
+"""``recdistill train``: one model trained on the job's data, by the job's own stages (prepare,
+then the training of one model), in one or several processes.
 
     recdistill train --model mlp_l [--config X] [--epochs N] [--seed S] [--out DIR]
-    recdistill train --model mlp_s --nproc 2 [--sharding-type row_wise]
+    recdistill train --model mlp_s --nproc 2 [--sharding-type row_wise] [--backend gloo]
 
-With ``--nproc N > 1`` the command relaunches itself under torchrun (``torch.distributed.run
---standalone``): every rank joins a gloo (CPU) or nccl (GPU) group, the embedding tables are
-sharded by TorchRec DMP according to the ``sharding:`` section, and rank 0 prints and saves.
+The model is built with ``models.<name>`` and trained with the ``train:`` section into
+``OUT/MODEL/`` (``best.pt``, ``last.pt``, ``resume.pt``, ``vocabs.json``). With ``--nproc N > 1``
+the command relaunches itself under torchrun (``torch.distributed.run --standalone``): every rank
+joins a gloo (CPU) or nccl (GPU) group, the embedding tables are sharded by TorchRec DMP as
+``--sharding-type`` says, and rank 0 prints and saves. This is the one sharded command: a whole
+job (``recdistill run``) trains in one process (docs/results/scale.md).
 """
 
 from __future__ import annotations
@@ -20,26 +24,16 @@ from pathlib import Path
 DEFAULT_OUT = "runs/train"
 
 
-def _sections(args: argparse.Namespace):
-    """The ``data:``, ``train:``, ``sharding:`` sections and this model's overrides."""
+def job_config(args: argparse.Namespace, **train_changes):
+    """The job config with ``--set``, ``--source`` and the command's ``train:`` options applied."""
     from pipelines.config import load_config
-    from recdistill.sharding import ShardingConfig
-    from recdistill.training import TrainConfig
 
     cfg = load_config(args.config, args.overrides)
-    data = cfg.data
     if getattr(args, "source", None):
-        data.source = args.source
-    train = getattr(cfg, "train", None) or TrainConfig()
-    sharding = getattr(cfg, "sharding", None) or ShardingConfig()
-    overrides = (getattr(cfg, "models", None) or {}).get(args.model)
-    changes = {k: v for k, v in {"epochs": args.epochs, "seed": args.seed}.items() if v is not None}
-    if args.max_steps is not None:
-        changes["max_steps_per_epoch"] = args.max_steps
-    train = dataclasses.replace(train, **changes)
-    if args.sharding_type:
-        sharding = dataclasses.replace(sharding, sharding_type=args.sharding_type)
-    return data, train, sharding, overrides
+        cfg.data.source = args.source
+    changes = {k: v for k, v in train_changes.items() if v is not None}
+    cfg.train = dataclasses.replace(cfg.train, **changes)
+    return cfg
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -66,45 +60,36 @@ def _relaunch(args: argparse.Namespace) -> int:
 
 
 def _fmt(metrics: dict) -> str:
-    return "  ".join(f"{k.upper()} {v:.4f}" for k, v in metrics.items())
+    return "  ".join(f"{k.upper()} {v:.4f}" for k, v in metrics.items() if not k.startswith("n_"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch(args)
 
-    from features.batches import prepare
-    from recdistill.models import build_model, count_parameters, model_config
-    from recdistill.sharding import init_distributed, shard_model
-    from recdistill.training import seed_everything, train_supervised
+    from pipelines.domains import domain_for
+    from pipelines.engine import JobContext
+    from pipelines.engine.stages import load_data
+    from pipelines.engine.teachers import train_model
+    from recdistill.sharding import ShardingConfig, init_distributed, shard_model
 
-    data_cfg, train, sharding, overrides = _sections(args)
-    config = model_config(args.model, overrides)  # an unknown name lists the allowed ones
-    out = Path(args.out or train.checkpoint_dir or DEFAULT_OUT) / args.model
-    train = dataclasses.replace(train, checkpoint_dir=str(out))
+    cfg = job_config(args, epochs=args.epochs, seed=args.seed, max_steps_per_epoch=args.max_steps)
+    cfg.model_config(args.model)  # an unknown name lists the allowed ones, before any work
+    sharding = ShardingConfig(sharding_type=args.sharding_type, backend=args.backend)
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world, device = init_distributed(sharding) if distributed else (0, 1, None)
     say = print if rank == 0 else (lambda *a, **k: None)
+    out = Path(args.out or cfg.train.checkpoint_dir or DEFAULT_OUT) / args.model
 
-    prepared = prepare(data_cfg)
-    seed_everything(train.seed)
-    model = build_model(args.model, prepared, config)
-    say(f"model {args.model}: {count_parameters(model):,} trainable parameters")
-    if distributed:
-        model = shard_model(model, sharding, train, device)
+    ctx = JobContext(cfg, domain_for(cfg), out, say=say)
+    load_data(ctx, write_files=rank == 0)  # serving needs the id mapping the model trained with
+
+    def shard(model):
         say(f"sharded {sharding.sharding_type} over {world} ranks ({device.type})")
-    if rank == 0:  # serving needs the exact id mapping the model was trained with
-        out.mkdir(parents=True, exist_ok=True)
-        prepared.vocabs.save(out / "vocabs.json")
+        return shard_model(model, sharding, cfg.train, device)
 
-    def report(epoch: int, m: dict) -> None:
-        valid = "  ".join(f"valid {k[6:].upper()} {m[k]:.4f}" for k in
-                          ("valid_mse", "valid_auc", "valid_log_loss", "valid_accuracy") if k in m)  # fmt: skip
-        say(f"epoch {epoch:>2}  train loss {m['train_loss']:.4f}  {valid}"
-            f"  ({m['examples_per_s']:,.0f} examples/s)")  # fmt: skip
-
-    result = train_supervised(model, prepared, train, on_epoch=report,
-                              model_name=args.model, model_config=config)  # fmt: skip
+    _, result = train_model(ctx, args.model, cfg.train, "", ctx.run, cfg.train.seed,
+                            shard=shard if distributed else None)  # fmt: skip
     say(f"best epoch {result.best_epoch}{' (stopped early)' if result.stopped_early else ''}")
     say(f"valid  {_fmt(result.valid)}")
     say(f"test   {_fmt(result.test)}")
@@ -120,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_commands(sub, with_config) -> None:
     # Names are checked when the command runs (a wrong one lists the allowed ones): the
     # registries live with the models, which import torch, and --help must not wait for it.
-    train = with_config(sub.add_parser("train", help="train one model on the ratings (supervised)"))
+    train = with_config(sub.add_parser("train", help="train one model on the job's data (supervised)"))
     train.add_argument("--model", required=True,
                        help="registered model (mlp_s, mlp_l, t5, ...; a wrong name lists them all)")
     train.add_argument("--epochs", type=int, help="override train.epochs")
@@ -129,6 +114,8 @@ def add_commands(sub, with_config) -> None:
     train.add_argument("--out", help=f"checkpoint folder (default: train.checkpoint_dir, else "
                        f"{DEFAULT_OUT}); files go in OUT/MODEL")  # fmt: skip
     train.add_argument("--nproc", type=int, default=1, help="processes (sharded with TorchRec DMP)")
-    train.add_argument("--sharding-type",
-                       help="override sharding.sharding_type (table_wise, row_wise, ...)")  # fmt: skip
+    train.add_argument("--sharding-type", default="table_wise",
+                       help="how --nproc ranks share the tables: table_wise, row_wise, column_wise, "
+                            "data_parallel")  # fmt: skip
+    train.add_argument("--backend", default="auto", help="process group: auto (nccl on GPU, gloo on CPU), gloo, nccl")
     train.set_defaults(func=cmd_train)

@@ -1,28 +1,18 @@
-"""``recdistill vision run CONFIG``: the vision job (ViT student, ViT and CLIP teachers)."""
+"""``recdistill vision run CONFIG``: the job on images (ViT student, ViT and CLIP teachers),
+through the same engine as ``recdistill run``: resume after a kill, MLflow parent and nested
+runs, registration and promotion on validation accuracy."""
 
 from __future__ import annotations
 
 import argparse
 
+from pipelines.commands.run import run_and_summarize, with_job_options
+
 
 def cmd_vision_run(args: argparse.Namespace) -> int:
     from pipelines.vision_config import load_vision_config
-    from pipelines.vision_job import run_vision_job
-    from recdistill.tracking import markdown_table
 
-    cfg = load_vision_config(args.config_file, args.overrides)
-    result = run_vision_job(cfg, tracking_uri=args.tracking_uri, output_dir=args.output)
-    columns = [c for c in ("model", "role", "test_accuracy", "params", "teacher_passes_saved", "gap_closed")
-               if any(r.get(c) is not None for r in result.rows)]  # fmt: skip
-    print("\n== results (test split) ==")
-    print(markdown_table(result.rows, columns))
-    print(f"\n== where things are (job took {result.seconds / 60:.1f} min) ==")
-    print(f"output folder      {result.output_dir}")
-    print(f"TorchScript file   {result.student_file}  (torch.jit.load; images [B, C, H, W] -> logits)")
-    print(f"results table      {result.output_dir / 'results.md'}  (with accuracy per class)")
-    if result.run_id:
-        print(f"MLflow run         {result.run_id}")
-    return 0
+    return run_and_summarize(load_vision_config(args.config_file, args.overrides), args)
 
 
 def add_commands(sub, with_config) -> None:
@@ -32,6 +22,4 @@ def add_commands(sub, with_config) -> None:
     run.add_argument("config_file", help="job YAML, or a shipped config name (vision_default, vision_quick)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override one config value, given as YAML (--set train.epochs=3); repeatable")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, else config)")
-    run.add_argument("--output", help="override output_dir")
-    run.set_defaults(func=cmd_vision_run)
+    with_job_options(run).set_defaults(func=cmd_vision_run)

@@ -1,5 +1,7 @@
-"""The losses of distillation, as plain functions of tensors.
+"""The losses of distillation, as plain functions of tensors and of the data's task.
 
+What a loss is follows from the task the data set names (:mod:`recdistill.training.tasks`:
+MSE for ratings, cross-entropy for classes and clicks), never from the shapes of the tensors.
 Gradient flow (DESIGN.md section 2) is decided by the callers with ``detach`` (``sg``) and
 ``backward(inputs=...)``; these functions only compute values.
 """
@@ -9,17 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from recdistill.training.tasks import Task
 
-def task_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The task's loss: MSE for ratings (``[B]`` predictions), cross-entropy for ``[B, C]`` logits.
+
+def task_loss(task: Task, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The task's own loss (``task.loss``): MSE of ``[B]`` ratings, cross-entropy of ``[B, C]``
+    logits against ``[B]`` classes.
 
     Args:
-        prediction: ``[B]`` predicted ratings, or ``[B, C]`` class logits.
+        task: the data's task.
+        prediction: ``[B]`` predicted ratings, or ``[B, C]`` logits.
         target: ``[B]`` float ratings, or ``[B]`` integer classes.
     """
-    if prediction.dim() == 2 and not target.is_floating_point():
-        return F.cross_entropy(prediction, target)
-    return F.mse_loss(prediction, target)
+    return task.loss(prediction, target)
 
 
 def divergence(
@@ -63,24 +67,25 @@ def divergence(
     return per_unit.sum(dim=-1) if reduction == "sum" else per_unit.mean(dim=-1)
 
 
-def soft_target(teacher_prediction: torch.Tensor, temperature: float) -> torch.Tensor:
+def soft_target(task: Task, teacher_prediction: torch.Tensor, temperature: float) -> torch.Tensor:
     """A teacher's soft target: the ``[B]`` ratings themselves, or ``softmax(t / T)`` ``[B, C]``
-    for logits."""
-    if teacher_prediction.dim() == 2:
+    when the task predicts logits (``task.logits``)."""
+    if task.logits:
         return F.softmax(teacher_prediction / temperature, dim=-1)
     return teacher_prediction
 
 
 def soft_target_loss(
-    prediction: torch.Tensor, target: torch.Tensor, temperature: float
+    task: Task, prediction: torch.Tensor, target: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """The student's distance to a soft target, a scalar.
 
-    Ratings: ``mean_b (y_hat - target)^2``. Logits: ``T^2 * KL(target || softmax(y_hat / T))``
-    averaged over rows (Hinton's convention: ``T^2`` keeps gradients comparable across
-    temperatures), the target being a ``[B, C]`` distribution.
+    Ratings: ``mean_b (y_hat - target)^2``. Logits (``task.logits``):
+    ``T^2 * KL(target || softmax(y_hat / T))`` averaged over rows (Hinton's convention: ``T^2``
+    keeps gradients comparable across temperatures), the target being a ``[B, C]`` distribution.
 
     Args:
+        task: the data's task.
         prediction: ``[B]`` student ratings or ``[B, C]`` student logits.
         target: ``[B]`` ratings or ``[B, C]`` probabilities (see :func:`soft_target`).
         temperature: ``T``, used for logits only.
@@ -90,7 +95,7 @@ def soft_target_loss(
             f"soft target of shape {tuple(target.shape)} for a prediction of shape "
             f"{tuple(prediction.shape)}"
         )
-    if prediction.dim() == 2:
+    if task.logits:
         log_student = F.log_softmax(prediction / temperature, dim=-1)
         return F.kl_div(log_student, target, reduction="batchmean") * temperature**2
     return F.mse_loss(prediction, target)

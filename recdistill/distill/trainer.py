@@ -1,12 +1,14 @@
 """The distillation trainer: any registered method, any committee, on the one training loop.
 
 What a distillation step does is the method's business (mdistiller's rule): the step calls
-``method.forward_train(batch)`` and ``method.backward(losses)`` routes each loss to the
+``method.training_step(batch)`` (the method's ``forward_train``, the step counted once, by the
+base method) and ``method.backward(losses)`` routes each loss to the
 parameters it trains. Everything else (epochs, the NaN checks of every loss entry and of the
 validation MSE, early stopping, ``best.pt`` / ``last.pt``, logging) is
 :func:`recdistill.training.loop.fit`, the loop supervised training uses too. The student gets
 the optimizer of supervised training (:func:`recdistill.training.build_optimizer`, Adagrad
-tables + Adam), the method's own modules get Adam at ``distill.module_lr``; teachers get none.
+tables + Adam), the method's own modules a plain ``torch.optim.Adam`` at ``distill.module_lr``;
+teachers get none.
 Evaluation and checkpoints are of the student alone, as it will be served.
 
 Example::
@@ -33,14 +35,8 @@ from recdistill.distill.methods import build_method
 from recdistill.distill.methods.base import DistillMethod
 from recdistill.distill.weights import fit_committee_weights
 from recdistill.training.ranks import _world as ranks_world
-from recdistill.training import (
-    EpochCheckpoints,
-    TrainConfig,
-    TrainStep,
-    build_optimizer,
-    fit,
-    make_optimizer,
-)
+from recdistill.training import EpochCheckpoints, TrainConfig, TrainStep, build_optimizer, fit
+from recdistill.training.tasks import task_of
 
 
 @dataclass
@@ -84,11 +80,12 @@ class DistillResult:
     distiller: DistillMethod | None = field(default=None, repr=False)
 
 
-def module_optimizer(method: DistillMethod, config: DistillConfig):
-    """Adam at ``config.module_lr`` over the method's own modules, or None if it has none."""
+def module_optimizer(method: DistillMethod, config: DistillConfig) -> torch.optim.Adam | None:
+    """A plain ``torch.optim.Adam`` at ``config.module_lr`` over the method's own modules (in
+    the method's parameter order), or None if it has none."""
     ids = {id(p) for p in method.learnable_parameters()}
-    named = {name: p for name, p in method.named_parameters() if id(p) in ids}
-    return make_optimizer(named, "adam", config.module_lr) if named else None
+    params = [p for _, p in method.named_parameters() if id(p) in ids]
+    return torch.optim.Adam(params, lr=config.module_lr, weight_decay=0.0) if params else None
 
 
 def importance_scores(
@@ -167,7 +164,7 @@ def with_transfer(runner: DistillMethod, prepared: Any, config: TransferConfig, 
         rank, _ = ranks_world()
         generator = torch.Generator().manual_seed(hash((config.seed, runner.step, rank)) % 2**62)
         rows = torch.randint(config.pairs, (size,), generator=generator)
-        labelled = losses(batch)  # moves the step count: draw first
+        labelled = losses(batch)  # moves the step count: drawn before
         unlabelled = runner.forward_transfer(pairs.batch(rows).to(device_of(batch)))
         return {**labelled, **{name: config.weight * value for name, value in unlabelled.items()}}
 
@@ -215,8 +212,6 @@ def distill(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     *,
     method: str | None = None,
-    model_name: str | None = None,
-    model_config: Any = None,
     resume_from: str | Path | None = None,
 ) -> DistillResult:
     """Distil ``committee`` into ``student`` with ``method`` (default ``config.method``).
@@ -225,15 +220,18 @@ def distill(
     training does), takes a step per batch and scores the student on the validation split; the
     best epoch's student weights are restored at the end. With ``train.checkpoint_dir`` the
     student's ``best.pt`` and ``last.pt`` are written after every epoch (rebuildable with
-    :func:`recdistill.training.load_checkpoint`; ``last.pt`` also carries the method's own
+    :func:`recdistill.models.load_checkpoint`; ``last.pt`` also carries the method's own
     weights in ``extra["method_state"]``), and ``resume.pt`` every
     ``train.checkpoint_every_steps`` steps: with ``resume_from`` a killed run continues where it
     stopped, the method's module, step count, gate generator and teacher passes included.
 
     Args:
-        student: the student (stage API), trained in place.
-        committee: ``[(name, teacher)]``; each teacher is frozen (eval mode, no gradients) and
-            checked on one training batch before any step (a misfit is a ``ValueError``).
+        student: the student (stage API), trained in place; its checkpoints record the
+            ``model_name`` and ``config`` the model registry set on it.
+        committee: ``[(name, teacher)]``; each teacher is frozen by the method
+            (:func:`~recdistill.distill.methods.base.freeze`: eval mode, no gradients, its own
+            context cache switched on) and checked on one training batch before any step (a
+            misfit is a ``ValueError``).
         prepared: the data: a :class:`features.batches.Prepared` (its ``data``) or any data set
             of the protocol (``splits``, ``batch(rows)``, ``batches(...)``, ``task``; e.g.
             ``vision_ext`` images). The task decides the metrics and what early stopping watches.
@@ -242,9 +240,6 @@ def distill(
             rates, seed, ``max_steps_per_epoch``, progress bar, checkpoint directory.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch (MLflow logging).
         method: overrides ``config.method``.
-        model_name: the student's registry name, for checkpoints (default
-            ``student.model_name``).
-        model_config: the student's config, for checkpoints (default ``student.config``).
         resume_from: a ``resume.pt`` (or, under a process group, a ``resume_dcp/`` folder) of an
             interrupted run with the same arguments, to continue from (``student`` freshly
             built as for that run).
@@ -266,11 +261,12 @@ def distill(
     else:
         probe = data.batch(data.splits["train"][: min(8, len(data.splits["train"]))])
     torch.manual_seed(train.seed)  # the module's init and dropout
-    runner = build_method(method or config.method, student, committee, config, probe_batch=probe)
+    runner = build_method(method or config.method, student, committee, config, probe_batch=probe,
+                          task=task_of(data))  # fmt: skip
     if config.committee_weights == "valid":
         runner.committee_weights = fit_committee_weights(runner.committee, data, "valid", train.eval_batch_size)
     checkpoints = EpochCheckpoints.for_run(
-        student, prepared, train, model_name, model_config,
+        student, prepared, train,
         extra={"method": runner.name, "distill": dataclasses.asdict(config)},
         last_extra=lambda: module_state(runner),
     )  # fmt: skip
@@ -284,7 +280,7 @@ def distill(
         runner.load_resume_state(state["method"])
         passes_saved.before = state["passes_before"]
 
-    losses = lambda batch: runner.forward_train(batch)[1]  # noqa: E731  (prediction, losses)
+    losses = lambda batch: runner.training_step(batch)[1]  # noqa: E731  (prediction, losses)
     if config.importance_fit == "holdout":
         losses = with_holdout(runner, data, config, train, losses)
     if config.transfer.pairs:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from recdistill.distill.losses import task_loss
+from recdistill.training.tasks import task_of
 from recdistill.training.ranks import local_batches
 
 #: Adam steps of the weights' logits; the problem is K-dimensional and smooth.
@@ -49,6 +50,7 @@ def fit_committee_weights(committee: Sequence[tuple[str, nn.Module]], data: Any,
     if split not in data.splits or len(data.splits[split]) == 0:
         raise ValueError(f"distill.committee_weights: valid fits the weights on the {split!r} "
                          "split, which the data lacks or is empty")  # fmt: skip
+    task = task_of(data)
     predictions, labels = committee_predictions(committee, data, split, batch_size)
     logits = torch.zeros(len(committee), requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=0.05)
@@ -56,6 +58,6 @@ def fit_committee_weights(committee: Sequence[tuple[str, nn.Module]], data: Any,
     for _ in range(STEPS):
         optimizer.zero_grad()
         mix = (torch.softmax(logits, 0).view(shape) * predictions).sum(0)
-        task_loss(mix, labels).backward()
+        task_loss(task, mix, labels).backward()
         optimizer.step()
     return torch.softmax(logits.detach(), 0)

@@ -6,6 +6,7 @@ from recdistill.models import dlrm  # noqa: F401  (registers dlrm_s, dlrm_m, dlr
 from recdistill.models import encoder_lm  # noqa: F401  (registers minilm)
 from recdistill.models import fm  # noqa: F401  (registers fm: myFM is needed to fit it, not to import it)
 from recdistill.models import t5_teacher  # noqa: F401  (registers t5)
+from recdistill.models.checkpoints import load_checkpoint
 from recdistill.models.registry import MODELS, build_model, count_parameters, model_config
 
-__all__ = ["MODELS", "build_model", "count_parameters", "model_config"]
+__all__ = ["MODELS", "build_model", "count_parameters", "load_checkpoint", "model_config"]

@@ -8,7 +8,8 @@ several (each rank then takes its slice of every global batch). Rooms, one job e
 - :mod:`~recdistill.training.config`: the ``train:`` section, ``TrainResult``, ``TrainingError``.
 - :mod:`~recdistill.training.optim`: Adagrad for the tables, Adam for the rest.
 - :mod:`~recdistill.training.evaluation`: MSE / RMSE / MAE, clipped, and by cold / warm slice.
-- :mod:`~recdistill.training.checkpoints`: ``best.pt`` / ``last.pt``, written atomically.
+- :mod:`~recdistill.training.checkpoints`: ``best.pt`` / ``last.pt``, written atomically, and
+  rebuilt by a builder the model layer hands in (this layer imports no model).
 - :mod:`~recdistill.training.resume`: ``resume.pt``, the loop's whole state, to continue a
   killed run exactly where it stopped.
 - :mod:`~recdistill.training.progress`: a bar on a terminal, plain lines in logs.
@@ -29,9 +30,9 @@ Example::
 
 from recdistill.training.checkpoints import (
     EpochCheckpoints,
-    load_checkpoint,
     portable_state_dict,
     read_checkpoint,
+    rebuild,
     save_checkpoint,
     write_atomically,
 )
@@ -90,7 +91,6 @@ __all__ = [
     "evaluate",
     "fit",
     "label_range",
-    "load_checkpoint",
     "make_optimizer",
     "mse_losses",
     "optimizer_class",
@@ -98,6 +98,7 @@ __all__ = [
     "portable_state_dict",
     "read_checkpoint",
     "read_resume",
+    "rebuild",
     "register_optimizer",
     "register_tables",
     "save_checkpoint",

@@ -1,7 +1,8 @@
-"""Checkpoints: write a model atomically, read it back, rebuild it through the model registry.
+"""Checkpoints: write a model atomically, read it back, rebuild it with a builder handed in.
 
-A checkpoint is a dict ``{model_name, model_config, state_dict, extra}``; ``load_checkpoint``
-rebuilds the model from the first two and loads the third. :class:`EpochCheckpoints` is what
+A checkpoint is a dict ``{model_name, model_config, state_dict, extra}``; :func:`rebuild` makes
+the model from the first two (through a builder the model layer gives: this layer knows no
+model) and loads the third. :class:`EpochCheckpoints` is what
 the training loop uses to keep ``best.pt`` and ``last.pt`` up to date after each epoch, and
 where it keeps ``resume.pt`` (:mod:`recdistill.training.resume`). Every file is written by
 :func:`write_atomically`.
@@ -94,7 +95,7 @@ def save_checkpoint(
     model_config: Any,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint that :func:`load_checkpoint` can rebuild through the model registry.
+    """Write a checkpoint that :func:`rebuild` can make the model of again.
 
     Written by :func:`write_atomically`: a crash never leaves a half-written checkpoint under
     the real name.
@@ -128,22 +129,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path, prepared: Prepared) -> nn.Module:
-    """Rebuild the checkpointed model through the registry and load its weights (eval mode)."""
-    payload = read_checkpoint(path)
-    sizes = payload["extra"].get("vocab_sizes")
-    if sizes is not None and sizes != prepared.vocabs.sizes:
-        diff = sorted(k for k in set(sizes) | set(prepared.vocabs.sizes)
-                      if sizes.get(k) != prepared.vocabs.sizes.get(k))  # fmt: skip
-        raise ValueError(
-            f"checkpoint {path}: trained with other vocabularies than the data given "
-            f"(sizes differ for {', '.join(diff)})"
-        )
-    # Imported here so that recdistill.training (which recdistill.distill builds on) does not
-    # tie the distillation layer to the model zoo (DESIGN.md section 4).
-    from recdistill.models import build_model
+def rebuild(payload: dict[str, Any], path: str | Path, build: Callable[[str, dict[str, Any]], nn.Module]) -> nn.Module:
+    """The model a checkpoint holds: ``build(model_name, model_config)`` with its weights
+    loaded, in eval mode. The layer that knows the models gives ``build``
+    (:func:`recdistill.models.load_checkpoint` for the recommenders, ``vision_ext`` for images).
 
-    model = build_model(payload["model_name"], prepared, payload["model_config"])
+    Args:
+        payload: what :func:`read_checkpoint` returned.
+        path: where it was read from, for the error message.
+        build: makes the untrained model of a registry name and a config dict.
+
+    Raises:
+        ValueError: the weights do not fit the rebuilt model (naming the file and the model).
+    """
+    model = build(payload["model_name"], payload["model_config"])
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
@@ -156,7 +155,7 @@ class EpochCheckpoints:
     """``best.pt`` and ``last.pt`` of one training run, rewritten after every epoch.
 
     Both are ordinary checkpoints of the trained model (rebuildable with
-    :func:`load_checkpoint`); their ``extra`` holds ``epoch``, ``valid`` (the validation
+    :func:`recdistill.models.load_checkpoint`); their ``extra`` holds ``epoch``, ``valid`` (the validation
     metrics) and :attr:`extra`. The same folder holds :attr:`resume`, the loop's whole state
     (:mod:`recdistill.training.resume`), rewritten every ``train.checkpoint_every_steps`` steps
     and at each epoch end; under a process group, :attr:`resume_sharded` instead.

@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 from recdistill.training.evaluation import DEFAULT_SLICE_EDGES, check_slice_edges
-from recdistill.training.optim import EMBEDDING_OPTIMIZERS
+
+#: The embedding optimizers ``train.embedding_optimizer`` may name (built by
+#: :mod:`recdistill.training.optim`, which reads this section; this module imports nothing of it).
+EMBEDDING_OPTIMIZERS: tuple[str, ...] = ("adagrad", "rowwise_adagrad")
 
 
 class TrainingError(RuntimeError):

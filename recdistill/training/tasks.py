@@ -36,13 +36,22 @@ class Task(Protocol):
 
     Attributes:
         name: ``"regression"``, ``"classification"``, ``"binary"``.
-        monitor: the validation metric early stopping and the NaN check watch.
+        monitor: the validation metric early stopping and the NaN check watch, which a job
+            ranks its models by and promotion compares (``valid_<monitor>``, ``test_<monitor>``).
         higher_is_better: whether a larger ``monitor`` is better.
+        label: ``monitor`` as a job's lines say it (``"MSE"``, ``"log loss"``, ``"accuracy"``).
+        columns: the metrics a results table shows per model, ``monitor`` first.
+        logits: whether a model of the task predicts ``[B, C]`` logits (classes, clicks) rather
+            than ``[B]`` values (ratings): what a teacher's soft target is
+            (:mod:`recdistill.distill.losses`).
     """
 
     name: str
     monitor: str
     higher_is_better: bool
+    label: str
+    columns: tuple[str, ...]
+    logits: bool
 
     def loss(self, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
@@ -57,6 +66,11 @@ def _score(task: Task, metrics: dict[str, float]) -> float:
     return -value if task.higher_is_better else value
 
 
+def better(task: Task, value: float, than: float) -> bool:
+    """Whether ``value`` of the task's monitored metric beats ``than`` (strictly)."""
+    return value > than if task.higher_is_better else value < than
+
+
 class RegressionTask:
     """Ratings: MSE loss; MSE, RMSE, MAE and the cold / medium / warm slices
     (:func:`~recdistill.training.evaluation.evaluate`)."""
@@ -64,6 +78,9 @@ class RegressionTask:
     name = "regression"
     monitor = "mse"
     higher_is_better = False
+    label = "MSE"
+    columns = ("mse", "rmse", "mae")
+    logits = False
 
     def loss(self, prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(prediction, labels)
@@ -87,6 +104,9 @@ class ClassificationTask:
     name = "classification"
     monitor = "accuracy"
     higher_is_better = True
+    label = "accuracy"
+    columns = ("accuracy", "loss")
+    logits = True
 
     def __init__(self, classes: Sequence[str]):
         if len(classes) < 2:
@@ -149,6 +169,9 @@ class BinaryTask(ClassificationTask):
     name = "binary"
     monitor = "log_loss"
     higher_is_better = False
+    label = "log loss"
+    # Accuracy says nothing at a 5% click rate; normalized entropy and calibration do.
+    columns = ("log_loss", "normalized_entropy", "auc", "calibration")
 
     def __init__(self):
         super().__init__(["no_click", "click"])

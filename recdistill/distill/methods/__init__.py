@@ -37,9 +37,11 @@ def method_class(name: str) -> type:
     return METHODS[name]
 
 
-def build_method(name: str, student: Any, committee: Any, config: Any, probe_batch: Any = None):
-    """Build method ``name`` for a student and a committee of ``(name, frozen teacher)``."""
-    return method_class(name)(student, committee, config, probe_batch=probe_batch)
+def build_method(name: str, student: Any, committee: Any, config: Any, probe_batch: Any = None,
+                 task: Any = None):  # fmt: skip
+    """Build method ``name`` for a student and a committee of ``(name, frozen teacher)`` on data
+    of ``task`` (:mod:`recdistill.training.tasks`; ratings when None)."""
+    return method_class(name)(student, committee, config, probe_batch=probe_batch, task=task)
 
 
 def prediction_level(config: Any) -> list[str]:

@@ -135,8 +135,8 @@ class AEKD(DistillMethod):
         method.weights  # tensor([w_mlp_l, w_minilm]), sums to 1, each <= 0.6
     """
 
-    def __init__(self, student, committee, config, probe_batch: Any = None):
-        super().__init__(student, committee, config, probe_batch)
+    def __init__(self, student, committee, config, probe_batch: Any = None, task: Any = None):
+        super().__init__(student, committee, config, probe_batch, task)
         self.weights = torch.full((len(self.committee),), 1.0 / len(self.committee))
 
     def kd_gradients(self, prediction: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -144,22 +144,20 @@ class AEKD(DistillMethod):
         temperature = self.config.kl_temperature
         with torch.enable_grad():
             probe = prediction.detach().requires_grad_(True)
-            losses = [soft_target_loss(probe, target, temperature) for target in targets]
+            losses = [soft_target_loss(self.task, probe, target, temperature) for target in targets]
             return torch.stack([torch.autograd.grad(kd, probe)[0].reshape(-1) for kd in losses])
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prediction = self.student(batch)
         temperature = self.config.kl_temperature
-        targets = [soft_target(out.prediction, temperature) for out in self.teacher_outputs(batch)]
+        targets = [soft_target(self.task, out.prediction, temperature) for out in self.teacher_outputs(batch)]
         gradients = self.kd_gradients(prediction, targets)  # [K, B] or [K, B * C]
         self.weights = min_norm_weights(gradients, self.config.aekd_cap)
         kd = sum(
-            weight * soft_target_loss(prediction, target, temperature)
+            weight * soft_target_loss(self.task, prediction, target, temperature)
             for weight, target in zip(self.weights.tolist(), targets)
         )
-        if self.training:
-            self.step += 1
         return prediction, {
-            "loss_task": task_loss(prediction, batch.labels),
+            "loss_task": task_loss(self.task, prediction, batch.labels),
             "loss_kd": self.config.kd_weight * kd,
         }

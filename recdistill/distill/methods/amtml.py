@@ -112,8 +112,8 @@ class AMTML(DistillMethod):
     joint_losses = ("loss_kd", "loss_hint")
     transfer_terms = ("loss_kd", "loss_hint")
 
-    def __init__(self, student, committee, config, probe_batch: Any = None):
-        super().__init__(student, committee, config, probe_batch)
+    def __init__(self, student, committee, config, probe_batch: Any = None, task: Any = None):
+        super().__init__(student, committee, config, probe_batch, task)
         self.teacher_weights = TeacherWeights(len(self.committee), student.hidden_dim)
         self.hints = HiddenProjection(
             student.hidden_dim, [teacher.hidden_dim for _, teacher in self.committee]
@@ -140,19 +140,17 @@ class AMTML(DistillMethod):
         outputs = self.teacher_outputs(batch)
         temperature = self.config.kl_temperature
         targets = torch.stack(
-            [soft_target(out.prediction, temperature) for out in outputs], dim=1
+            [soft_target(self.task, out.prediction, temperature) for out in outputs], dim=1
         )  # [B, K] or [B, K, C]
         weights = self.teacher_weights(z)  # [B, K]
         if targets.dim() == 3:
             weights = weights.unsqueeze(-1)
-        kd = soft_target_loss(prediction, (weights * targets).sum(dim=1), temperature)
+        kd = soft_target_loss(self.task, prediction, (weights * targets).sum(dim=1), temperature)
         hint = self.hints.distance(
             z, [out.hidden for out in outputs], self.config.divergence_reduction
         )
-        if self.training:
-            self.step += 1
         return prediction, {
-            "loss_task": task_loss(prediction, batch.labels),
+            "loss_task": task_loss(self.task, prediction, batch.labels),
             "loss_kd": self.config.kd_weight * kd,
             "loss_hint": self.config.hint_weight * hint,
         }

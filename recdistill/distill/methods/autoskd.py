@@ -80,8 +80,8 @@ class AutoSKD(DistillMethod):
     #: Its reward is the task loss's fall after a step, which unlabelled rows do not have.
     transfer_terms = ()
 
-    def __init__(self, student, committee, config, probe_batch: Any = None):
-        super().__init__(student, committee, config, probe_batch)
+    def __init__(self, student, committee, config, probe_batch: Any = None, task: Any = None):
+        super().__init__(student, committee, config, probe_batch, task)
         size = len(self.committee)
         self.register_buffer("logits", torch.zeros(size))
         self.register_buffer("draws", torch.zeros(size, dtype=torch.long))
@@ -126,7 +126,7 @@ class AutoSKD(DistillMethod):
     def _collect(self, pending: PendingReward) -> None:
         """The reward of the pending step: its task loss before minus after its update."""
         with torch.no_grad():
-            after = task_loss(self.student(pending.batch), pending.batch.labels)
+            after = task_loss(self.task, self.student(pending.batch), pending.batch.labels)
         self.reinforce(pending.teacher, pending.loss_before - float(after))
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -139,19 +139,18 @@ class AutoSKD(DistillMethod):
         else:
             teacher = int(probabilities.argmax())
         prediction = self.student(batch)
-        target = soft_target(self.teacher_output(teacher, batch).prediction,
+        target = soft_target(self.task, self.teacher_output(teacher, batch).prediction,
                              self.config.kl_temperature)  # fmt: skip
         size = int(batch.labels.shape[0])
         for k, name in enumerate(self.teacher_names):
             if k != teacher:
                 self.passes.add(name, done=0, full=size)  # not run this step
         losses = {
-            "loss_task": task_loss(prediction, batch.labels),
+            "loss_task": task_loss(self.task, prediction, batch.labels),
             "loss_kd": self.config.kd_weight
-            * soft_target_loss(prediction, target, self.config.kl_temperature),
+            * soft_target_loss(self.task, prediction, target, self.config.kl_temperature),
         }
         if self.training:
             self._pending = PendingReward(batch, losses["loss_task"].item(), teacher)
             self.draws[teacher] += 1
-            self.step += 1
         return prediction, losses

@@ -23,6 +23,7 @@ from recdistill.distill.config import DistillConfig
 from recdistill.distill.crossfit import CrossFitted
 from recdistill.distill.gating import TeacherPasses, slice_batch
 from recdistill.distill.module import check_committee, check_model
+from recdistill.training.tasks import RegressionTask, Task
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -129,13 +130,19 @@ class DistillMethod(nn.Module):
 
     Args:
         student: the student (stage API); trained.
-        committee: ``[(name, teacher)]``; frozen here (eval mode, no gradients).
+        committee: ``[(name, teacher)]``; frozen here (:func:`freeze`), the one place teachers
+            are frozen, before they are probed.
         config: the ``distill:`` section.
         probe_batch: a batch to check every teacher's shapes with before training.
+        task: the data's task (:mod:`recdistill.training.tasks`): the task loss and what a
+            teacher's soft target is (its values, or a distribution over its logits); ratings
+            when not given, as for a data set that names none.
 
     Attributes:
         passes: teacher passes done vs the full count (:class:`TeacherPasses`).
-        step: training steps taken (``forward_train`` calls in training mode).
+        step: training steps taken: :meth:`training_step` counts them, once per step, after
+            the method's ``forward_train`` (which reads it, e.g. gating's warm-up).
+        task: the data's task.
     """
 
     name: ClassVar[str] = "base"
@@ -173,15 +180,19 @@ class DistillMethod(nn.Module):
         committee: Sequence[tuple[str, nn.Module]],
         config: DistillConfig,
         probe_batch: Any = None,
+        task: Task | None = None,
     ):
         super().__init__()
+        # The one place teachers are frozen: before the probe, so no teacher runs in training mode.
+        committee = tuple((name, freeze(t) if isinstance(t, nn.Module) else t) for name, t in committee)
         check_model(student, "student", probe_batch, role="student")
         check_committee(committee, probe_batch)
         if self.needs_teacher_stages(config):
             check_stages_available(self.name, committee, config)
         self.student = student
-        self._committee = tuple((name, freeze(teacher)) for name, teacher in committee)
+        self._committee = committee
         self.config = config
+        self.task = task if task is not None else RegressionTask()
         self.passes = TeacherPasses(self.teacher_names)
         self.step = 0
         self._caches = [RowCache() for _ in self._committee]
@@ -259,13 +270,22 @@ class DistillMethod(nn.Module):
         return [self.teacher_output(k, batch) for k in range(len(self._committee))]
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(student prediction [B], {loss name: scalar})`` for one training batch."""
+        """``(student prediction [B], {loss name: scalar})`` for one training batch; what a
+        method computes. It reads :attr:`step` and never moves it (:meth:`training_step` does)."""
         raise NotImplementedError
+
+    def training_step(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward_train`, then one more step counted in training mode: what the
+        distillation trainer calls once per step (the only place the count moves)."""
+        prediction, losses = self.forward_train(batch)
+        if self.training:
+            self.step += 1
+        return prediction, losses
 
     def forward_transfer(self, batch: Any) -> dict[str, torch.Tensor]:
         """The label-free losses (``transfer_terms``) on a batch of unlabelled transfer rows
         (labels NaN), named ``<loss>_transfer``. The step count does not move (the labelled
-        batch of the same step moved it); a term that read the labels is NaN, which the loop
+        batch of the same step moves it); a term that read the labels is NaN, which the loop
         refuses, naming it.
 
         Raises:
@@ -274,9 +294,7 @@ class DistillMethod(nn.Module):
         if not self.transfer_terms:
             raise ValueError(f"distill.transfer: method {self.name!r} takes no transfer set (its "
                              "losses need labels on every row)")  # fmt: skip
-        step = self.step
         _, losses = self.forward_train(batch)
-        self.step = step
         return {f"{name}{self.TRANSFER}": losses[name] for name in self.transfer_terms if name in losses}
 
     def forward_holdout(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -285,9 +303,7 @@ class DistillMethod(nn.Module):
         count does not move; the student's losses on these rows are dropped here (the student
         meets the rows in its own batches).
         """
-        step = self.step
         _, losses = self.forward_train(batch)
-        self.step = step
         return {f"{name}{self.HOLDOUT}": losses[name] for name in self.module_losses if name in losses}
 
     def forward(self, batch: Any) -> torch.Tensor:

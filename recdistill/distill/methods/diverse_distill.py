@@ -75,8 +75,8 @@ class DiverseDistill(DistillMethod):
     def needs_teacher_stages(cls, config) -> bool:
         return True  # each teacher's middle answers a question
 
-    def __init__(self, student, committee, config, probe_batch: Any = None):
-        super().__init__(student, committee, config, probe_batch)
+    def __init__(self, student, committee, config, probe_batch: Any = None, task: Any = None):
+        super().__init__(student, committee, config, probe_batch, task)
         self.module = DistillationModule(
             student.early_dim,
             student.hidden_dim,
@@ -149,7 +149,7 @@ class DiverseDistill(DistillMethod):
             answer = self.module.answer(k, reply)  # [b, d_z]
             sub_labels = labels if everyone else labels[rows]
             owns.append(own_prediction if everyone or own_prediction is None else _scatter(own_prediction, rows, size))
-            reg_teacher = reg_teacher + task_loss(teacher.head(reply), sub_labels)
+            reg_teacher = reg_teacher + task_loss(self.task, teacher.head(reply), sub_labels)
             reg_answer = reg_answer + self._answer_term(self.student.head(answer), sub_labels, own_prediction)
             gap = divergence(
                 *self._in_hidden_space(z if everyone else z[rows], answer.detach()),
@@ -167,7 +167,7 @@ class DiverseDistill(DistillMethod):
                 asked_count.index_add_(0, rows, torch.ones_like(rows, dtype=predicted.dtype) if share is None else share)
 
         losses = {
-            "loss_task": task_loss(prediction, labels),
+            "loss_task": task_loss(self.task, prediction, labels),
             "loss_kd": self.config.kd_weight * kd,
             "loss_reg_teacher": reg_teacher,
             "loss_reg_answer": reg_answer,
@@ -178,11 +178,12 @@ class DiverseDistill(DistillMethod):
             target = predicted[answered] / count  # mean over the asked teachers
             if not answered.any():
                 gap = kd * 0
-            elif target.dim() == 1:
+            elif not self.task.logits:
                 gap = (prediction[answered] - target).pow(2).sum() / size
             else:  # logits: the committee's softened distribution, as LD matches it
                 t = self.config.kl_temperature
-                gap = soft_target_loss(prediction[answered], soft_target(target, t), t) * answered.sum() / size
+                soft = soft_target(self.task, target, t)
+                gap = soft_target_loss(self.task, prediction[answered], soft, t) * answered.sum() / size
             losses["loss_kd_prediction"] = self.config.prediction_weight * gap
         if self.config.importance_regularizer:
             if self.config.importance_signal == "answers":
@@ -193,8 +194,6 @@ class DiverseDistill(DistillMethod):
                                              self._importance_term(importance, asked, stack, labels))  # fmt: skip
         for k, name in enumerate(self.teacher_names):  # logged per epoch; no gradient, no loss
             losses[f"importance_{name}"] = importance[:, k].detach().mean()
-        if self.training:
-            self.step += 1
         return prediction, losses
 
     def _in_hidden_space(self, z: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,13 +207,14 @@ class DiverseDistill(DistillMethod):
         labels, the teacher's own prediction, or ``answer_label_share`` of the first."""
         target = self.config.answer_target
         if target == "label":
-            return task_loss(predicted, labels)
+            return task_loss(self.task, predicted, labels)
         t = self.config.kl_temperature
-        to_teacher = soft_target_loss(predicted, soft_target(teacher_prediction.to(predicted.dtype), t), t)
+        soft = soft_target(self.task, teacher_prediction.to(predicted.dtype), t)
+        to_teacher = soft_target_loss(self.task, predicted, soft, t)
         if target == "teacher":
             return to_teacher
         share = self.config.answer_label_share
-        return share * task_loss(predicted, labels) + (1.0 - share) * to_teacher
+        return share * task_loss(self.task, predicted, labels) + (1.0 - share) * to_teacher
 
     def own_predictions(self, k: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(own [b], target [b])``, without gradients: teacher ``k``'s unquestioned
@@ -255,8 +255,8 @@ class DiverseDistill(DistillMethod):
         weights = weights.view(weights.shape + (1,) * (stack.dim() - 2)).to(stack.dtype)
         mixed = (weights * stack[rows]).sum(dim=1)  # [b, d_z] answers, or [b] (or [b, C]) predictions
         if self.config.importance_signal == "predictions":  # a per-row stacking of the committee
-            return task_loss(mixed, labels[rows])
-        return task_loss(self.student.head(mixed), labels[rows])
+            return task_loss(self.task, mixed, labels[rows])
+        return task_loss(self.task, self.student.head(mixed), labels[rows])
 
 
 def _stack_teachers(parts: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -74,7 +74,7 @@ def feature_losses(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """FD's losses on ``batch`` for ``method``, whose ``teacher_output`` returns hidden states.
 
-    Shared by :class:`FD` and SCKD's ``fd`` form; the caller counts the step.
+    Shared by :class:`FD` and SCKD's ``fd`` form.
 
     Returns:
         ``(prediction [B] or [B, C], {"loss_task", "loss_kd"})``, ``loss_kd`` already
@@ -86,7 +86,7 @@ def feature_losses(
     targets = [out.hidden for out in method.teacher_outputs(batch)]  # K x [B, m_k]
     kd = projection.distance(z, targets, method.config.divergence_reduction)
     return prediction, {
-        "loss_task": task_loss(prediction, batch.labels),
+        "loss_task": task_loss(method.task, prediction, batch.labels),
         "loss_kd": method.config.kd_weight * kd,
     }
 
@@ -108,8 +108,8 @@ class FD(DistillMethod):
     teacher_hidden = True
     joint_losses = ("loss_kd",)
 
-    def __init__(self, student, committee, config, probe_batch: Any = None):
-        super().__init__(student, committee, config, probe_batch)
+    def __init__(self, student, committee, config, probe_batch: Any = None, task: Any = None):
+        super().__init__(student, committee, config, probe_batch, task)
         self.projection = HiddenProjection(
             student.hidden_dim, [teacher.hidden_dim for _, teacher in self.committee]
         )
@@ -118,7 +118,4 @@ class FD(DistillMethod):
         return list(self.projection.parameters())
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        prediction, losses = feature_losses(self, self.projection, batch)
-        if self.training:
-            self.step += 1
-        return prediction, losses
+        return feature_losses(self, self.projection, batch)

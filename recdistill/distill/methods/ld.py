@@ -38,10 +38,8 @@ class LD(DistillMethod):
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prediction = self.student(batch)
         t = self.config.kl_temperature
-        kd = soft_target_loss(prediction, soft_target(self.teacher_prediction(batch), t), t)
-        if self.training:
-            self.step += 1
+        kd = soft_target_loss(self.task, prediction, soft_target(self.task, self.teacher_prediction(batch), t), t)
         return prediction, {
-            "loss_task": task_loss(prediction, batch.labels),
+            "loss_task": task_loss(self.task, prediction, batch.labels),
             "loss_kd": self.config.kd_weight * kd,
         }

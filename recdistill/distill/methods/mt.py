@@ -46,15 +46,13 @@ class MT(DistillMethod):
     def teacher_target(self, batch: Any) -> torch.Tensor:
         """Mean soft target of the committee, ``[B]`` (or ``[B, C]`` probabilities), no gradient."""
         temperature = self.config.kl_temperature
-        targets = [soft_target(out.prediction, temperature) for out in self.teacher_outputs(batch)]
+        targets = [soft_target(self.task, out.prediction, temperature) for out in self.teacher_outputs(batch)]
         return torch.stack(targets).mean(dim=0)
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prediction = self.student(batch)
-        kd = soft_target_loss(prediction, self.teacher_target(batch), self.config.kl_temperature)
-        if self.training:
-            self.step += 1
+        kd = soft_target_loss(self.task, prediction, self.teacher_target(batch), self.config.kl_temperature)
         return prediction, {
-            "loss_task": task_loss(prediction, batch.labels),
+            "loss_task": task_loss(self.task, prediction, batch.labels),
             "loss_kd": self.config.kd_weight * kd,
         }

@@ -99,8 +99,8 @@ class SCKD(LD):
     def weighs_committee(cls, config) -> bool:
         return config.sckd_form == "ld"  # LD's target; the fd form matches each teacher's state
 
-    def __init__(self, student, committee, config, probe_batch: Any = None):
-        super().__init__(student, committee, config, probe_batch)
+    def __init__(self, student, committee, config, probe_batch: Any = None, task: Any = None):
+        super().__init__(student, committee, config, probe_batch, task)
         self.teacher_hidden = config.sckd_form == "fd"
         widths = [teacher.hidden_dim for _, teacher in self.committee]
         self.projection = (
@@ -132,11 +132,9 @@ class SCKD(LD):
 
     def forward_train(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.projection is None:
-            prediction, losses = super().forward_train(batch)  # LD's losses; counts the step
+            prediction, losses = super().forward_train(batch)  # LD's losses
         else:
             prediction, losses = feature_losses(self, self.projection, batch)
-            if self.training:
-                self.step += 1
         if self.training and torch.is_grad_enabled():
             cosine = gradient_cosine(
                 losses["loss_task"], losses["loss_kd"], self.student_parameters()
