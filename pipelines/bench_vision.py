@@ -34,7 +34,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pipelines.bench_paper import METHOD_OPTIONS, _mean_std, _write_json, read_cells, stop_pool
 from pipelines.vision_config import VisionJobConfig
@@ -88,28 +88,40 @@ class VisionCell:
         return own if self.kd_weight is None else {**own, "kd_weight": self.kd_weight}
 
 
-def plan_rows(cfg: VisionJobConfig) -> list[tuple[str | None, tuple[str, ...]]]:
+def plan_rows(cfg: VisionJobConfig,
+              methods: Sequence[str] | None = None) -> list[tuple[str | None, tuple[str, ...]]]:  # fmt: skip
     """``(method, teachers)`` of every row: the student alone, then each method from each
-    teacher and from the committee."""
+    teacher and from the committee; with ``methods``, the student alone and those methods' rows.
+
+    Raises:
+        ValueError: a name in ``methods`` is not one of the bench's methods.
+    """
+    names = (*METHODS, *COMMITTEE_VARIANTS)
+    unknown = sorted(set(methods or ()) - set(names))
+    if unknown:
+        raise ValueError(f"unknown bench method(s) {', '.join(unknown)}: the vision bench runs {', '.join(names)}")
     teachers = list(cfg.distill.teachers)
     groups = [(t,) for t in teachers] + ([tuple(teachers)] if len(teachers) > 1 else [])
     rows = [(None, ())] + [(m, g) for g in groups for m in METHODS]
-    return rows + ([(m, tuple(teachers)) for m in COMMITTEE_VARIANTS] if len(teachers) > 1 else [])
+    rows += [(m, tuple(teachers)) for m in COMMITTEE_VARIANTS] if len(teachers) > 1 else []
+    return [row for row in rows if methods is None or row[0] is None or row[0] in methods]
 
 
-def plan_cells(cfg: VisionJobConfig, seeds: list[int], done: dict[str, dict] | None = None) -> list[VisionCell]:
+def plan_cells(cfg: VisionJobConfig, seeds: list[int], done: dict[str, dict] | None = None,
+               methods: Sequence[str] | None = None) -> list[VisionCell]:  # fmt: skip
     """The cells to run now, in the order to run them: at the first seed every row, a gridded
     method at each weight; at the other seeds (seed-major) every row whose weight is chosen (its
     grid finished), the student alone and the committee's rows first (the comparison the
-    paper's claim rests on, so a bench stopped part-way has them at the most seeds)."""
+    paper's claim rests on, so a bench stopped part-way has them at the most seeds).
+    ``methods``: only the student alone and these methods' rows (:func:`plan_rows`)."""
     done = done or {}
     cells = []
-    for method, group in plan_rows(cfg):
+    for method, group in plan_rows(cfg, methods):
         if method in GRIDS:
             cells += [VisionCell(method, group, seeds[0], w) for w in GRIDS[method]]
         else:
             cells.append(VisionCell(method, group, seeds[0]))
-    later = sorted(plan_rows(cfg), key=lambda row: 0 if row[0] is None else (1 if len(row[1]) > 1 else 2))
+    later = sorted(plan_rows(cfg, methods), key=lambda row: 0 if row[0] is None else (1 if len(row[1]) > 1 else 2))
     for seed in seeds[1:]:
         for method, group in later:
             weight = chosen_weight(method, group, seeds[0], done) if method in GRIDS else None
@@ -220,8 +232,11 @@ def _run_and_save(cell: VisionCell, out: Path) -> dict[str, Any]:
 
 
 def run_vision_bench(cfg: VisionJobConfig, out: Path, seeds: list[int], workers: int = 2,
-                     say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Teachers once, then every cell not yet in ``out/cells`` in ``workers`` processes."""
+                     say: Callable[[str], None] = print,
+                     methods: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Teachers once, then every cell not yet in ``out/cells`` in ``workers`` processes
+    (``methods``: only the student alone and these methods' rows)."""
+    plan_rows(cfg, methods)  # an unknown name fails before any teacher trains
     out.mkdir(parents=True, exist_ok=True)
     train_teachers(cfg, out, say)
     done = read_cells(out)
@@ -233,7 +248,7 @@ def run_vision_bench(cfg: VisionJobConfig, out: Path, seeds: list[int], workers:
         running: dict[Future, VisionCell] = {}
         while True:  # a chosen weight makes the row's later seeds runnable
             busy = {c.key for c in running.values()}
-            ready = [c for c in plan_cells(cfg, seeds, done) if c.key not in done and c.key not in busy]
+            ready = [c for c in plan_cells(cfg, seeds, done, methods) if c.key not in done and c.key not in busy]
             for cell in ready[: workers - len(running)]:  # the order holds: no queue in the pool
                 running[pool.submit(_run_and_save, cell, out)] = cell
             if not running:

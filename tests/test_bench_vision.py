@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from pipelines.bench_vision import VisionCell, plan_cells, plan_rows
 from pipelines.vision_config import load_vision_config
 
@@ -34,3 +36,13 @@ def test_the_tied_row_runs_the_tied_variant_ungated_in_a_normalized_space_at_eac
     assert not tied.gating.enabled and tied.prediction_weight == 0.1
     first = {c.key for c in plan_cells(cfg, [0, 1]) if c.method == "diverse_distill:tied"}
     assert first == {f"diverse_distill:tied-vit_l+clip-w{w:g}-s0" for w in (0.01, 0.1, 1, 10)}
+
+
+def test_methods_runs_the_student_alone_and_only_the_rows_named_and_an_unknown_name_is_refused():
+    cfg = load_vision_config("vision_default")
+    named = ["diverse_distill:ungated", "diverse_distill:tied"]
+    assert {method for method, _ in plan_rows(cfg, named)} == {None, *named}
+    cells = plan_cells(cfg, [0], methods=named)
+    assert {c.method for c in cells} == {None, *named} and len(cells) == 1 + 2 * 4  # each at its 4 grid weights
+    with pytest.raises(ValueError, match="unknown bench method.*diverse_distil:tied.*the vision bench runs ld"):
+        plan_rows(cfg, ["diverse_distil:tied"])

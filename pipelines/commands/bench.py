@@ -77,10 +77,13 @@ def cmd_bench_vision(args: argparse.Namespace) -> int:
              "--workers", str(args.workers)]  # fmt: skip
     if args.out:
         parts += ["--out", args.out]
+    if args.methods:
+        parts += ["--methods", *args.methods]
     if not args.report_only:
         stop_on_sigterm()
         print(f"bench vision: seeds {args.seeds} -> {out} ({args.workers} worker(s))", flush=True)
-        run_vision_bench(cfg, out, args.seeds, args.workers, say=lambda line: print(line, flush=True))
+        run_vision_bench(cfg, out, args.seeds, args.workers, say=lambda line: print(line, flush=True),
+                         methods=args.methods)  # fmt: skip
     print(f"report {write_vision_report(out, ' '.join(shlex.quote(p) for p in parts), cfg, args.seeds)}")
     return 0
 
@@ -107,5 +110,8 @@ def add_commands(sub, with_config) -> None:
     vision.add_argument("--out", help="output folder (default runs/bench_vision)")
     vision.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     vision.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
+    vision.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="run only the student alone and these rows: ld, fd, diverse_distill, or a "
+                             "committee variant (diverse_distill:ungated, diverse_distill:tied)")  # fmt: skip
     vision.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
     vision.set_defaults(func=cmd_bench_vision)
