@@ -293,6 +293,38 @@ def test_export_format_both_ships_a_pt2_package_checked_and_logged_with_the_vers
     torch.testing.assert_close(served(*rows.inputs.args), scripted(*rows.inputs.args), rtol=0, atol=1e-5)
 
 
+def test_export_format_pt2_registers_the_package_as_a_pyfunc_model_answering_as_the_package(
+    first_run, server, tmp_path
+):  # fmt: skip
+    """``export.format: pt2``: no TorchScript file; the version's model is the package and its
+    encoding table, which ``mlflow.pyfunc`` loads and scores a table of raw columns with."""
+    from recdistill.export import Pt2Student
+    from recdistill.tracking import serving_example
+
+    cfg = _reusing_teachers(first_run, "student-pt2-only")
+    cfg.train = dataclasses.replace(cfg.train, epochs=1, max_steps_per_epoch=2)
+    cfg.export = dataclasses.replace(cfg.export, format="pt2")
+    result = run_job(cfg, tracking_uri=server.uri, output_dir=tmp_path, say=lambda line: None)
+    folder = result.output_dir
+    assert result.export.path == folder / "student.pt2" and result.export.passed
+    assert (folder / "student.encoding.txt").is_file() and not (folder / "student.pt").exists()
+    model = mlflow.pyfunc.load_model(f"models:/student-pt2-only/{result.version}")
+    rows = ParityRows.sample(first_run_prepared(), 64, "valid")
+    expected = Pt2Student.load(folder / "student.pt2")(*rows.inputs.args)
+    torch.testing.assert_close(torch.as_tensor(model.predict(serving_example(rows.inputs))), expected, rtol=0, atol=0)
+
+
+def test_a_promoted_pt2_package_is_copied_to_champion_pt2_with_its_encoding_table(tmp_path):
+    run = tmp_path / "job" / "20260101-000000"
+    run.mkdir(parents=True)
+    (run / "student.pt2").write_bytes(b"package")
+    (run / "student.encoding.txt").write_text("table\n")
+    assert publish_champion(run / "student.pt2") == tmp_path / "job" / "champion.pt2"
+    assert (tmp_path / "job" / "champion.pt2").read_bytes() == b"package"
+    assert (tmp_path / "job" / "champion.encoding.txt").read_text() == "table\n"
+    assert not (tmp_path / "job" / CHAMPION_FILE).exists()
+
+
 def first_run_prepared():
     from features.batches import prepare
 

@@ -56,8 +56,10 @@ def print_summary(result: JobResult) -> None:
               f"{'champion' if result.decision.promoted else 'not promoted'} ({result.decision.reason})")  # fmt: skip
         if uri:
             model_uri = f"models:/{result.decision.name}@champion"
+            pt2 = result.export is not None and Path(result.export.path).suffix == ".pt2"
+            loader = "pyfunc.load_model({!r}).predict  # a table of raw columns" if pt2 else "pytorch.load_model({!r})"
             print(f"load the champion  import mlflow; mlflow.set_tracking_uri({uri!r}); "
-                  f"served = mlflow.pytorch.load_model({model_uri!r})")  # fmt: skip
+                  f"served = mlflow.{loader.format(model_uri)}")  # fmt: skip
     if uri and uri.startswith(("http://", "https://")):
         print(f"browse             open {uri}")
     elif uri:

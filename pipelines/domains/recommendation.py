@@ -1,6 +1,6 @@
 """Ratings and clicks: a log read through the feature spec (:mod:`features`), the registered
 TorchRec models (:mod:`recdistill.models`), and a TorchScript student of raw values
-(:mod:`recdistill.export`; ``export.format: both`` adds an AOTInductor package).
+(:mod:`recdistill.export`; ``export.format: pt2`` an AOTInductor package instead, ``both`` the two).
 
 Example::
 
@@ -153,13 +153,16 @@ class RatingsDomain:
 
     # ------------------------------------------------------------------ serving
     def export_name(self, cfg: JobConfig) -> str:
-        return "TorchScript" + (" and pt2" if cfg.export.format == "both" else "")
+        return {"torchscript": "TorchScript", "pt2": "pt2", "both": "TorchScript and pt2"}[cfg.export.format]
 
     def export(self, ctx: JobContext, student: nn.Module) -> ExportReport:
-        """The TorchScript serving student (raw values in), checked on ``export.parity_rows``
-        rows of ``export.parity_split``."""
+        """The serving student (raw values in), checked on ``export.parity_rows`` rows of
+        ``export.parity_split``: the TorchScript file, or with ``export.format: pt2`` the
+        AOTInductor package and its encoding table."""
         exp = ctx.config.export
         self._parity = ParityRows.sample(ctx.loaded, exp.parity_rows, exp.parity_split, seed=ctx.config.data.seed)
+        if exp.format == "pt2":
+            return self._export_pt2(ctx, student)
         return export_torchscript(student, ctx.loaded.vocabs, ctx.out / exp.file_name, self._parity,
                                   exp.tolerance, exp.freeze, raise_on_mismatch=False)  # fmt: skip
 
@@ -167,28 +170,35 @@ class RatingsDomain:
         """``export.format: both``: the AOTInductor package beside the TorchScript file, checked
         on the same rows and logged with the run; a package that fails its parity check fails
         the TorchScript report too, so the version is not promoted."""
-        exp = ctx.config.export
-        if exp.format != "both":
-            return
+        if ctx.config.export.format == "both":
+            pt2 = self._export_pt2(ctx, student)
+            report.passed = report.passed and pt2.passed
+
+    def _export_pt2(self, ctx: JobContext, student: nn.Module) -> ExportReport:
+        """``<file stem>.pt2`` and its encoding table, checked on the parity rows, logged with
+        the run (under ``export/``, with its parity metric and tag); its report."""
         from recdistill.export import encoding_path, export_pt2
 
+        exp = ctx.config.export
         path = ctx.out / (Path(exp.file_name).stem + ".pt2")
         pt2 = export_pt2(student, ctx.loaded.vocabs, path, self._parity, exp.tolerance, raise_on_mismatch=False)
         verdict = "passed" if pt2.passed else "FAILED"
         ctx.say(f"  {path}: {pt2.size_bytes / 2**20:.1f} MiB with its encoding table, compiled in "
                 f"{pt2.seconds:.0f} s, parity {verdict} (max |diff| {pt2.max_abs_diff:.2g})")  # fmt: skip
-        report.passed = report.passed and pt2.passed
         ctx.run.log_file(path, "export")
         ctx.run.log_file(encoding_path(path), "export")
         diff = pt2.max_abs_diff if math.isfinite(pt2.max_abs_diff) else 1e30
         ctx.run.log_metrics({"export.pt2_max_abs_diff": diff})
         ctx.run.set_tags({"export.pt2_parity": str(pt2.passed).lower()})
+        return pt2
 
     def served_model(self, ctx: JobContext, report: ExportReport) -> tuple[Any, Any, Any]:
-        """The scripted serving module, its signature (a column per raw feature) and one of the
-        parity rows as its input example."""
+        """The served student as the registry logs it (the scripted module; for a pt2 package
+        None: the run logs the package itself), its signature (a column per raw feature) and
+        one of the parity rows as its input example."""
         inputs = self._parity.inputs
-        return load_served_student(report.path), serving_signature(inputs), serving_example(inputs).head(1)
+        module = None if Path(report.path).suffix == ".pt2" else load_served_student(report.path)
+        return module, serving_signature(inputs), serving_example(inputs).head(1)
 
     def report_more(self, ctx: JobContext) -> str:
         """Nothing beyond the results table."""

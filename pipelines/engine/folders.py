@@ -5,7 +5,8 @@ continues::
                                      exported student, results.md (written last: it finished)
     runs/<name>/latest               -> the last run that finished
     runs/<name>/champion.pt          a copy of the champion version's exported file, replaced
-                                     atomically when a version is promoted
+                                     atomically when a version is promoted (champion.pt2 and
+                                     champion.encoding.txt for export.format: pt2)
 """
 
 from __future__ import annotations
@@ -84,9 +85,22 @@ def point_latest(folder: Path) -> Path:
     return _replace_atomically(folder.parent, LATEST, lambda tmp: tmp.symlink_to(folder.name))
 
 
+def champion_name(student_file: str | Path) -> str:
+    """The champion's copy of an exported file: ``champion.pt``, or ``champion.pt2`` for an
+    AOTInductor package (``export.format: pt2``)."""
+    return Path(CHAMPION_FILE).stem + Path(student_file).suffix
+
+
 def publish_champion(student_file: Path) -> Path:
     """Copy a promoted run's exported file to its job's ``champion.pt`` (the run folder's
-    parent), replacing the old champion's copy atomically; the run's own file stays its own."""
+    parent), replacing the old champion's copy atomically; the run's own file stays its own.
+    A pt2 package goes to ``champion.pt2``, its encoding table first to
+    ``champion.encoding.txt``."""
+    from recdistill.export import encoding_path
+
     student_file = Path(student_file)
-    return _replace_atomically(student_file.parent.parent, CHAMPION_FILE,
-                               lambda tmp: shutil.copyfile(student_file, tmp))  # fmt: skip
+    root, name = student_file.parent.parent, champion_name(student_file)
+    if student_file.suffix == ".pt2":
+        table = encoding_path(student_file)
+        _replace_atomically(root, encoding_path(name).name, lambda tmp: shutil.copyfile(table, tmp))
+    return _replace_atomically(root, name, lambda tmp: shutil.copyfile(student_file, tmp))

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 from pipelines.domains import domain_for
 from pipelines.engine.context import JobContext, NullRun
 from pipelines.engine.folders import (
-    CHAMPION_FILE,
     FINISHED,
+    champion_name,
     folder_to_resume,
     new_run_folder,
     point_latest,
@@ -123,7 +123,7 @@ def run_job(
         run.log_learning_curves()
         (out / FINISHED).write_text(markdown_table(ctx.rows, columns) + domain.report_more(ctx))
         point_latest(out)
-        champion = root / CHAMPION_FILE
+        champion = root / champion_name(report.path)
         has_champion = decision is not None and decision.champion is not None
         return JobResult(
             output_dir=out,

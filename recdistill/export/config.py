@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: ``export.format``: the TorchScript file, or it and the AOTInductor package. (``pt2`` alone is
-#: not offered: the registry's model is the TorchScript file.)
-EXPORT_FORMATS = ("torchscript", "both")
+#: ``export.format``: the TorchScript file, the AOTInductor package, or both.
+EXPORT_FORMATS = ("torchscript", "pt2", "both")
 
 
 @dataclass
@@ -21,10 +20,12 @@ class ExportConfig:
         parity_split: the split the parity rows are drawn from.
         freeze: ``torch.jit.freeze`` the scripted module (constants folded; see
             docs/results/serving.md for what it changes in latency).
-        format: ``torchscript`` (the file alone), or ``both``: also a ``torch.export`` /
-            AOTInductor package of the numeric path with its encoding table
-            (:mod:`recdistill.export.pt2`), checked on the same parity rows and logged with the
-            registered version's run.
+        format: ``torchscript`` (the file alone); ``pt2``: a ``torch.export`` / AOTInductor
+            package of the numeric path with its encoding table (:mod:`recdistill.export.pt2`)
+            instead, registered as an MLflow ``pyfunc`` model (raw columns in, as the
+            TorchScript file takes them); ``both``: the TorchScript file as the registered
+            model and the package beside it, checked on the same parity rows and logged with
+            the version's run.
     """
 
     file_name: str = "student.pt"
@@ -36,8 +37,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r} "
-                             "(pt2 alone is not offered: the registry serves the TorchScript file)")
+            raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
         if not self.file_name or "/" in self.file_name:
             raise ValueError(f"file_name must be a plain file name, got {self.file_name!r}")
         if not self.tolerance > 0:

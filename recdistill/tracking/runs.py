@@ -257,7 +257,8 @@ class TrackedRun:
     def log_student(
         self, path: str | Path, report: Any, module: Any, signature: Any = None, input_example: Any = None
     ) -> str:
-        """Log the exported student as this run's MLflow pytorch model.
+        """Log the exported student as this run's MLflow pytorch model (a pt2 package: a
+        ``pyfunc`` model of the package and its encoding table, ``module`` unused).
 
         The exported module itself is logged (pickle format; MLflow's default pt2 format cannot
         hold a ScriptModule, and a recommender's inputs include strings) with ``signature``
@@ -265,7 +266,7 @@ class TrackedRun:
         file's absolute path (tag ``export.file``). Returns the logged model's URI.
 
         Args:
-            path: the exported file (TorchScript).
+            path: the exported file (TorchScript, or a ``.pt2`` package).
             report: its export report (``passed``, ``max_abs_diff``, ``rows_checked``).
             module: the file loaded (what ``mlflow.pytorch.load_model`` gives back).
             signature: the served inputs and output (``recdistill.tracking.serving_signature``
@@ -288,16 +289,19 @@ class TrackedRun:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="'torch.load' received a zip file")
-                info = mlflow.pytorch.log_model(
-                    module,
-                    name=self.config.model_name,
-                    serialization_format="pickle",
-                    # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
-                    pip_requirements=[f"torch=={torch_version}"],
-                    signature=signature,
-                    input_example=input_example,
-                    run_id=self.run_id,
-                )
+                if path.suffix == ".pt2":  # a package and its encoding table, scored by pyfunc
+                    info = self._log_pt2(path, torch_version, signature, input_example)
+                else:
+                    info = mlflow.pytorch.log_model(
+                        module,
+                        name=self.config.model_name,
+                        serialization_format="pickle",
+                        # Explicit requirements: MLflow's inference of them reloads the model (~10 s).
+                        pip_requirements=[f"torch=={torch_version}"],
+                        signature=signature,
+                        input_example=input_example,
+                        run_id=self.run_id,
+                    )
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
@@ -309,6 +313,27 @@ class TrackedRun:
                           "export.rows_checked": report.rows_checked})  # fmt: skip
         self.model_uri = info.model_uri
         return info.model_uri
+
+    def _log_pt2(self, path: Path, torch_version: str, signature: Any, input_example: Any) -> Any:
+        """An AOTInductor package (``export.format: pt2``) as a ``pyfunc`` model of its two
+        files (:mod:`recdistill.tracking.pt2_model`)."""
+        import mlflow
+
+        from recdistill.export import encoding_path
+        from recdistill.tracking.pt2_model import ENCODING, PACKAGE, Pt2Model
+
+        # mlflow.pyfunc.log_model takes no run_id (it logs to the active run): Model.log does
+        return mlflow.models.Model.log(
+            artifact_path=None,
+            name=self.config.model_name,
+            flavor=mlflow.pyfunc,
+            python_model=Pt2Model(),
+            artifacts={PACKAGE: str(path), ENCODING: str(encoding_path(path))},
+            pip_requirements=[f"torch=={torch_version}", "recdistill"],
+            signature=signature,
+            input_example=input_example,
+            run_id=self.run_id,
+        )
 
     def register_student(self, description: str | None = None) -> str:
         """Register the logged student under ``registered_model``, with ``description`` (what
