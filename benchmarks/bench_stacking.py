@@ -38,7 +38,7 @@ from torch import nn  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from recdistill.distill.crossfit import CrossFitted  # noqa: E402
 from recdistill.distill.holdout import fold_rows  # noqa: E402
-from recdistill.training import load_checkpoint  # noqa: E402
+from recdistill.models import load_checkpoint  # noqa: E402
 from recdistill.training.ranks import local_batches  # noqa: E402
 
 STEPS = 1500
