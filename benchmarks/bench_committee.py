@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -143,7 +144,7 @@ def run(args) -> None:
                     reuse += ["distill.importance_fit=oof", f"distill.oof_folds={args.oof}"]
                 else:
                     if not Path(folder).is_dir():  # runs/ is not kept: refit the first job's teachers
-                        folder = rebuild(cfg, out, split, seed, runs, args.quiet)
+                        folder = rebuild(cfg, base, teachers, out, split, seed, runs, args.quiet)
                     reuse += [f"teachers.{n}.checkpoint={teacher_checkpoint(cfg, folder, n)}" for n in teachers]
                 other = load_config("default", base + reuse + [f"distill.method={method}", "student_alone=false",
                                                                f"distill.committee_weights={args.weights}",
@@ -179,17 +180,22 @@ def run(args) -> None:
                 write(out, split, seed, job, rows, str(result.output_dir))
 
 
-def rebuild(cfg, out: Path, split: str, seed: int, runs: Path, quiet: bool) -> str:
-    """Refit the first job of ``(split, seed)`` whose folder is gone (``runs/`` lives outside
-    git), so the other methods reuse its teachers; the recorded line is kept, and each refitted
-    teacher's test MSE is compared with it (the same seeds give the same teachers)."""
+def rebuild(cfg, base: list[str], teachers: list[str], out: Path, split: str, seed: int, runs: Path,
+            quiet: bool) -> str:  # fmt: skip
+    """Refit the teachers ``teachers`` of the first job of ``(split, seed)`` whose folder is gone
+    (``runs/`` lives outside git), so the other methods reuse them: a job of those teachers
+    alone (each from its own ``train.seed``, as in the full committee), without the student
+    alone; the recorded line is kept, and each refitted teacher's test MSE is compared with it
+    (the same seeds give the same teachers)."""
     recorded = {r["model"]: r["test_mse"] for line in map(json.loads, out.read_text().splitlines())
                 if (line["split"], line["seed"], line["job"]) == (split, seed, cfg.distill.method)
                 for r in line["rows"] if r["role"].startswith("teacher")}  # fmt: skip
     for earlier in sorted((runs / f"{split}-{seed}" / cfg.name).glob("2*"), reverse=True):  # refitted before
-        if all((earlier / f"teacher_{n}" / "best.pt").is_file() for n in cfg.distill.teachers):
+        if all((earlier / f"teacher_{n}" / "best.pt").is_file() for n in teachers):
             return str(earlier)
-    result = run_job(cfg, output_dir=runs / f"{split}-{seed}", say=Timer(quiet))
+    kept = {name: dataclasses.asdict(source) for name, source in cfg.teachers.items() if name in teachers}
+    only = [f"teachers={json.dumps(kept)}", f"distill.teachers=[{','.join(teachers)}]", "student_alone=false"]
+    result = run_job(load_config("default", base + only), output_dir=runs / f"{split}-{seed}", say=Timer(quiet))
     for row in result.rows:
         if row["model"] in recorded:
             drift = row["test_mse"] - recorded[row["model"]]
