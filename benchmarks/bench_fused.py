@@ -44,6 +44,8 @@ from features.batches import DataConfig, prepare
 from recdistill.models import build_model
 from recdistill.training import TrainConfig, build_optimizer, seed_everything
 
+from bench_throughput import time_torchrec  # noqa: E402  (the benchmarks folder is the script's path)
+
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """The float32 matmul rate on torch's current threads: the best of ``repeats``."""
@@ -59,18 +61,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def train_steps(model: nn.Module, optimizer, data, batches) -> float:
-    """Rows per second of one pass over ``batches`` (row ids; each batch built inside the step)."""
-    start = time.perf_counter()
-    for rows in batches:
-        batch = data.batch(rows)
-        loss = nn.functional.mse_loss(model(batch), batch.labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return sum(len(r) for r in batches) / (time.perf_counter() - start)
-
-
 def flops_per_row(model: nn.Module, data, rows: torch.Tensor) -> float:
     """Forward + backward FLOPs of one training step, per row (no optimizer step)."""
     batch = data.batch(rows)
@@ -84,7 +74,7 @@ def flops_per_row(model: nn.Module, data, rows: torch.Tensor) -> float:
 def profile(model: nn.Module, optimizer, data, batches, top: int = 12) -> list[dict]:
     """The ``top`` operators of some training steps by self CPU time, with their share."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train_steps(model, optimizer, data, batches)
+        time_torchrec(model, optimizer, data, batches)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
     return [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 4), "calls": e.count}
@@ -105,12 +95,12 @@ def bench_student(name: str, features: str, args) -> dict:
     batches = list(order.split(args.batch_size))[: args.steps]
     flops = flops_per_row(plain, data, batches[0])
     for variant in models:  # warm-up
-        train_steps(models[variant], optimizers[variant], data, batches[:5])
+        time_torchrec(models[variant], optimizers[variant], data, batches[:5])
     rates: dict[str, list[float]] = {variant: [] for variant in models}
     gflops = [matmul_gflops()]
     for _ in range(args.rounds):
         for variant in models:
-            rates[variant].append(train_steps(models[variant], optimizers[variant], data, batches))
+            rates[variant].append(time_torchrec(models[variant], optimizers[variant], data, batches))
     gflops.append(matmul_gflops())
     machine = statistics.median(gflops)
     result = {
