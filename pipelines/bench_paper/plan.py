@@ -152,6 +152,7 @@ def paper_plan(quick: bool = False, seeds: Iterable[int] | None = None,
     for method in ("mt", "amtml", "autoskd", "aekd", "diverse_distill"):
         rows.append(Row("t4", method, lm_l, _options(method), "paper" if method == "diverse_distill" else ""))
     rows.append(Row("t4", "diverse_distill", lm_l, TIED, "tied"))
+    rows.append(Row("t4", "diverse_distill", lm_l, TIED_PREDICTION_ONLY, "tied, prediction only"))
     rows.append(Row("t5", "diverse_distill", ("mlp_m", "mlp_l"), _options("diverse_distill"), "paper"))
     rows.append(Row("t5", "diverse_distill", ("mlp_m", "mlp_l"), TIED, "tied"))
     three = (LANGUAGE, "mlp_l", "mlp_m")
@@ -186,6 +187,12 @@ def paper_plan(quick: bool = False, seeds: Iterable[int] | None = None,
 #: prediction-level term at LD's weight in this bench (3), the hidden-state term at the paper
 #: rows' 30.
 TIED = _options("diverse_distill", variant="tied", prediction_weight=METHOD_OPTIONS["ld"]["kd_weight"])
+
+#: ``tied`` without its hidden-state term (``kd_weight: 0``): only the prediction-level term,
+#: at LD's weight, matching the student to the importance-weighted committee. On the FM + DLRM-L
+#: committee this was DiverseDistill's best variant on valid (docs/results/diverse_distill.md);
+#: Table 4 runs it beside ``tied``.
+TIED_PREDICTION_ONLY = tuple(sorted({**dict(TIED), "kd_weight": 0.0}.items()))
 
 #: The student budget of the full run, the same for every cell: at most 12 epochs, patience 3
 #: (the job's 30 / 4 would take about 2.5 h with 2 workers on the 2-core machine, over the

@@ -149,7 +149,7 @@ def write_report(out: Path, plan: BenchPlan, command: str = "recdistill bench pa
                 f"| {teachers} | {method} | {len(r['seeds'])} | {_mean_std(r['valid'])} | "
                 f"{_mean_std(r['test'])} | {gap} | {cold_mse} | "
                 f"{'/'.join(map(str, r['best_epochs']))} | {saved} | "
-                f"{_paper_cell(row.table, row.method, row.teachers) if row.label != 'tied' else ''} |"
+                f"{_paper_cell(row.table, row.method, row.teachers) if not row.label.startswith('tied') else ''} |"
             )  # fmt: skip
         tuned = [r for r in mine if r["tuned"]]
         for r in tuned:
