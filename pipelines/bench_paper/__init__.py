@@ -27,7 +27,7 @@ split only reports). Cells run in ``workers`` processes of one torch thread each
 Example::
 
     plan = paper_plan(quick=False, seeds=[0, 1, 2])
-    run_bench(load_config("default"), plan, Path("runs/bench_paper"), workers=2)
+    run_bench(load_config("paper"), plan, Path("runs/bench_paper"), workers=2)
     write_report(Path("runs/bench_paper"), plan)
 """
 
