@@ -98,6 +98,13 @@ def test_bench_resumes_without_rerunning_finished_cells_and_writes_its_report(tm
     rows = list(csv.DictReader(open(tmp_path / "paper_cells.csv")))
     assert len(rows) == 4 and {r["method"] for r in rows} == {"alone", "ld"}
 
+    # a narrower plan over the same folder (``--tables`` of fewer tables) reports its own cells
+    alone = BenchPlan(plan.rows[:1], seeds=[0], train=plan.train, teacher_train=plan.teacher_train,
+                      subset=plan.subset)  # fmt: skip
+    text = write_report(tmp_path, alone, "recdistill bench paper --test").read_text()
+    assert "Compute: 1 cells" in text and "Table 3" not in text
+    assert [r["method"] for r in csv.DictReader(open(tmp_path / "paper_cells.csv"))] == ["alone"]
+
 
 def test_each_cell_is_one_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient

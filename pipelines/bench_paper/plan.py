@@ -117,6 +117,12 @@ class BenchPlan:
     def teachers(self) -> list[str]:
         return sorted({t for row in self.rows for t in row.teachers}, key=_teacher_order)
 
+    def own(self, done: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The finished cells of this plan's rows and seeds, of ``done`` (a bench folder may
+        hold cells of other tables: ``--tables t4`` beside an earlier full run)."""
+        rows = {row.key for row in self.rows}
+        return {key: r for key, r in done.items() if r["row"] in rows and r["seed"] in self.seeds}
+
 
 def _teacher_order(name: str) -> tuple[int, str]:
     order = {LANGUAGE: 0, "mlp_l": 1, "mlp_m": 2}

@@ -90,7 +90,7 @@ def write_report(out: Path, plan: BenchPlan, command: str = "recdistill bench pa
     if not out.is_dir():
         raise ValueError(f"bench paper: nothing to report in {out}: no such folder "
                          "(run the bench there first, without --report-only)")  # fmt: skip
-    done = read_cells(out) if done is None else done
+    done = plan.own(read_cells(out) if done is None else done)
     teacher_mse = teacher_scores(out, plan.teachers)
     rows = summarize(plan, done, teacher_mse)
     _write_csv(out / "paper_cells.csv", done)

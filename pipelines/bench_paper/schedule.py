@@ -98,7 +98,7 @@ def run_bench(config: Any, plan: BenchPlan, out: Path, workers: int = 1, rerun: 
             if not todo and not running:
                 break
             for cell in todo[: max(0, workers - len(running))]:
-                _announce(say, cell, len(done) + len(running), total)
+                _announce(say, cell, len(plan.own(done)) + len(running), total)
                 running[pool.submit(_run_in_worker, cell, out)] = cell
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished:
