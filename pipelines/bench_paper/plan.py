@@ -157,6 +157,9 @@ def paper_plan(quick: bool = False, seeds: Iterable[int] | None = None,
         rows.append(Row("t3", "diverse_distill", (teacher,), TIED, "tied"))
     for method in ("mt", "amtml", "autoskd", "aekd", "diverse_distill"):
         rows.append(Row("t4", method, lm_l, _options(method), "paper" if method == "diverse_distill" else ""))
+    # LD from the same committee, its members weighted by weights fitted on the validation
+    # split (the default job's LD; MT is LD with equal weights): what issue 19 measures against
+    rows.append(Row("t4", "ld", lm_l, _options("ld", committee_weights="valid"), "weights fitted on valid"))
     rows.append(Row("t4", "diverse_distill", lm_l, TIED, "tied"))
     rows.append(Row("t4", "diverse_distill", lm_l, TIED_PREDICTION_ONLY, "tied, prediction only"))
     rows.append(Row("t5", "diverse_distill", ("mlp_m", "mlp_l"), _options("diverse_distill"), "paper"))
