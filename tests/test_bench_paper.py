@@ -28,7 +28,7 @@ def test_paper_plan_has_every_table_and_method():
         by_table.setdefault(row.table, set()).add((row.method, row.teachers))
     assert {m for m, _ in by_table["t3"]} == {"ld", "fd", "sckd", "diverse_distill"}
     assert {t for _, t in by_table["t3"]} == {("minilm",), ("mlp_l",)}
-    assert {m for m, _ in by_table["t4"]} == {"mt", "amtml", "autoskd", "aekd", "diverse_distill"}
+    assert {m for m, _ in by_table["t4"]} == {"mt", "amtml", "autoskd", "aekd", "diverse_distill", "ld"}
     assert by_table["t5"] == {("diverse_distill", ("mlp_m", "mlp_l"))}
     assert len(by_table["gating"]) == 1 and len([r for r in plan.rows if r.table == "gating"]) == 4
     assert plan.seeds == [0, 1, 2] and paper_plan(quick=True).seeds == [0]
