@@ -35,7 +35,10 @@ class TeacherSource:
 
     Args:
         checkpoint: a trained checkpoint to reuse (a local path, or an MLflow artifact URI such
-            as ``runs:/<run_id>/teachers/mlp_l.pt``); ``None``: train it in this job.
+            as ``runs:/<run_id>/teachers/mlp_l.pt``); ``None``: train it in this job. Under
+            ``distill.importance_fit: oof``: an earlier job's cross-fitted folder
+            (``<run>/teacher_<name>``, holding ``fold<j>/best.pt``), its folds reused when
+            fitted with the job's ``oof_folds`` and ``holdout_seed``.
         train: overrides of the ``train:`` section for training this teacher (e.g. fewer
             epochs for a language teacher).
     """
@@ -205,10 +208,12 @@ def _check_holdout(cfg: JobConfig) -> None:
     if fit != "oof":
         return
     for name, source in cfg.teachers.items():
-        if source.checkpoint:
+        if source.checkpoint and not Path(source.checkpoint, "fold0", "best.pt").is_file():
             raise ConfigError(f"teachers.{name}.checkpoint: distill.importance_fit: oof fits {name} once per "
                               f"fold ({cfg.distill.oof_folds}) in the job; a single checkpoint cannot be "
-                              "cross-fitted (drop it, or use importance_fit: train)")  # fmt: skip
+                              f"cross-fitted: name an earlier job's cross-fitted folder (its teacher_{name}/, "
+                              f"holding fold0/best.pt ... fold{cfg.distill.oof_folds - 1}/best.pt), drop it, "
+                              f"or use importance_fit: train; {source.checkpoint!r} holds no fold0/best.pt")  # fmt: skip
     logged = logged_members(cfg)
     for i, name in enumerate(cfg.distill.teachers):
         if name in logged:

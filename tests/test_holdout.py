@@ -284,6 +284,31 @@ def test_the_jobs_fold_teachers_each_skip_their_own_fold(prepared, tmp_path, mon
     assert ctx.rows[0]["role"] == "teacher (cross-fitted x2)"
 
 
+def test_oof_reuses_an_earlier_jobs_cross_fitted_folder_and_refuses_other_folds(prepared, tmp_path, monkeypatch):
+    first = quick_holdout(("distill.importance_fit=oof", "distill.oof_folds=2"))
+    [(_, fitted)] = stage_teachers(JobContext(first, domain_for(first), tmp_path / "first", loaded=prepared,
+                                              say=lambda line: None))  # fmt: skip
+    folder = tmp_path / "first" / "teacher_mlp_l"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a reused fold was trained again")
+
+    monkeypatch.setattr("pipelines.engine.teachers.train_model", no_training)
+    again = quick_holdout(("distill.importance_fit=oof", "distill.oof_folds=2", f"teachers.mlp_l.checkpoint={folder}"))
+    lines = []
+    ctx = JobContext(again, domain_for(again), tmp_path / "again", loaded=prepared, say=lines.append)
+    [(_, reused)] = stage_teachers(ctx)
+    assert sum("reused" in line for line in lines) == 2
+    batch = prepared.data.batch(prepared.data.splits["train"][:256])
+    assert torch.equal(reused(batch), fitted(batch))  # each row by the same fold model as before
+    assert not (tmp_path / "again" / "teacher_mlp_l" / "fold0").exists()
+
+    three = quick_holdout(("distill.importance_fit=oof", "distill.oof_folds=3", f"teachers.mlp_l.checkpoint={folder}"))
+    with pytest.raises(ValueError, match=r"fold0/best.pt was fitted as \{'folds': 2, 'fold': 0, 'seed': 0\}, "
+                                         r"and this job cross-fits with \{'folds': 3"):  # fmt: skip
+        stage_teachers(JobContext(three, domain_for(three), tmp_path / "three", loaded=prepared, say=lambda line: None))
+
+
 def test_oof_refuses_a_reused_teacher_checkpoint_at_config_load():
     with pytest.raises(ConfigError, match="teachers.mlp_l.checkpoint: distill.importance_fit: oof fits mlp_l once per fold"):
         quick_holdout(("distill.importance_fit=oof", "teachers.mlp_l.checkpoint=somewhere.pt"))

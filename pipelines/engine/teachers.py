@@ -176,21 +176,50 @@ def stage_teacher(ctx: JobContext, name: str, data: Any, marker: dict[str, Any] 
     return teacher
 
 
+def reused_fold(path: Path, name: str, want: dict[str, int]) -> dict[str, Any]:
+    """The checkpoint at ``path``, one fold model of the cross-fitted folder
+    ``teachers.<name>.checkpoint`` names, checked to be the fold this job's cross-fitting puts
+    at its place (``want``: folds, fold, seed), so that no training row is answered by a model
+    that trained on it.
+
+    Raises:
+        ValueError: the file is missing, or was fitted on other folds.
+    """
+    if not path.is_file():
+        raise ValueError(f"teachers.{name}.checkpoint: {path} is missing: the cross-fitted folder needs "
+                         f"fold0/ ... fold{want['folds'] - 1}/ (distill.oof_folds: {want['folds']})")  # fmt: skip
+    payload = read_checkpoint(path)
+    have = payload["extra"].get("oof")
+    if have != want:
+        raise ValueError(f"teachers.{name}.checkpoint: {path} was fitted as {have or 'no fold model'}, and "
+                         f"this job cross-fits with {want} (distill.oof_folds, distill.holdout_seed): "
+                         "its training rows would be answered by a model that trained on them; set the "
+                         "job's oof_folds and holdout_seed to the folder's, or drop the checkpoint")  # fmt: skip
+    return payload
+
+
 def stage_cross_fitted(ctx: JobContext, name: str) -> CrossFitted:
     """``distill.importance_fit: oof``: teacher ``name`` fitted ``oof_folds`` times, each
     without one fold of the training rows (its own nested run and ``teacher_<name>/fold<j>``
-    folder, resumed or reused under ``--resume`` as any teacher), joined into one
+    folder, resumed or reused under ``--resume`` as any teacher; or each fold reused from the
+    earlier job's cross-fitted folder ``teachers.<name>.checkpoint`` names), joined into one
     :class:`~recdistill.distill.crossfit.CrossFitted` teacher evaluated as a whole."""
     dc, train = ctx.config.distill, ctx.data.splits["train"]
     folds = fold_rows(train, dc.oof_folds, dc.holdout_seed)
     ctx.say(f"  {name}: cross-fitted, {dc.oof_folds} fits of {len(train) - len(folds[0]):,} rows each")
+    source = ctx.config.teachers.get(name)
+    reuse = Path(source.checkpoint) if source and source.checkpoint else None
     models = []
     for j, held in enumerate(folds):
         marker = {"oof": {"folds": dc.oof_folds, "fold": j, "seed": dc.holdout_seed}}
         stage = f"teacher_{name}/fold{j}"
         with ctx.model_run(f"{name} fold {j + 1}/{dc.oof_folds}", "teacher fold", stage) as run:
-            finished = finished_without_resume_point(ctx, ctx.out / stage)
-            payload = read_checkpoint(finished) if finished is not None else None
+            if reuse is not None:
+                finished = reuse / f"fold{j}" / BEST
+                payload = reused_fold(finished, name, marker["oof"])
+            else:
+                finished = finished_without_resume_point(ctx, ctx.out / stage)
+                payload = read_checkpoint(finished) if finished is not None else None
             if payload is not None and payload["extra"].get("oof") == marker["oof"]:
                 model = ctx.domain.load_checkpoint(payload, finished, ctx.loaded)
                 ctx.say(f"  {name} fold {j + 1}: reused {finished}")
@@ -199,7 +228,7 @@ def stage_cross_fitted(ctx: JobContext, name: str) -> CrossFitted:
                                             ctx.config.teacher_seed(name),
                                             ctx.domain.without_training_rows(ctx.loaded, held), marker)  # fmt: skip
                 log_final(ctx, run, result.test, result.valid, result.best_epoch)
-        ctx.run.log_file(ctx.out / stage / BEST, f"teachers/{name}/fold{j}")
+        ctx.run.log_file(finished if reuse is not None else ctx.out / stage / BEST, f"teachers/{name}/fold{j}")
         models.append(model)
     teacher = CrossFitted(models, folds)
     with ctx.model_run(name, "teacher", f"teacher_{name}") as run:
