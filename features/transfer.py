@@ -58,8 +58,8 @@ def transfer_set(prepared, count: int, policy: str = "popularity", seed: int = 0
     """
 
     if policy not in POLICIES:
-        raise ValueError(f"distill.transfer.policy: unknown policy {policy!r}; expected one of "
-                         f"{', '.join(POLICIES)}")  # fmt: skip
+        raise ValueError(f"distill.transfer.policy: {policy!r} is not a policy of a ratings log; expected "
+                         f"one of {', '.join(POLICIES)} (mixup is for images)")  # fmt: skip
     if count < 1:
         raise ValueError(f"distill.transfer.pairs: must be at least 1, got {count}")
     spec, data = prepared.vocabs.spec, prepared.data

@@ -5,6 +5,8 @@
 - each teacher alone, trained once (``OUT/teachers/NAME/best.pt``) with the job's settings;
 - the student alone;
 - LD, FD and DiverseDistill from the ViT teacher, from the CLIP teacher, and from both;
+- from both, DiverseDistill ungated and ``variant: tied`` (``COMMITTEE_VARIANTS``), and LD, FD
+  and ``tied`` again with a transfer set of mixed images (``MIXUP_ROWS``);
 
 at every seed, each cell one student run under the job's ``train:`` budget, by the job engine's
 own stages (a teacher is :func:`pipelines.engine.teachers.train_model`, a cell the student-alone
@@ -51,13 +53,22 @@ COMMITTEE_VARIANTS: dict[str, dict[str, Any]] = {
     "diverse_distill:tied": {"variant": "tied", **{name: None for name in VARIANT_DEFAULTS["tied"]},
                              "hidden_space": "normalized", "gating": {"enabled": False}},
 }  # fmt: skip
+#: The images' transfer set (issue 19, item 5; ``vision_ext.data.MixedImages``): as many mixes
+#: of two training images as there are training images, a batch of them beside every batch.
+MIXUP_TRANSFER: dict[str, Any] = {"pairs": 20_000, "policy": "mixup", "batch_ratio": 1.0}
+#: Committee rows that add the transfer set to the row named second, at that row's weight
+#: (chosen on validation without the transfer set), so the pair differs in nothing else.
+MIXUP_ROWS: dict[str, str] = {"ld:mixup": "ld", "fd:mixup": "fd", "diverse_distill:tied_mixup": "diverse_distill:tied"}
 METHOD_NAMES = {"ld": "LD", "fd": "FD", "diverse_distill": "DiverseDistill (gated, paper)",
                 "diverse_distill:ungated": "DiverseDistill ungated (paper)",
-                "diverse_distill:tied": "DiverseDistill tied, normalized, ungated"}  # fmt: skip
+                "diverse_distill:tied": "DiverseDistill tied, normalized, ungated",
+                "ld:mixup": "LD + mixup transfer set", "fd:mixup": "FD + mixup transfer set",
+                "diverse_distill:tied_mixup": "DiverseDistill tied, normalized, ungated + mixup transfer set"}  # fmt: skip
 VISION_OPTIONS: dict[str, dict[str, Any]] = {
     **{m: METHOD_OPTIONS[m] for m in METHODS},
     **{m: {**METHOD_OPTIONS["diverse_distill"], **extra} for m, extra in COMMITTEE_VARIANTS.items()},
 }
+VISION_OPTIONS.update({m: {**VISION_OPTIONS[base], "transfer": MIXUP_TRANSFER} for m, base in MIXUP_ROWS.items()})
 #: Weights tried on the first seed, the best on valid kept (the recommendation bench's 30 for
 #: DiverseDistill pulled a ViT's 48-wide [CLS] state so hard that it stopped at 73% accuracy;
 #: 0.01 was added once 0.1, the smallest of the first grid, came out best on valid).
@@ -92,19 +103,32 @@ def plan_rows(cfg: VisionJobConfig,
               methods: Sequence[str] | None = None) -> list[tuple[str | None, tuple[str, ...]]]:  # fmt: skip
     """``(method, teachers)`` of every row: the student alone, then each method from each
     teacher and from the committee; with ``methods``, the student alone and those methods' rows.
+    A name ``METHOD@T1+T2`` keeps only that method's row from those teachers (``fd@vit_l``); a
+    mixup row (``MIXUP_ROWS``) brings the row it adds the transfer set to.
 
     Raises:
-        ValueError: a name in ``methods`` is not one of the bench's methods.
+        ValueError: a name in ``methods`` is not one of the bench's methods, or its ``@`` part
+            is not one of the method's teacher groups.
     """
-    names = (*METHODS, *COMMITTEE_VARIANTS)
-    unknown = sorted(set(methods or ()) - set(names))
+    names = (*METHODS, *COMMITTEE_VARIANTS, *MIXUP_ROWS)
+    unknown = sorted({m.partition("@")[0] for m in methods or ()} - set(names))
     if unknown:
         raise ValueError(f"unknown bench method(s) {', '.join(unknown)}: the vision bench runs {', '.join(names)}")
     teachers = list(cfg.distill.teachers)
     groups = [(t,) for t in teachers] + ([tuple(teachers)] if len(teachers) > 1 else [])
     rows = [(None, ())] + [(m, g) for g in groups for m in METHODS]
-    rows += [(m, tuple(teachers)) for m in COMMITTEE_VARIANTS] if len(teachers) > 1 else []
-    return [row for row in rows if methods is None or row[0] is None or row[0] in methods]
+    rows += [(m, tuple(teachers)) for m in (*COMMITTEE_VARIANTS, *MIXUP_ROWS)] if len(teachers) > 1 else []
+    if methods is None:
+        return rows
+    wanted = {(m, None) if "@" not in m else (m.partition("@")[0], tuple(m.partition("@")[2].split("+")))
+              for m in methods}  # fmt: skip
+    wanted |= {(MIXUP_ROWS[m], tuple(teachers)) for m, _ in wanted if m in MIXUP_ROWS}  # a twin beside its row
+    offered = {(m, g) for m, g in rows}
+    missing = sorted(f"{m}@{'+'.join(g)}" for m, g in wanted if g is not None and (m, g) not in offered)
+    if missing:
+        raise ValueError(f"no bench row {', '.join(missing)}: teacher groups are "
+                         f"{', '.join('+'.join(g) for g in groups)} (committee variants: the committee only)")  # fmt: skip
+    return [(m, g) for m, g in rows if m is None or (m, None) in wanted or (m, g) in wanted]
 
 
 def plan_cells(cfg: VisionJobConfig, seeds: list[int], done: dict[str, dict] | None = None,
@@ -112,22 +136,36 @@ def plan_cells(cfg: VisionJobConfig, seeds: list[int], done: dict[str, dict] | N
     """The cells to run now, in the order to run them: at the first seed every row, a gridded
     method at each weight; at the other seeds (seed-major) every row whose weight is chosen (its
     grid finished), the student alone and the committee's rows first (the comparison the
-    paper's claim rests on, so a bench stopped part-way has them at the most seeds).
+    paper's claim rests on, so a bench stopped part-way has them at the most seeds). A mixup row
+    runs at every seed once its row's weight is chosen.
     ``methods``: only the student alone and these methods' rows (:func:`plan_rows`)."""
     done = done or {}
     cells = []
     for method, group in plan_rows(cfg, methods):
         if method in GRIDS:
             cells += [VisionCell(method, group, seeds[0], w) for w in GRIDS[method]]
-        else:
+        elif method not in MIXUP_ROWS:
             cells.append(VisionCell(method, group, seeds[0]))
     later = sorted(plan_rows(cfg, methods), key=lambda row: 0 if row[0] is None else (1 if len(row[1]) > 1 else 2))
-    for seed in seeds[1:]:
+    for seed in seeds:
         for method, group in later:
-            weight = chosen_weight(method, group, seeds[0], done) if method in GRIDS else None
-            if method not in GRIDS or weight is not None:
+            if seed == seeds[0] and method not in MIXUP_ROWS:
+                continue  # planned above
+            ready, weight = row_weight(method, group, seeds[0], done)
+            if ready:
                 cells.append(VisionCell(method, group, seed, weight))
     return cells
+
+
+def row_weight(method: str | None, group: tuple[str, ...], seed: int,
+               done: dict[str, dict]) -> tuple[bool, float | None]:  # fmt: skip
+    """``(ready, weight)`` of a row past its grid: a gridded row's (or its mixup twin's) weight
+    chosen at ``seed`` (not ready until that grid finished), None for a row with no grid."""
+    base = MIXUP_ROWS.get(method, method)
+    if base not in GRIDS:
+        return True, None
+    weight = chosen_weight(base, group, seed, done)
+    return weight is not None, weight
 
 
 def chosen_weight(method: str, group: tuple[str, ...], seed: int, done: dict[str, dict]) -> float | None:
@@ -282,8 +320,8 @@ def write_vision_report(out: Path, command: str, cfg: VisionJobConfig, seeds: li
     for name, t in teachers.items():
         lines.append(f"| {name} alone (teacher) | - | | {t['test']['accuracy']:.4f} | 1 | | | {t['seconds'] / 60:.1f} |")
     for method, group in plan_rows(cfg):
-        weight = chosen_weight(method, group, seeds[0], done) if method in GRIDS else None
-        if method in GRIDS and weight is None:
+        ready, weight = row_weight(method, group, seeds[0], done)
+        if not ready:
             continue
         row = VisionCell(method, group, 0).row
         records = [r for (rw, w, _), r in by_cell.items() if rw == row and w == weight]

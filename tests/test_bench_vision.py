@@ -20,7 +20,8 @@ def test_the_committee_gets_gated_and_ungated_diverse_distill_rows_beside_ld_and
     cfg = load_vision_config("vision_default")
     committee = tuple(cfg.distill.teachers)
     rows = [method for method, group in plan_rows(cfg) if group == committee]
-    assert rows == ["ld", "fd", "diverse_distill", "diverse_distill:ungated", "diverse_distill:tied"]
+    assert rows == ["ld", "fd", "diverse_distill", "diverse_distill:ungated", "diverse_distill:tied",
+                    "ld:mixup", "fd:mixup", "diverse_distill:tied_mixup"]
     gated, ungated = (cell_config(cfg, VisionCell(m, committee, 0, 0.1))
                       for m in ("diverse_distill", "diverse_distill:ungated"))  # fmt: skip
     assert gated.gating.enabled and not ungated.gating.enabled
@@ -46,3 +47,33 @@ def test_methods_runs_the_student_alone_and_only_the_rows_named_and_an_unknown_n
     assert {c.method for c in cells} == {None, *named} and len(cells) == 1 + 2 * 4  # each at its 4 grid weights
     with pytest.raises(ValueError, match="unknown bench method.*diverse_distil:tied.*the vision bench runs ld"):
         plan_rows(cfg, ["diverse_distil:tied"])
+
+
+def test_method_at_teachers_names_one_row_and_a_group_the_bench_lacks_is_refused():
+    cfg = load_vision_config("vision_default")
+    rows = plan_rows(cfg, ["fd@vit_l", "fd@vit_l+clip", "diverse_distill:tied"])
+    assert rows == [(None, ()), ("fd", ("vit_l",)), ("fd", ("vit_l", "clip")), ("diverse_distill:tied", ("vit_l", "clip"))]
+    assert {c.row for c in plan_cells(cfg, [0], methods=["fd@clip"])} == {"alone-none", "fd-clip"}
+    with pytest.raises(ValueError, match="no bench row diverse_distill:tied@vit_l: teacher groups are vit_l, clip"):
+        plan_rows(cfg, ["diverse_distill:tied@vit_l"])
+
+
+def _record(cell, valid):
+    return {"key": cell.key, "row": cell.row, "seed": cell.seed, "options": cell.options(), "grid": True,
+            "valid": {"accuracy": valid}, "test": {"accuracy": valid}}  # fmt: skip
+
+
+def test_a_mixup_row_adds_the_transfer_set_to_its_row_at_that_rows_chosen_weight_and_nothing_else():
+    cfg = load_vision_config("vision_default")
+    committee = tuple(cfg.distill.teachers)
+    assert plan_rows(cfg, ["fd:mixup"]) == [(None, ()), ("fd", committee), ("fd:mixup", committee)]
+    first = plan_cells(cfg, [0, 1], methods=["fd:mixup"])
+    assert {c.method for c in first} == {None, "fd"}  # the twin waits for fd's grid
+    done = {c.key: _record(c, {0.1: 0.80, 1.0: 0.83, 10.0: 0.81}[c.kd_weight]) for c in first if c.method}
+    twins = [c for c in plan_cells(cfg, [0, 1], done, ["fd:mixup"]) if c.method == "fd:mixup"]
+    assert [(c.seed, c.kd_weight) for c in twins] == [(0, 1.0), (1, 1.0)]
+    plain, mixed = cell_config(cfg, VisionCell("fd", committee, 0, 1.0)), cell_config(cfg, twins[0])
+    assert (mixed.transfer.policy, mixed.transfer.pairs) == ("mixup", 20_000) and plain.transfer.pairs == 0
+    assert dataclasses.replace(mixed, transfer=plain.transfer) == plain
+    ld = [c for c in plan_cells(cfg, [0], methods=["ld:mixup"]) if c.method == "ld:mixup"]
+    assert [(c.key, cell_config(cfg, c).transfer.policy) for c in ld] == [("ld:mixup-vit_l+clip-s0", "mixup")]

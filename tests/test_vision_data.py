@@ -305,3 +305,29 @@ def test_the_real_fashion_mnist_has_60000_train_and_10000_test_images_of_10_clas
     for labels in (image_set.train_labels, image_set.test_labels):
         assert labels.min() == 0 and labels.max() == 9
         assert torch.bincount(labels).tolist() == [len(labels) // 10] * 10  # balanced, as published
+
+
+def test_a_mixup_transfer_set_mixes_two_distinct_training_images_unlabelled_after_the_datas_rows(tmp_path):
+    data = load_vision_data(VisionDataConfig(path=str(write_fashion_mnist(tmp_path, 40, 5)), valid_fraction=0.25,
+                                             augment={"crop_padding": 0}))  # fmt: skip
+    mixes = data.transfer_set(300, "mixup", seed=3)
+    train = set(data.splits["train"].tolist())
+    assert set(mixes.first.tolist()) <= train and set(mixes.second.tolist()) <= train
+    assert bool((mixes.first != mixes.second).all())
+    batch = mixes.batch(torch.arange(300))
+    assert batch.labels.tolist() == [-100] * 300 and batch.rows.tolist() == list(range(len(data), len(data) + 300))
+    share = mixes.share.view(-1, 1, 1, 1)
+    expected = share * data.batch(mixes.first).images + (1 - share) * data.batch(mixes.second).images
+    assert torch.allclose(batch.images, expected, atol=1e-6) and batch.deterministic  # no augmentation: cacheable
+    again = data.transfer_set(300, "mixup", seed=3)
+    assert torch.equal(again.first, mixes.first) and torch.equal(again.share, mixes.share)
+    assert not torch.equal(data.transfer_set(300, "mixup", seed=4).share, mixes.share)
+    with pytest.raises(ValueError, match="images take 'mixup', got 'popularity'"):
+        data.transfer_set(10, "popularity")
+
+
+def test_an_augmented_mixup_batch_draws_fresh_crops_and_is_not_cached(tmp_path):
+    data = load_vision_data(VisionDataConfig(path=str(write_fashion_mnist(tmp_path, 40, 5)), valid_fraction=0.25,
+                                             augment={"crop_padding": 2}))  # fmt: skip
+    batch = data.transfer_set(50, "mixup").batch(torch.arange(50))
+    assert not batch.deterministic and batch.images.shape == (50, 1, 28, 28)

@@ -4,6 +4,7 @@ promotion on validation accuracy), and one distillation loop for images and rati
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -206,6 +207,35 @@ def test_one_distillation_loop_takes_a_step_on_real_images_and_on_movielens(prep
         losses = {k: v for k, v in result.history[0].items() if k.startswith("loss_")}
         assert {"loss_task", "loss_kd", "loss_reg_teacher"} <= set(losses)
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("method", ["ld", "fd", "diverse_distill"])
+def test_a_mixup_transfer_set_adds_each_methods_label_free_terms_on_images_and_counts_the_passes(method):
+    """Images take a transfer set of mixed training images, the same for every method: each
+    step adds the method's distillation terms on the mixes (no label), and the teacher is
+    asked about them too."""
+    from recdistill.distill import DistillConfig
+    from recdistill.distill.config import TransferConfig
+    from recdistill.distill.trainer import distill
+    from recdistill.training import TrainConfig, seed_everything
+    from vision_ext.data import VisionDataConfig, load_vision_data
+    from vision_ext.models import build_vision_model
+
+    train = TrainConfig(epochs=1, batch_size=32, eval_batch_size=4096, max_steps_per_epoch=2, progress=False)
+    config = DistillConfig(method=method, teachers=["big"], gating={"enabled": False},
+                           transfer=TransferConfig(pairs=500, policy="mixup", batch_ratio=0.5))  # fmt: skip
+    seed_everything(0)
+    images = load_vision_data(VisionDataConfig(train_limit=128, valid_fraction=0.01))
+    tiny = {"patch_size": 7, "hidden_size": 16, "num_layers": 2, "num_heads": 2}
+    result = distill(build_vision_model("vit", 10, tiny), [("big", build_vision_model("vit", 10, tiny))],
+                     images, config, train)  # fmt: skip
+    transfer = {k: v for k, v in result.history[0].items() if k.endswith("_transfer")}
+    assert "loss_kd_transfer" in transfer and all(torch.isfinite(torch.tensor(v)) for v in transfer.values())
+    assert result.teacher_passes["big"]["full"] == 2 * 32 + 2 * 16
+    with pytest.raises(ValueError, match="images take 'mixup', got 'uniform'"):
+        distill(build_vision_model("vit", 10, tiny), [("big", build_vision_model("vit", 10, tiny))], images,
+                dataclasses.replace(config, transfer=TransferConfig(pairs=10, policy="uniform")), train)  # fmt: skip
 
 
 def test_a_missing_data_set_stops_the_command_with_how_to_install_it(tmp_path):

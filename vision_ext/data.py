@@ -355,6 +355,19 @@ class ImageData:
     def num_batches(self, split: str, batch_size: int) -> int:
         return -(-len(self.splits[split]) // batch_size)
 
+    def transfer_set(self, count: int, policy: str = "mixup", seed: int = 0) -> "MixedImages":
+        """``count`` images nobody labelled, for a committee to label: each a mix of two training
+        images (:class:`MixedImages`), the images' counterpart of a ratings transfer set.
+
+        Raises:
+            ValueError: a policy other than ``mixup`` (``popularity`` and ``uniform`` draw
+                (user, item) pairs), or a count below 1.
+        """
+        if policy != "mixup":
+            raise ValueError(f"distill.transfer.policy: images take 'mixup', got {policy!r} (popularity and "
+                             "uniform draw unrated (user, item) pairs of a ratings log)")  # fmt: skip
+        return MixedImages(self, count, seed)
+
     def summary(self) -> dict[str, Any]:
         """Counts and shape of the data set (what a ``data summary`` command prints)."""
         return {
@@ -364,6 +377,60 @@ class ImageData:
             "classes": self.classes,
             "image_shape": list(self.image_shape),
         }
+
+
+class MixedImages:
+    """A transfer set of images ("function matching", Beyer et al., CVPR 2022): ``count`` mixes
+    ``share * a + (1 - share) * b`` of two training images ``a``, ``b``, with ``share`` drawn
+    from Beta(1, 1) (uniform), fixed per mix once for the seed. Each batch augments both images
+    as a training batch is augmented (their own crops and flips, drawn fresh every time), then
+    mixes them, so teachers and student see the same view; nobody labelled it.
+
+    The labels are -100 (cross-entropy's ignore index: a term that read them is NaN, which the
+    training loop refuses, naming it) and the rows are numbered after the data's
+    (``row_offset = len(data)``), so a per-row teacher cache never mixes them with labelled rows.
+    An augmented batch is not deterministic and is not cached.
+
+    Args:
+        data: the images, whose ``train`` split is mixed.
+        count: how many mixes.
+        seed: the seed of the draw of pairs and shares.
+
+    Example::
+
+        mixes = data.transfer_set(20_000, "mixup", seed=0)
+        batch = mixes.batch(torch.arange(256))  # ImageBatch, labels -100
+    """
+
+    IGNORE = -100
+
+    def __init__(self, data: ImageData, count: int, seed: int = 0):
+        if count < 1:
+            raise ValueError(f"distill.transfer.pairs: must be at least 1, got {count}")
+        train = data.splits["train"]
+        if len(train) < 2:
+            raise ValueError(f"distill.transfer: mixup needs at least 2 training images, got {len(train)}")
+        generator = torch.Generator().manual_seed(seed)
+        first = torch.randint(len(train), (count,), generator=generator)
+        other = (first + 1 + torch.randint(len(train) - 1, (count,), generator=generator)) % len(train)
+        self.data = data
+        self.first, self.second = train[first], train[other]  # [count] row ids, never the same image
+        self.share = torch.rand(count, generator=generator)  # [count] in [0, 1)
+        self.splits = {"train": torch.arange(count)}
+        self.row_offset = len(data)
+
+    def __len__(self) -> int:
+        return int(self.share.shape[0])
+
+    def batch(self, rows: torch.Tensor, train: bool = True) -> ImageBatch:
+        """The mixes at positions ``rows`` (``[B]`` int64), each source image augmented first
+        when ``train``."""
+        a = self.data.batch(self.first[rows], train=train)
+        b = self.data.batch(self.second[rows], train=train)
+        share = self.share[rows].view(-1, 1, 1, 1)
+        images = share * a.images + (1 - share) * b.images  # normalization is affine: mixing commutes
+        labels = torch.full_like(a.labels, self.IGNORE)
+        return ImageBatch(images, labels, rows + self.row_offset, deterministic=a.deterministic)
 
 
 def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:

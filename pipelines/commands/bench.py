@@ -116,6 +116,8 @@ def add_commands(sub, with_config) -> None:
     vision.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     vision.add_argument("--methods", nargs="+", metavar="METHOD",
                         help="run only the student alone and these rows: ld, fd, diverse_distill, or a "
-                             "committee variant (diverse_distill:ungated, diverse_distill:tied)")  # fmt: skip
+                             "committee variant (diverse_distill:ungated, diverse_distill:tied, and the "
+                             "transfer set's ld:mixup, fd:mixup, diverse_distill:tied_mixup); "
+                             "METHOD@T1+T2 names one row (fd@vit_l)")  # fmt: skip
     vision.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
     vision.set_defaults(func=cmd_bench_vision)

@@ -80,20 +80,21 @@ class GatingConfig:
             raise ValueError(f"explore must be in [0, 1], got {self.explore}")
 
 
-TRANSFER_POLICIES = ("popularity", "uniform")
+TRANSFER_POLICIES = ("popularity", "uniform", "mixup")
 
 
 @dataclass
 class TransferConfig:
     """A transfer set: committee-labelled (user, item) pairs nobody rated, the same for every
-    method (``features.transfer``). Each training step adds a batch of them, on which the
+    method (``features.transfer``), or for images mixes of two training images
+    (``vision_ext.data.MixedImages``). Each training step adds a batch of them, on which the
     student matches the committee (the method's distillation terms; no task loss: they have
     no label).
 
     Args:
-        pairs: how many distinct pairs are drawn (once per data seed); 0 is off.
+        pairs: how many distinct pairs (or image mixes) are drawn (once per data seed); 0 is off.
         policy: ``popularity`` (users and items in proportion to their training interactions)
-            or ``uniform``.
+            or ``uniform``; for images ``mixup``.
         batch_ratio: transfer rows per step, as a share of ``train.batch_size``.
         weight: what the transfer terms are multiplied by (beside ``kd_weight``).
         seed: the seed of the pairs' draw and of each step's sample of them.
@@ -399,3 +400,5 @@ class DistillConfig:
             raise ValueError(f"module_lr must be > 0, got {self.module_lr}")
         if isinstance(self.gating, dict):  # built in code from a plain mapping
             self.gating = GatingConfig(**self.gating)
+        if isinstance(self.transfer, dict):
+            self.transfer = TransferConfig(**self.transfer)

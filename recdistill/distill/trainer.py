@@ -134,13 +134,13 @@ def module_state(method: DistillMethod) -> dict[str, Any]:
 def with_transfer(runner: DistillMethod, prepared: Any, config: TransferConfig, train: TrainConfig,
                   losses: Callable[[Any], dict[str, torch.Tensor]]) -> Callable[[Any], dict[str, torch.Tensor]]:  # fmt: skip
     """``losses`` plus, each step, the method's label-free terms on a sample of the transfer set
-    (``prepared.transfer_set``: unrated pairs, drawn once), times ``config.weight``.
+    (``prepared.transfer_set``: unrated pairs, or mixed images, drawn once), times ``config.weight``.
 
     A step's sample depends only on the seed and the method's step count, so a resumed run
     draws what the uninterrupted one drew.
 
     Raises:
-        ValueError: the data has no transfer set (images), the method takes none, or a member
+        ValueError: the data has no transfer set, the method takes none, or a member
             is logged scores (which exist only for logged rows).
     """
     logged = [name for name, teacher in runner.committee if getattr(teacher, "prediction_only", False)]
