@@ -315,10 +315,11 @@ def write_vision_report(out: Path, command: str, cfg: VisionJobConfig, seeds: li
     alone = [r["test"]["accuracy"] for (row, _, _), r in by_cell.items() if row == "alone-none"]
     best_teacher = max((t["test"]["accuracy"] for t in teachers.values()), default=None)
     lines = [f"Command: `{command}`", "",
-             "| student | teachers | kd_weight | test accuracy (mean ± std) | seeds | gap closed "
-             "| teacher passes saved | minutes per run |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| student | teachers | kd_weight | valid accuracy | test accuracy (mean ± std) | seeds | gap closed "
+             "| teacher passes saved | minutes per run |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, t in teachers.items():
-        lines.append(f"| {name} alone (teacher) | - | | {t['test']['accuracy']:.4f} | 1 | | | {t['seconds'] / 60:.1f} |")
+        lines.append(f"| {name} alone (teacher) | - | | {t['valid']['accuracy']:.4f} | {t['test']['accuracy']:.4f} "
+                     f"| 1 | | | {t['seconds'] / 60:.1f} |")  # fmt: skip
     for method, group in plan_rows(cfg):
         ready, weight = row_weight(method, group, seeds[0], done)
         if not ready:
@@ -328,6 +329,7 @@ def write_vision_report(out: Path, command: str, cfg: VisionJobConfig, seeds: li
         if not records:
             continue
         acc = [r["test"]["accuracy"] for r in records]
+        valid = [r["valid"]["accuracy"] for r in records]
         gap = ""
         if method and alone and best_teacher is not None and best_teacher != statistics.mean(alone):
             gap = f"{(statistics.mean(acc) - statistics.mean(alone)) / (best_teacher - statistics.mean(alone)):.0%}"
@@ -335,7 +337,7 @@ def write_vision_report(out: Path, command: str, cfg: VisionJobConfig, seeds: li
         shown = VISION_OPTIONS.get(method, {}).get("kd_weight", "") if weight is None else f"{weight:g} (valid)"
         minutes = statistics.mean(r["seconds"] for r in records) / 60
         lines.append(f"| {METHOD_NAMES.get(method, 'alone')} | {' + '.join(group) or '-'} | {shown} | "
-                     f"{_mean_std(acc)} | {len(acc)} | {gap} | "
+                     f"{_mean_std(valid)} | {_mean_std(acc)} | {len(acc)} | {gap} | "
                      f"{f'{statistics.mean(saved):.1%}' if saved else ''} | {minutes:.1f} |")  # fmt: skip
     lines += ["", f"Weight grid at seed {seeds[0]} (chosen by validation accuracy):", "",
               "| method | teachers | kd_weight | valid accuracy | test accuracy |", "|---|---|---|---|---|"]

@@ -77,3 +77,29 @@ def test_a_mixup_row_adds_the_transfer_set_to_its_row_at_that_rows_chosen_weight
     assert dataclasses.replace(mixed, transfer=plain.transfer) == plain
     ld = [c for c in plan_cells(cfg, [0], methods=["ld:mixup"]) if c.method == "ld:mixup"]
     assert [(c.key, cell_config(cfg, c).transfer.policy) for c in ld] == [("ld:mixup-vit_l+clip-s0", "mixup")]
+
+
+def test_the_report_shows_each_row_at_its_chosen_weight_with_valid_and_test_over_seeds_and_the_mixup_twin(tmp_path):
+    import json
+
+    from pipelines.bench_vision import write_vision_report
+
+    cfg = load_vision_config("vision_default")
+    committee = tuple(cfg.distill.teachers)
+    for name in committee:
+        (tmp_path / "teachers" / name).mkdir(parents=True)
+        (tmp_path / "teachers" / name / "metrics.json").write_text(json.dumps(
+            {"test": {"accuracy": 0.85}, "valid": {"accuracy": 0.86}, "seconds": 60}))  # fmt: skip
+    cells = [(VisionCell(None, (), s), 0.80 + s / 100) for s in (0, 1)]
+    cells += [(VisionCell("fd", committee, 0, w), v) for w, v in ((0.1, 0.81), (1.0, 0.83), (10.0, 0.82))]
+    cells += [(VisionCell("fd", committee, 1, 1.0), 0.84), (VisionCell("fd:mixup", committee, 0, 1.0), 0.845)]
+    (tmp_path / "cells").mkdir()
+    for cell, valid in cells:
+        record = {**_record(cell, valid), "method": cell.method, "teachers": list(cell.teachers), "seconds": 60,
+                  "grid": cell.kd_weight is not None, "best_epoch": 1, "epochs_run": 1, "load": 1.0}  # fmt: skip
+        (tmp_path / "cells" / f"{cell.key}.json").write_text(json.dumps(record))
+    text = write_vision_report(tmp_path, "recdistill bench vision", cfg, [0, 1]).read_text()
+    assert "| alone | - |  | 0.8050 ± 0.0071 | 0.8050 ± 0.0071 | 2 |" in text
+    assert "| FD | vit_l + clip | 1 (valid) | 0.8350 ± 0.0071 | 0.8350 ± 0.0071 | 2 | 67% |" in text
+    assert "| FD + mixup transfer set | vit_l + clip | 1 (valid) | 0.8450 | 0.8450 | 1 | 89% |" in text
+    assert "| FD | vit_l + clip | 10 | 0.8200 | 0.8200 |" in text  # the grid, below
