@@ -249,7 +249,9 @@ def run_cell(cell: VisionCell) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, distill=config)
         record["options"] = cell.options()
         record["grid"] = cell.kd_weight is not None
-    ctx = _context(cfg, _ENV["out"] / "work" / cell.key, data, lambda line: None)
+    work = _ENV["out"] / "work" / cell.key
+    record["resumed"] = work.is_dir() and any(work.iterdir())  # its seconds then count only what was left
+    ctx = _context(cfg, work, data, lambda line: None)
     start = time.perf_counter()
     if cell.method is None:
         result = stage_student_alone(ctx)
@@ -335,10 +337,11 @@ def write_vision_report(out: Path, command: str, cfg: VisionJobConfig, seeds: li
             gap = f"{(statistics.mean(acc) - statistics.mean(alone)) / (best_teacher - statistics.mean(alone)):.0%}"
         saved = [r["passes_saved"] for r in records if "passes_saved" in r]
         shown = VISION_OPTIONS.get(method, {}).get("kd_weight", "") if weight is None else f"{weight:g} (valid)"
-        minutes = statistics.mean(r["seconds"] for r in records) / 60
+        fresh = [r["seconds"] for r in records if not r.get("resumed")]  # a resumed cell's time is partial
+        minutes = f"{statistics.mean(fresh) / 60:.1f}" if fresh else "(resumed)"
         lines.append(f"| {METHOD_NAMES.get(method, 'alone')} | {' + '.join(group) or '-'} | {shown} | "
                      f"{_mean_std(valid)} | {_mean_std(acc)} | {len(acc)} | {gap} | "
-                     f"{f'{statistics.mean(saved):.1%}' if saved else ''} | {minutes:.1f} |")  # fmt: skip
+                     f"{f'{statistics.mean(saved):.1%}' if saved else ''} | {minutes} |")  # fmt: skip
     lines += ["", f"Weight grid at seed {seeds[0]} (chosen by validation accuracy):", "",
               "| method | teachers | kd_weight | valid accuracy | test accuracy |", "|---|---|---|---|---|"]
     for method, group in plan_rows(cfg):
@@ -352,11 +355,11 @@ def write_vision_report(out: Path, command: str, cfg: VisionJobConfig, seeds: li
     with (out / "vision_cells.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["key", "method", "teachers", "kd_weight", "grid", "seed", "test_accuracy",
-                         "valid_accuracy", "best_epoch", "epochs_run", "seconds", "passes_saved", "load"])  # fmt: skip
+                         "valid_accuracy", "best_epoch", "epochs_run", "seconds", "resumed", "passes_saved", "load"])  # fmt: skip
         for r in sorted(done.values(), key=lambda r: r["key"]):
             writer.writerow([r["key"], r["method"] or "alone", "+".join(r["teachers"]),
                              r.get("options", {}).get("kd_weight", ""), r.get("grid", False), r["seed"],
                              r["test"]["accuracy"], r["valid"]["accuracy"], r["best_epoch"],
-                             r["epochs_run"], round(r["seconds"], 1), r.get("passes_saved", ""),
+                             r["epochs_run"], round(r["seconds"], 1), r.get("resumed", False), r.get("passes_saved", ""),
                              round(r["load"], 2)])  # fmt: skip
     return report
