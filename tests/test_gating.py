@@ -68,6 +68,17 @@ def test_gated_teacher_runs_only_on_rows_above_threshold(prepared, batch):
     assert passes["a"]["saved"] == pytest.approx(1 - int(expected.sum()) / len(batch))
 
 
+def test_a_relative_threshold_asks_a_teacher_above_tau_times_the_uniform_share():
+    importance = torch.tensor([[0.35, 0.65], [0.25, 0.75], [0.5, 0.5]])  # softmax scores, K = 2
+    absolute = ImportanceGate(GatingConfig(enabled=True, threshold=0.6, warmup_steps=0, explore=0.0))
+    relative = ImportanceGate(GatingConfig(enabled=True, threshold=0.6, warmup_steps=0, explore=0.0,
+                                           relative=True))  # fmt: skip
+    assert absolute.select(importance, 0).tolist() == [[False, True], [False, True], [False, False]]
+    assert relative.select(importance, 0).tolist() == [[True, True], [False, True], [True, True]]  # s > 0.3
+    three = torch.tensor([[0.21, 0.19, 0.6]])  # K = 3: s > 0.2
+    assert relative.select(three, 0).tolist() == [[True, False, True]]
+
+
 def test_unasked_rows_carry_no_distillation_loss(prepared, batch):
     method, _ = committee_method(prepared, GatingConfig(enabled=True, warmup_steps=0, explore=0.0),
                                  ("a",))  # fmt: skip

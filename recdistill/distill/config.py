@@ -64,12 +64,18 @@ class GatingConfig:
             at random each step. Without it gating is a one-way ratchet: a teacher whose
             ``s_k`` fell below ``tau`` is never asked again, so its importance cannot recover.
             0 is the paper's hard threshold.
+        relative: compare against ``threshold / K`` for a committee of K teachers: teacher k is
+            asked where ``s_k`` exceeds ``threshold`` times the uniform share ``1/K``. The rule
+            for ``importance_form: softmax``, whose scores sum to 1 (with two teachers an
+            absolute 0.6 would ask a teacher only where it outweighs the other 3 to 2; relative,
+            where it has more than 0.3). Off: the paper's absolute threshold on sigmoid scores.
     """
 
     enabled: bool = False
     threshold: float = 0.6
     warmup_steps: int = 500
     explore: float = 0.1
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:

@@ -104,8 +104,9 @@ class ImportanceGate:
     ) -> torch.Tensor:
         """``[B, K]`` bool: ask teacher k about row b? All True before the warm-up ends.
 
-        After it, every row with ``s_k > tau`` and, independently per (row, teacher), each
-        other row with probability ``explore``.
+        After it, every row with ``s_k > tau`` (``s_k > tau / K`` when the threshold is
+        ``relative``) and, independently per (row, teacher), each other row with probability
+        ``explore``.
 
         Args:
             importance: ``[B, K]`` importance scores ``s`` (gradients are not needed).
@@ -114,7 +115,8 @@ class ImportanceGate:
         """
         if not self.active(step):
             return torch.ones_like(importance, dtype=torch.bool)
-        above = importance.detach() > self.config.threshold
+        threshold = self.config.threshold / importance.shape[-1] if self.config.relative else self.config.threshold
+        above = importance.detach() > threshold
         if self.config.explore == 0.0:
             return above
         generator = generator or self.generator
