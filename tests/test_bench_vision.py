@@ -97,7 +97,7 @@ def test_the_report_shows_each_row_at_its_chosen_weight_with_valid_and_test_over
     for cell, valid in cells:
         record = {**_record(cell, valid), "method": cell.method, "teachers": list(cell.teachers), "seconds": 60,
                   "grid": cell.kd_weight is not None, "best_epoch": 1, "epochs_run": 1, "load": 1.0}  # fmt: skip
-        if cell.seed == 1 and cell.method == "fd" or cell.method == "fd:mixup":  # resumed: only its tail timed
+        if (cell.seed == 1 and cell.method == "fd") or cell.method == "fd:mixup":  # resumed: only its tail timed
             record.update(resumed=True, seconds=6)
         (tmp_path / "cells" / f"{cell.key}.json").write_text(json.dumps(record))
     text = write_vision_report(tmp_path, "recdistill bench vision", cfg, [0, 1]).read_text()
